@@ -1,0 +1,66 @@
+"""guardian: resilient checkpointing and state management for PyTorch training.
+
+    with guardian.protect(trainer, dir="runs/exp1") as g:
+        for epoch in g.epochs(10):
+            for batch in g.batches(loader):
+                ...
+                optimizer.step()
+                g.step()
+            g.report(val_loss=evaluate())
+
+The torch-dependent parts are imported lazily, so ``import guardian`` (and the CLI,
+and the daemon) stays fast and never touches CUDA.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .errors import (
+    EXIT_NEVER_RETRY,
+    EXIT_REQUEUE,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    GuardianError,
+    MetricError,
+    NothingToProtectError,
+    RunLockedError,
+    StateMismatchError,
+    UnsafeCheckpointError,
+    UnsupportedStateError,
+)
+
+if TYPE_CHECKING:
+    from .protect import Guard, protect
+
+__all__ = [
+    "__version__",
+    "protect",
+    "Guard",
+    "EXIT_REQUEUE",
+    "EXIT_NEVER_RETRY",
+    "GuardianError",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "MetricError",
+    "NothingToProtectError",
+    "RunLockedError",
+    "StateMismatchError",
+    "UnsafeCheckpointError",
+    "UnsupportedStateError",
+]
+
+_LAZY = {"protect": "guardian.protect", "Guard": "guardian.protect"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'guardian' has no attribute {name!r}")

@@ -1,0 +1,240 @@
+"""The commit protocol: the only code that writes checkpoint bytes.
+
+    1. mkdir RUN/.tmp-<name>-<pid>-<nonce>      (readers ignore dot-names)
+    2. for each file: create, write, fsync, close
+    3. manifest.json written last, fsynced      (its presence proves 2 is durable)
+    4. fsync the temp directory (and its subdirectories)
+    5. rename temp → RUN/<name>                 (atomic; never replaces anything)
+    6. fsync RUN                                 (makes the rename itself durable)
+
+A crash or power cut at any point leaves either no new checkpoint (a temp dir that
+readers skip and the next writer removes) or a complete one. Deletion is the mirror
+image: rename to ``.trash-…``, fsync RUN, then remove — so a half-deleted checkpoint
+is never mistaken for a good one. Nothing here ever deletes a committed checkpoint
+except ``delete_checkpoint``, which retention calls only after a newer commit.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from typing import Callable
+
+from . import fsops
+from .errors import CheckpointWriteError
+from .faults import fault_point
+from .format.hashing import new_hasher
+from .format.layout import MANIFEST_FILE, SET_ASIDE_DIR, TMP_PREFIX, TRASH_PREFIX
+from .format.manifest import FileEntry, Manifest
+
+log = logging.getLogger("guardian")
+
+Buffer = bytes | bytearray | memoryview
+
+
+def _write_error(what: str, e: OSError) -> CheckpointWriteError:
+    if e.errno == errno.ENOSPC:
+        hint = "the disk is full; free space or point guardian at another directory"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "the directory is not writable; fix its permissions or choose another one"
+    else:
+        hint = "check the disk and the file system"
+    return CheckpointWriteError(
+        f"could not write checkpoint {what}: {e.strerror or e} — {hint}. "
+        "Earlier checkpoints are untouched.",
+        e.errno,
+    )
+
+
+class CheckpointTxn:
+    """One checkpoint being written. Use as a context manager; call ``commit`` last.
+
+    Leaving the ``with`` block without a commit removes the temp directory, so a
+    failed save (ENOSPC, EIO, an exception while serializing) leaves nothing behind.
+    """
+
+    def __init__(self, run_dir: str, name: str) -> None:
+        self.run_dir = run_dir
+        self.name = name
+        self.tmp_dir = os.path.join(run_dir, f"{TMP_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(4)}")
+        self.files: dict[str, FileEntry] = {}
+        self._subdirs: list[str] = []
+        self._committed = False
+
+    def __enter__(self) -> CheckpointTxn:
+        try:
+            fsops.fs.mkdir(self.tmp_dir)
+        except OSError as e:
+            raise _write_error(f"{self.name} (creating {self.tmp_dir})", e) from e
+        fault_point("save.tmpdir_created")
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self._committed:
+            self.abort()
+
+    def abort(self) -> None:
+        try:
+            fsops.fs.rmtree(self.tmp_dir)
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # leftover temp dirs are harmless; the next writer removes them
+            log.warning("guardian: could not remove %s after a failed save: %s", self.tmp_dir, e)
+
+    def _ensure_parent(self, rel: str) -> None:
+        parent = os.path.dirname(rel)
+        if parent and parent not in self._subdirs:
+            fsops.fs.mkdir(os.path.join(self.tmp_dir, parent))
+            self._subdirs.append(parent)
+
+    def add_file(self, rel: str, chunks: Iterable[Buffer], *, writer: Callable | None = None) -> FileEntry:
+        """Write, hash and fsync one file. ``writer(fd, chunks, hasher)`` may replace
+        the plain write loop (the O_DIRECT path uses it); it must hash every byte."""
+        try:
+            self._ensure_parent(rel)
+            fd = fsops.fs.create(os.path.join(self.tmp_dir, rel))
+            try:
+                hasher = new_hasher()
+                size = (writer or _plain_write)(fd, chunks, hasher)
+                fault_point("save.file_written")
+                fsops.fs.fsync(fd)
+                fault_point("save.file_fsynced")
+            finally:
+                fsops.fs.close(fd)
+        except OSError as e:
+            raise _write_error(f"{self.name}/{rel}", e) from e
+        entry = FileEntry(bytes=size, hash=hasher.hexdigest())
+        self.files[rel] = entry
+        return entry
+
+    def commit(self, manifest: Manifest) -> str:
+        """Write the manifest, make everything durable and publish the checkpoint."""
+        manifest.files = dict(self.files)
+        final = os.path.join(self.run_dir, self.name)
+        try:
+            fault_point("save.before_manifest")
+            fd = fsops.fs.create(os.path.join(self.tmp_dir, MANIFEST_FILE))
+            try:
+                fsops.fs.write(fd, manifest.to_bytes())
+                fault_point("save.manifest_written")
+                fsops.fs.fsync(fd)
+                fault_point("save.manifest_fsynced")
+            finally:
+                fsops.fs.close(fd)
+            for sub in self._subdirs:
+                fsops.fs.fsync_dir(os.path.join(self.tmp_dir, sub))
+            fsops.fs.fsync_dir(self.tmp_dir)
+            fault_point("save.tmpdir_fsynced")
+            fsops.fs.rename(self.tmp_dir, final)
+            self._committed = True
+            fault_point("save.renamed")
+            fsops.fs.fsync_dir(self.run_dir)
+            fault_point("save.parent_fsynced")
+        except OSError as e:
+            if self._committed:
+                # The rename happened but may not be durable: a power cut could still
+                # undo it. Report the failure; the checkpoint is usable but not promised.
+                raise _write_error(f"{self.name} (fsync of {self.run_dir} after rename)", e) from e
+            raise _write_error(self.name, e) from e
+        return final
+
+
+def _plain_write(fd: int, chunks: Iterable[Buffer], hasher) -> int:
+    size = 0
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        hasher.update(view)
+        fsops.fs.write(fd, view)
+        size += len(view)
+    return size
+
+
+def write_small_file_atomically(path: str, data: bytes, *, durable: bool = True) -> None:
+    """tmp + (fsync) + rename for small status files (run.json, heartbeat.json).
+
+    Not a checkpoint: these are overwritten in place by design. ``durable=False``
+    skips fsyncs for the heartbeat, which only has to be atomic, not durable.
+    """
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(3)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    if durable:
+        _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def delete_checkpoint(run_dir: str, name: str) -> None:
+    """Remove a committed checkpoint so that no crash can leave half of it visible."""
+    trash = os.path.join(run_dir, f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}")
+    fsops.fs.rename(os.path.join(run_dir, name), trash)
+    fault_point("retention.renamed")
+    fsops.fs.fsync_dir(run_dir)
+    fsops.fs.rmtree(trash)
+    fault_point("retention.deleted")
+
+
+def set_aside(run_dir: str, name: str, why: str) -> str:
+    """Move a checkpoint to RUN/set-aside/ (never deleted) and say so."""
+    aside_root = os.path.join(run_dir, SET_ASIDE_DIR)
+    os.makedirs(aside_root, exist_ok=True)
+    dest = os.path.join(aside_root, f"{name}.{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}")
+    os.rename(os.path.join(run_dir, name), dest)
+    _fsync_dir(aside_root)
+    _fsync_dir(run_dir)
+    log.warning("guardian: set aside %s → %s (%s)", name, dest, why)
+    return dest
+
+
+def clean_stale(run_dir: str) -> list[str]:
+    """Remove temp and trash dirs left by crashed writers. Call only while holding the
+    run lock: otherwise another live writer's temp dir could be removed."""
+    removed = []
+    for entry in os.listdir(run_dir):
+        if entry.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            fsops.fs.rmtree(os.path.join(run_dir, entry))
+            removed.append(entry)
+    return removed
+
+
+def check_free_space(run_dir: str, needed: int) -> None:
+    """Fail before writing a byte when the save cannot fit.
+
+    Some file systems (FUSE, network) report zero total blocks: that means
+    "unknown", not "full", and the check is skipped.
+    """
+    try:
+        st = os.statvfs(run_dir)
+    except OSError:
+        return
+    if st.f_blocks == 0:
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise CheckpointWriteError(
+            f"not enough space in {run_dir} for the next checkpoint: {needed / 1e6:.1f} MB needed, "
+            f"{free / 1e6:.1f} MB free. Free space or point guardian at another directory; "
+            "earlier checkpoints are untouched.",
+            errno.ENOSPC,
+        )

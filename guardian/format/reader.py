@@ -1,0 +1,237 @@
+"""Reading checkpoints without torch: listing, verification, digests.
+
+The daemon and the CLI use only this module (it never imports torch), so a
+supervisor can check checkpoints without a CUDA context and in milliseconds.
+
+Verification policy: a checkpoint is *valid* when its manifest parses, every listed
+file is a regular file inside the checkpoint with the listed size and hash, no
+unlisted files are present, and every tensor file and state file parses strictly.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, GuardianError
+from . import manifest as manifest_mod
+from . import safetensors_io, strictjson
+from .hashing import hash_file, new_hasher
+from .layout import MANIFEST_FILE, STATE_FILE, TENSORS_FILE, parse_checkpoint_name
+from .tree import tensor_refs
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    name: str
+    manifest: manifest_mod.Manifest | None
+    problems: list[str] = field(default_factory=list)
+    verified: bool = False  # True when hashes were checked (not only the manifest)
+
+    @property
+    def valid(self) -> bool:
+        return self.manifest is not None and not self.problems
+
+    @property
+    def sort_key(self) -> tuple[int, int, int]:
+        if self.manifest is not None:
+            return (self.manifest.seq, self.manifest.step, 0)
+        parsed = parse_checkpoint_name(self.name) or (0, 0)
+        return (-1, parsed[0], parsed[1])
+
+
+def _candidate_names(run_dir: str) -> Iterator[str]:
+    try:
+        names = os.listdir(run_dir)
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"{run_dir}: no such directory") from e
+    except NotADirectoryError as e:
+        raise CheckpointNotFoundError(f"{run_dir}: not a directory") from e
+    for name in names:
+        if parse_checkpoint_name(name) is not None:
+            yield name
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str], *, verify: bool = False) -> list[CheckpointInfo]:
+    """All checkpoints of a run, oldest first. ``verify`` re-hashes every file."""
+    run_dir = os.fspath(run_dir)
+    infos = [inspect_checkpoint(os.path.join(run_dir, n), verify=verify) for n in _candidate_names(run_dir)]
+    infos.sort(key=lambda i: i.sort_key)
+    return infos
+
+
+def inspect_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> CheckpointInfo:
+    """Check one checkpoint directory; problems are collected, never raised."""
+    path = os.fspath(path)
+    info = CheckpointInfo(path=path, name=os.path.basename(path.rstrip("/")), manifest=None)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        info.problems.append(f"{path}: does not exist")
+        return info
+    if stat.S_ISLNK(st.st_mode):
+        info.problems.append(f"{path}: is a symlink; refusing to follow it out of the run directory")
+        return info
+    if not stat.S_ISDIR(st.st_mode):
+        info.problems.append(f"{path}: is not a directory")
+        return info
+    try:
+        info.manifest = manifest_mod.read(path)
+    except GuardianError as e:
+        info.problems.append(str(e))
+        return info
+    info.problems.extend(_check_files(path, info.manifest, deep=verify))
+    info.verified = verify
+    return info
+
+
+def _check_files(path: str, man: manifest_mod.Manifest, *, deep: bool) -> list[str]:
+    problems = []
+    for rel, entry in sorted(man.files.items()):
+        problems.extend(_check_one_file(path, rel, entry, deep=deep))
+    listed = set(man.files) | {MANIFEST_FILE}
+    for rel in _walk_files(path):
+        if rel not in listed:
+            problems.append(f"{os.path.join(path, rel)}: not listed in the manifest (unexpected file)")
+    return problems
+
+
+def _check_one_file(path: str, rel: str, entry: manifest_mod.FileEntry, *, deep: bool) -> list[str]:
+    full = os.path.join(path, rel)
+    try:
+        st = os.lstat(full)
+    except FileNotFoundError:
+        return [f"{full}: missing (listed in the manifest with {entry.bytes} bytes)"]
+    if not stat.S_ISREG(st.st_mode):
+        return [f"{full}: not a regular file (symlinks and devices are refused)"]
+    if st.st_size != entry.bytes:
+        return [f"{full}: size {st.st_size} bytes, manifest says {entry.bytes} (truncated or overwritten)"]
+    if not deep:
+        return []
+    try:
+        digest, _ = hash_file(full)
+    except OSError as e:
+        return [f"{full}: unreadable ({e.strerror})"]
+    if digest != entry.hash:
+        return [f"{full}: content hash {digest} does not match the manifest's {entry.hash} (corrupted)"]
+    try:
+        _parse_payload(full, rel)
+    except GuardianError as e:
+        return [str(e)]
+    return []
+
+
+def _parse_payload(full: str, rel: str) -> None:
+    """Parse files whose hash matched: a hash proves integrity, not well-formedness."""
+    if rel.endswith(".safetensors"):
+        safetensors_io.read_layout(full)
+    elif rel.endswith(".json"):
+        with open(full, "rb") as f:
+            strictjson.loads(f.read(), what=full)
+
+
+def _walk_files(path: str) -> Iterator[str]:
+    for root, dirs, files in os.walk(path, followlinks=False):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            yield os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/")
+
+
+def newest_valid(run_dir: str | os.PathLike[str], *, verify: bool = True) -> CheckpointInfo | None:
+    """The newest checkpoint that verifies; older ones are tried only if newer fail."""
+    for info in reversed(list_checkpoints(run_dir, verify=False)):
+        if info.manifest is None:
+            continue
+        checked = inspect_checkpoint(info.path, verify=verify)
+        if checked.valid:
+            return checked
+    return None
+
+
+def resolve(path: str | os.PathLike[str]) -> tuple[str, bool]:
+    """``(path, is_checkpoint)``: a checkpoint dir has a manifest, a run dir does not."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint or run directory")
+    return path, os.path.lexists(os.path.join(path, MANIFEST_FILE))
+
+
+# ---------------------------------------------------------------------------- contents
+
+
+def load_state_json(ckpt_dir: str, rel: str = STATE_FILE) -> dict[str, Any]:
+    full = os.path.join(ckpt_dir, rel)
+    with open(full, "rb") as f:
+        obj = strictjson.loads(f.read(), what=full)
+    if not isinstance(obj, dict) or not isinstance(obj.get("components"), dict):
+        raise CorruptCheckpointError(f"{full}: state file has no 'components' object")
+    return obj
+
+
+def state_files(man: manifest_mod.Manifest) -> list[str]:
+    """The state.json files of a checkpoint (one per rank that wrote state)."""
+    return sorted(r for r in man.files if r == STATE_FILE or r.endswith("/" + STATE_FILE))
+
+
+def _tensor_file_for(state_rel: str) -> str:
+    return state_rel[: -len(STATE_FILE)] + TENSORS_FILE
+
+
+def component_summaries(ckpt_dir: str, man: manifest_mod.Manifest) -> dict[str, dict[str, Any]]:
+    """Per component: kind, tensor count, tensor bytes and content digest (torch-free)."""
+    out: dict[str, dict[str, Any]] = {}
+    for state_rel in state_files(man):
+        prefix = state_rel[: -len(STATE_FILE)]
+        state = load_state_json(ckpt_dir, state_rel)
+        tensors_rel = _tensor_file_for(state_rel)
+        tensor_path = os.path.join(ckpt_dir, tensors_rel)
+        layout = safetensors_io.read_layout(tensor_path) if tensors_rel in man.files else None
+        entries = {e.key: e for e in layout.entries} if layout else {}
+        for name, comp in sorted(state["components"].items()):
+            label = f"{prefix}{name}" if prefix else name
+            out[label] = _component_summary(comp, entries, tensor_path, layout)
+    return out
+
+
+def _component_summary(comp: Any, entries: dict, tensor_path: str, layout: Any) -> dict[str, Any]:
+    if not isinstance(comp, dict) or "state" not in comp:
+        raise CorruptCheckpointError(f"{tensor_path}: malformed component entry")
+    h = new_hasher()
+    h.update(strictjson.dumps({"kind": comp.get("kind"), "state": comp["state"]}))
+    refs = sorted(set(tensor_refs(comp["state"])))
+    total = 0
+    with open(tensor_path, "rb") if refs else _null() as f:
+        for key in refs:
+            e = entries.get(key)
+            if e is None:
+                raise CorruptCheckpointError(f"{tensor_path}: state references missing tensor {key!r}")
+            h.update(strictjson.dumps([key, e.dtype, list(e.shape)]))
+            f.seek(layout.data_start + e.begin)
+            remaining = e.nbytes
+            while remaining:
+                chunk = f.read(min(remaining, 8 << 20))
+                if not chunk:
+                    raise CorruptCheckpointError(f"{tensor_path}: truncated inside tensor {key!r}")
+                h.update(chunk)
+                remaining -= len(chunk)
+            total += e.nbytes
+    return {"kind": comp.get("kind"), "tensors": len(refs), "bytes": total, "digest": h.hexdigest()}
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def checkpoint_digest(components: dict[str, dict[str, Any]]) -> str:
+    """One hash over every component's digest, in a canonical order."""
+    h = new_hasher()
+    for name in sorted(components):
+        h.update(strictjson.dumps([name, components[name]["digest"]]))
+    return h.hexdigest()

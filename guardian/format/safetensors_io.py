@@ -1,0 +1,183 @@
+"""The safetensors container, read and laid out without torch.
+
+We write the standard format (8-byte little-endian header length, JSON header,
+contiguous data) so any safetensors reader can open our files, but we build the
+layout ourselves: the writer needs to know every offset up front to stage tensors
+into one preallocated buffer and write it with large sequential (O_DIRECT) writes.
+
+The parser is strict, because a checkpoint may come from anywhere: bounded header,
+known dtypes, shapes that match byte ranges, ranges that tile the data exactly
+(no holes, no overlaps — so no polyglot files), keys without NUL or newlines.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from . import strictjson
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+HEADER_ALIGN = 8
+
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes sit inside the data section of a file."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A complete file image: the header bytes and where each tensor goes."""
+
+    header: bytes  # including the 8-byte length prefix and padding
+    entries: tuple[TensorEntry, ...]
+    metadata: dict[str, str]
+
+    @property
+    def data_start(self) -> int:
+        return len(self.header)
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self.header) + (self.entries[-1].end if self.entries else 0)
+
+
+def check_key(key: str) -> None:
+    if not key or "\x00" in key or "\n" in key or "\r" in key:
+        raise UnsafeCheckpointError(f"tensor key {key!r} is empty or holds NUL/newline characters")
+
+
+def plan_layout(
+    specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> Layout:
+    """Lay out ``(key, dtype, shape)`` tensors back to back, in the given order."""
+    header_obj: dict[str, object] = {}
+    entries = []
+    offset = 0
+    for key, dtype, shape in specs:
+        check_key(key)
+        if key in header_obj or key == "__metadata__":
+            raise UnsafeCheckpointError(f"tensor key {key!r} appears twice")
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        entries.append(TensorEntry(key, dtype, tuple(shape), offset, offset + nbytes))
+        header_obj[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header_obj["__metadata__"] = dict(metadata)
+    body = strictjson.dumps(header_obj)
+    pad = (-(8 + len(body))) % HEADER_ALIGN
+    body += b" " * pad
+    header = struct.pack("<Q", len(body)) + body
+    return Layout(header=header, entries=tuple(entries), metadata=dict(metadata or {}))
+
+
+def read_layout(path: str | os.PathLike[str]) -> Layout:
+    """Parse and validate a safetensors file's header; never reads tensor data."""
+    what = os.fspath(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+        if size < 8:
+            raise CorruptCheckpointError(f"{what}: {size} bytes is too short for a safetensors file")
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            raise UnsafeCheckpointError(
+                f"{what}: header claims {n} bytes but the file has {size} "
+                "(truncated, corrupt, or not a safetensors file)"
+            )
+        raw = os.pread(fd, n, 8)
+    finally:
+        os.close(fd)
+    if len(raw) != n:
+        raise CorruptCheckpointError(f"{what}: header truncated")
+    header_obj = strictjson.loads(raw, what=f"{what} (safetensors header)", max_bytes=MAX_HEADER_BYTES)
+    return _validate(header_obj, header=struct.pack("<Q", n) + raw, file_size=size, what=what)
+
+
+def _validate(header_obj: object, *, header: bytes, file_size: int, what: str) -> Layout:
+    if not isinstance(header_obj, dict):
+        raise CorruptCheckpointError(f"{what}: safetensors header is not a JSON object")
+    metadata = header_obj.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CorruptCheckpointError(f"{what}: __metadata__ must map strings to strings")
+    entries = [_entry(key, value, what) for key, value in header_obj.items()]
+    entries.sort(key=lambda e: (e.begin, e.end))
+    expected = 0
+    for e in entries:
+        if e.begin != expected:
+            raise UnsafeCheckpointError(
+                f"{what}: tensor {e.key!r} starts at {e.begin}, expected {expected} "
+                "(data ranges must tile the file with no holes or overlaps)"
+            )
+        expected = e.end
+    data_len = file_size - len(header)
+    if expected != data_len:
+        raise CorruptCheckpointError(
+            f"{what}: tensors cover {expected} bytes but the file holds {data_len} bytes of data "
+            "(truncated or padded)"
+        )
+    return Layout(header=header, entries=tuple(entries), metadata=metadata)
+
+
+def _entry(key: object, value: object, what: str) -> TensorEntry:
+    if not isinstance(key, str):
+        raise CorruptCheckpointError(f"{what}: non-string tensor key")
+    check_key(key)
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(f"{what}: entry {key!r} is not an object")
+    dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise CorruptCheckpointError(f"{what}: tensor {key!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape
+    ):
+        raise CorruptCheckpointError(f"{what}: tensor {key!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise UnsafeCheckpointError(f"{what}: tensor {key!r} has invalid data_offsets {offsets!r}")
+    nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+    if offsets[1] - offsets[0] != nbytes:
+        raise CorruptCheckpointError(
+            f"{what}: tensor {key!r} shape {shape} {dtype} needs {nbytes} bytes "
+            f"but its range holds {offsets[1] - offsets[0]}"
+        )
+    return TensorEntry(key, dtype, tuple(shape), offsets[0], offsets[1])

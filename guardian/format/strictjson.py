@@ -1,0 +1,82 @@
+"""JSON that a hostile checkpoint cannot abuse.
+
+Checkpoint metadata is read with bounded size and nesting, and with duplicate keys
+rejected (two parsers could otherwise disagree about what a file says). Writing is
+canonical (sorted keys, no NaN literals) so hashes of JSON are stable.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+
+MAX_JSON_BYTES = 256 * 1024 * 1024
+MAX_DEPTH = 200
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise UnsafeCheckpointError(f"duplicate JSON key {key!r}")
+        out[key] = value
+    return out
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Iterative depth check: recursion on hostile input must not blow the stack."""
+    stack = [(value, 1)]
+    deepest = 0
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > limit:
+            return depth
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def _reject_constant(name: str) -> Any:
+    raise UnsafeCheckpointError(f"non-standard JSON constant {name}")
+
+
+def loads(data: bytes | str, *, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parse untrusted JSON; ``what`` names the file for error messages."""
+    if len(data) > max_bytes:
+        raise UnsafeCheckpointError(
+            f"{what}: {len(data)} bytes of JSON exceeds the {max_bytes}-byte limit"
+        )
+    try:
+        value = json.loads(
+            data,
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"{what}: {e}") from e
+    except RecursionError as e:
+        raise UnsafeCheckpointError(f"{what}: JSON nested too deeply") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"{what}: not valid JSON ({e})") from e
+    if _depth(value, MAX_DEPTH) > MAX_DEPTH:
+        raise UnsafeCheckpointError(f"{what}: JSON nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def dumps(value: Any) -> bytes:
+    """Canonical JSON bytes: sorted keys, compact, no NaN/Infinity literals."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False
+    ).encode("utf-8")
+
+
+def dumps_pretty(value: Any) -> bytes:
+    """Human-readable canonical JSON, for files people open (manifest, run status)."""
+    return (
+        json.dumps(value, sort_keys=True, indent=1, allow_nan=False, ensure_ascii=False) + "\n"
+    ).encode("utf-8")

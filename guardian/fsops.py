@@ -1,0 +1,62 @@
+"""The file-system operations checkpoint commits are made of, behind one seam.
+
+Every byte and every directory entry guardian writes for a checkpoint goes through
+an ``FS`` object. The real one is thin; tests swap in a recording one to enumerate
+the states a power cut could leave (see tests/test_crash_states.py). Keeping the
+operation list small (create, write, fsync, rename, mkdir, unlink/rmtree, fsync of a
+directory) is what makes that enumeration tractable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+
+class FS:
+    """Real file system. Methods mirror the syscalls and raise ``OSError`` as they do."""
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path, 0o755)
+
+    def create(self, path: str) -> int:
+        """Open a new file for writing; it must not already exist."""
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def write(self, fd: int, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        """Atomic rename that never replaces an existing checkpoint."""
+        if os.path.lexists(dst):
+            raise FileExistsError(17, "destination exists", dst)
+        os.rename(src, dst)
+
+    def rmtree(self, path: str) -> None:
+        shutil.rmtree(path)
+
+
+fs: FS = FS()
+
+
+def set_fs(new: FS) -> FS:
+    """Swap the file-system seam (tests only); returns the previous one."""
+    global fs
+    old, fs = fs, new
+    return old

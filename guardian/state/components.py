@@ -1,0 +1,165 @@
+"""Adapters that give every kind of training object the same two methods.
+
+Each adapter has a ``kind`` and ``state_dict()``/``load_state_dict()`` in guardian's
+terms — which differ from torch's where torch's form is unsafe to resume from:
+optimizer state is keyed by parameter *name*, not position, so a reordered or
+renamed model can never silently receive another parameter's moments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..errors import StateMismatchError
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """Strip DDP/DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+class ModuleState:
+    kind = "module"
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = unwrap_module(module)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.module.state_dict())
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], where: str = "model") -> None:
+        check_module_state(self.module, state, where)
+        self.module.load_state_dict(state, strict=True)
+
+
+def check_module_state(module: nn.Module, state: dict[str, Any], where: str) -> None:
+    """Name every missing, unexpected and mis-shaped key before torch's own load."""
+    live = module.state_dict()
+    missing = sorted(set(live) - set(state))
+    unexpected = sorted(set(state) - set(live))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(live[k].shape)}"
+        for k in sorted(set(live) & set(state))
+        if isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(live[k].shape)
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"the checkpoint's {where!r} does not fit the model:"]
+    if missing:
+        lines.append(f"  missing from the checkpoint ({len(missing)}): {', '.join(missing[:20])}")
+    if unexpected:
+        lines.append(f"  not in the model ({len(unexpected)}): {', '.join(unexpected[:20])}")
+    if mismatched:
+        lines.append(f"  shape mismatch ({len(mismatched)}): " + "; ".join(mismatched[:20]))
+    lines.append(
+        "  If layers were renamed or wrapped, carry the checkpoint over with `guardian migrate`; "
+        "if the architecture changed, start a new run directory."
+    )
+    raise StateMismatchError("\n".join(lines))
+
+
+class OptimizerState:
+    """Optimizer state keyed by parameter name (torch keys it by position)."""
+
+    kind = "optimizer"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str]) -> None:
+        self.optimizer = optimizer
+        self._names = names
+
+    def param_names(self) -> list[list[str]]:
+        out = []
+        for gi, group in enumerate(self.optimizer.param_groups):
+            out.append([self._names.get(id(p), f"<unnamed:{gi}:{pi}>") for pi, p in enumerate(group["params"])])
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = self.optimizer.state_dict()
+        flat = [n for group in self.param_names() for n in group]
+        state = {flat[idx]: s for idx, s in sd["state"].items()}
+        groups = []
+        for group, names in zip(sd["param_groups"], self.param_names()):
+            g = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+            g["params"] = names
+            groups.append(g)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state: dict[str, Any], where: str = "optimizer") -> None:
+        live_groups = self.param_names()
+        saved_groups = [g["params"] for g in state["param_groups"]]
+        if live_groups != saved_groups:
+            raise StateMismatchError(_group_mismatch(where, saved_groups, live_groups))
+        flat = [n for group in live_groups for n in group]
+        index = {name: i for i, name in enumerate(flat)}
+        unknown = sorted(set(state["state"]) - set(index))
+        if unknown:
+            raise StateMismatchError(f"{where!r}: state for unknown parameters {unknown[:10]}")
+        torch_sd = {
+            "state": {index[name]: s for name, s in state["state"].items()},
+            "param_groups": [],
+        }
+        start = 0
+        for g, names in zip(state["param_groups"], live_groups):
+            group = {k: v for k, v in g.items() if k != "params"}
+            group["params"] = list(range(start, start + len(names)))
+            if "param_names" in self.optimizer.state_dict()["param_groups"][0]:
+                group["param_names"] = list(names)
+            start += len(names)
+            torch_sd["param_groups"].append(group)
+        self.optimizer.load_state_dict(torch_sd)
+
+
+def _group_mismatch(where: str, saved: list[list[str]], live: list[list[str]]) -> str:
+    saved_set = {n for g in saved for n in g}
+    live_set = {n for g in live for n in g}
+    parts = [f"the checkpoint's {where!r} was built over different parameters than the live optimizer:"]
+    if saved_set - live_set:
+        parts.append(f"  only in the checkpoint: {sorted(saved_set - live_set)[:20]}")
+    if live_set - saved_set:
+        parts.append(f"  only in the live optimizer: {sorted(live_set - saved_set)[:20]}")
+    if saved_set == live_set:
+        parts.append("  same parameters, different grouping or order of param_groups")
+    parts.append("  Renamed layers can be carried over with `guardian migrate`.")
+    return "\n".join(parts)
+
+
+class PassThroughState:
+    """Schedulers, GradScaler and user objects: torch's own state_dict is already safe."""
+
+    def __init__(self, obj: Any, kind: str) -> None:
+        self.obj = obj
+        self.kind = kind
+
+    def state_dict(self) -> Any:
+        return self.obj.state_dict()
+
+    def load_state_dict(self, state: Any, where: str = "") -> None:
+        self.obj.load_state_dict(state)
+
+
+def is_scheduler(value: Any) -> bool:
+    sched = torch.optim.lr_scheduler
+    return isinstance(value, (sched.LRScheduler, sched.ReduceLROnPlateau))
+
+
+def is_scaler(value: Any) -> bool:
+    scaler_types = [torch.amp.GradScaler]
+    if hasattr(torch, "cuda") and hasattr(torch.cuda, "amp") and hasattr(torch.cuda.amp, "GradScaler"):
+        scaler_types.append(torch.cuda.amp.GradScaler)
+    return isinstance(value, tuple(scaler_types))

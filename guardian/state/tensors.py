@@ -1,0 +1,84 @@
+"""torch ⇄ safetensors: dtypes, raw bytes, and the few non-tensor types torch state holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CorruptCheckpointError
+
+TORCH_TO_ST: dict[torch.dtype, str] = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.uint16: "U16",
+    torch.int32: "I32",
+    torch.uint32: "U32",
+    torch.int64: "I64",
+    torch.uint64: "U64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.complex64: "C64",
+}
+for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        TORCH_TO_ST[getattr(torch, _name)] = _st
+ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
+
+
+def is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def st_dtype(t: torch.Tensor) -> str:
+    try:
+        return TORCH_TO_ST[t.dtype]
+    except KeyError:
+        raise CorruptCheckpointError(f"tensor dtype {t.dtype} has no safetensors equivalent") from None
+
+
+def cpu_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a flat view (copies only if the tensor is not contiguous CPU)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def encode_ext(value: Any) -> tuple[str, Any] | None:
+    """Non-tensor objects that appear inside torch/numpy state dicts."""
+    if isinstance(value, torch.dtype):
+        return "torch.dtype", str(value).removeprefix("torch.")
+    if isinstance(value, torch.device):
+        return "torch.device", str(value)
+    if isinstance(value, np.ndarray):
+        return "numpy.ndarray", {"dtype": value.dtype.str, "shape": list(value.shape), "data": value.ravel().tolist()}
+    if isinstance(value, np.generic):
+        return "numpy.scalar", {"dtype": value.dtype.str, "value": value.item()}
+    return None
+
+
+def decode_ext(tag: str, payload: Any) -> Any:
+    try:
+        if tag == "torch.dtype":
+            dtype = getattr(torch, payload)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(payload)
+            return dtype
+        if tag == "torch.device":
+            return torch.device(payload)
+        if tag == "numpy.ndarray":
+            return np.array(payload["data"], dtype=np.dtype(payload["dtype"])).reshape(payload["shape"])
+        if tag == "numpy.scalar":
+            return np.dtype(payload["dtype"]).type(payload["value"])
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CorruptCheckpointError(f"malformed {tag} value {payload!r}") from e
+    raise CorruptCheckpointError(f"unknown value type {tag!r} (written by a newer guardian?)")
