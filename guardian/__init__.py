@@ -34,7 +34,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .protect import Guard, protect
+    from .guard import Guard, protect
 
 __all__ = [
     "__version__",
@@ -55,7 +55,7 @@ __all__ = [
     "UnsupportedStateError",
 ]
 
-_LAZY = {"protect": "guardian.protect", "Guard": "guardian.protect"}
+_LAZY = {"protect": "guardian.guard", "Guard": "guardian.guard"}
 
 
 def __getattr__(name: str) -> Any:

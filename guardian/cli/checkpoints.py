@@ -1,0 +1,165 @@
+"""``guardian ls``, ``verify`` and ``inspect``: reading checkpoints from a terminal.
+
+Torch-free (they use the format module's reader only), so they work on a machine
+without a GPU stack and start in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import click
+
+from ..errors import EXIT_INVALID, EXIT_NOT_FOUND, GuardianError
+from ..format import reader
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"guardian: {message}", err=True)
+    sys.exit(code)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _row(info: reader.CheckpointInfo) -> dict[str, Any]:
+    m = info.manifest
+    return {
+        "name": info.name,
+        "path": info.path,
+        "step": m.step if m else None,
+        "epoch": m.epoch if m else None,
+        "seq": m.seq if m else None,
+        "metrics": m.metrics if m else {},
+        "reason": m.reason if m else [],
+        "valid": info.valid,
+        "verified": info.verified,
+        "bytes": m.total_bytes if m else None,
+        "created": m.created_unix if m else None,
+        "problems": info.problems,
+    }
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per checkpoint (a JSON list).")
+@click.option("--verify/--no-verify", default=False, help="Re-hash every file (slower, exact).")
+def ls(run_dir: str, as_json: bool, verify: bool) -> None:
+    """List the checkpoints of a run directory, oldest first."""
+    try:
+        infos = reader.list_checkpoints(run_dir, verify=verify)
+    except GuardianError as e:
+        _fail(str(e), e.exit_code)
+    rows = [_row(i) for i in infos]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo(f"no checkpoints in {run_dir}")
+        return
+    _print_table(rows, verify)
+
+
+def _print_table(rows: list[dict[str, Any]], verified: bool) -> None:
+    headers = ["NAME", "STEP", "EPOCH", "REASON", "METRICS", "SIZE", "AGE", "STATUS"]
+    now = time.time()
+    table = [
+        [
+            r["name"], str(r["step"] if r["step"] is not None else "?"), str(r["epoch"] if r["epoch"] is not None else "?"),
+            ",".join(r["reason"]) or "-",
+            " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(r["metrics"].items())) or "-",
+            _human_bytes(r["bytes"]) if r["bytes"] is not None else "?",
+            _age(now - r["created"]) if r["created"] else "?",
+            ("ok" if verified else "ok (manifest)") if r["valid"] else "INVALID",
+        ]
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
+    color = sys.stdout.isatty()
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    for row, r in zip(table, rows):
+        line = "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+        click.echo(click.style(line, fg="red") if (color and not r["valid"]) else line)
+        for p in r["problems"]:
+            click.echo(f"    ! {p}")
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{max(seconds, 0):.0f}s ago"
+
+
+@click.command(name="verify")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
+def verify(path: str, as_json: bool) -> None:
+    """Re-hash every file of a checkpoint, or of every checkpoint of a run directory.
+
+    Exits 0 when all are valid; otherwise 3, naming each bad file.
+    """
+    try:
+        path, is_ckpt = reader.resolve(path)
+        infos = [reader.inspect_checkpoint(path)] if is_ckpt else reader.list_checkpoints(path, verify=True)
+    except GuardianError as e:
+        _fail(str(e), e.exit_code)
+    if not infos:
+        _fail(f"no checkpoints in {path}", EXIT_NOT_FOUND)
+    bad = [i for i in infos if not i.valid]
+    if as_json:
+        click.echo(json.dumps({"valid": not bad, "checkpoints": [
+            {"name": i.name, "path": i.path, "valid": i.valid, "problems": i.problems} for i in infos]}, indent=1))
+    else:
+        for i in infos:
+            click.echo(f"{'ok     ' if i.valid else 'INVALID'} {i.path}")
+            for p in i.problems:
+                click.echo(f"  ! {p}")
+        click.echo(f"{len(infos) - len(bad)} of {len(infos)} checkpoint(s) valid")
+    if bad:
+        sys.exit(EXIT_INVALID)
+
+
+@click.command(name="inspect")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary with digests.")
+def inspect_cmd(path: str, as_json: bool) -> None:
+    """Summarize a checkpoint: components, tensors, bytes and content digests.
+
+    Given a run directory, uses its newest valid checkpoint. Two runs whose states
+    are bit-for-bit equal have equal digests.
+    """
+    try:
+        path, is_ckpt = reader.resolve(path)
+        info = reader.inspect_checkpoint(path) if is_ckpt else reader.newest_valid(path)
+        if info is None:
+            _fail(f"no valid checkpoint in {path}", EXIT_NOT_FOUND)
+        if not info.valid:
+            _fail(f"{path} is not a valid checkpoint:\n  " + "\n  ".join(info.problems), EXIT_INVALID)
+        components = reader.component_summaries(info.path, info.manifest)
+    except GuardianError as e:
+        _fail(str(e), e.exit_code)
+    m = info.manifest
+    out = {
+        "name": info.name, "path": os.path.abspath(info.path), "step": m.step, "epoch": m.epoch,
+        "batch_in_epoch": m.batch_in_epoch, "reason": m.reason, "metrics": m.metrics, "bytes": m.total_bytes,
+        "format_version": 1, "guardian_version": m.guardian_version,
+        "tensors": sum(c["tensors"] for c in components.values()),
+        "digest": reader.checkpoint_digest(components), "components": components,
+    }
+    if as_json:
+        click.echo(json.dumps(out, indent=1))
+        return
+    click.echo(f"{out['path']}\n  step {m.step}, epoch {m.epoch}, reason {'+'.join(m.reason)}, "
+               f"{_human_bytes(m.total_bytes)}, digest {out['digest']}")
+    for name, c in components.items():
+        click.echo(f"  {name:<24} {c['kind']:<10} {c['tensors']:>5} tensors {_human_bytes(c['bytes']):>10}  {c['digest']}")

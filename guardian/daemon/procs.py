@@ -1,0 +1,187 @@
+"""Processes: identity that survives pid reuse, spawning attempts, killing trees.
+
+A pid alone names a process only until it exits; after that the kernel may hand the
+number to anything. Every process the daemon records is therefore a ``(pid,
+create_time)`` pair plus the machine's boot id, and "alive" means all three match
+(SkyPilot's rule). A zombie counts as dead: it no longer runs and only its parent
+can reap it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import psutil
+
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str:
+    """This boot's id; ``GUARDIAN_BOOT_ID`` overrides it so tests can simulate a reboot."""
+    override = os.environ.get("GUARDIAN_BOOT_ID")
+    if override:
+        return override
+    try:
+        with open(BOOT_ID_FILE) as f:
+            return f.read().strip()
+    except OSError:
+        return f"unknown-{psutil.boot_time():.0f}"
+
+
+@dataclass(frozen=True)
+class ProcId:
+    pid: int
+    create_time: float
+
+    def to_dict(self) -> dict:
+        return {"pid": self.pid, "create_time": self.create_time}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> ProcId | None:
+        if not d or not isinstance(d.get("pid"), int):
+            return None
+        return cls(int(d["pid"]), float(d.get("create_time") or 0.0))
+
+
+class Unknowable(Exception):
+    """We may not look at the process (another user's): its identity cannot be decided."""
+
+
+def identify(pid: int) -> ProcId | None:
+    """The identity of a live pid, or None if no such (non-zombie) process exists."""
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return ProcId(pid, p.create_time())
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied as e:
+        raise Unknowable(f"pid {pid}: access denied") from e
+
+
+def is_alive(pid_id: ProcId | None) -> bool:
+    """True when the recorded process still runs (same pid and same create time)."""
+    if pid_id is None:
+        return False
+    now = identify(pid_id.pid)
+    return now is not None and abs(now.create_time - pid_id.create_time) < 0.05
+
+
+def spawn_shim(attempt_dir: str, argv: list[str], cwd: str, env: dict[str, str]) -> subprocess.Popen:
+    """Start one attempt: ``python -m guardian.daemon.shim`` in a new session.
+
+    The shim's stdio are /dev/null; it opens the attempt's logs itself (append mode)
+    so the logs do not depend on the daemon's file descriptors staying open.
+    """
+    cmd = [sys.executable, "-m", "guardian.daemon.shim", attempt_dir, "--", *argv]
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, start_new_session=True, close_fds=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def session_members(sid: int, *, exclude: set[int] = frozenset()) -> list[psutil.Process]:
+    """Live processes of session ``sid`` (the shim's): the job and all it started."""
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.pid not in exclude and os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return out
+
+
+def signal_process(pid_id: ProcId | None, sig: int) -> bool:
+    """Send ``sig`` to one recorded process if it is still the same process."""
+    if not is_alive(pid_id):
+        return False
+    try:
+        os.kill(pid_id.pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def kill_tree(shim: ProcId | None, child: ProcId | None, sig: int = signal.SIGKILL) -> int:
+    """Signal the job's process group and every other process of its session.
+
+    The shim itself is spared (it must survive to record the exit status); DataLoader
+    workers share the job's group, and anything that called setsid/setpgid is still
+    found through the session. Returns how many processes were signalled.
+    """
+    count = 0
+    if child is not None and is_alive(child):
+        try:
+            os.killpg(child.pid, sig)
+            count += 1
+        except (ProcessLookupError, PermissionError):
+            pass
+    sid = shim.pid if shim is not None else (child.pid if child else None)
+    if sid is None:
+        return count
+    spare = {shim.pid} if shim is not None and is_alive(shim) else set()
+    for p in session_members(sid, exclude=spare):
+        try:
+            p.send_signal(sig)
+            count += 1
+        except psutil.Error:
+            continue
+    return count
+
+
+def catches_signal(pid: int, sig: int) -> bool:
+    """Whether ``pid`` has a handler for ``sig`` (bit sig-1 of SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def dump_stacks(child: ProcId, stderr_path: str, wait: float) -> list[str]:
+    """Collect evidence from a hung job before it is killed; returns what was done.
+
+    SIGTTIN is sent only if the job catches it (the library's faulthandler hook):
+    its default action would stop the process instead of dumping anything.
+    """
+    done = []
+    if not is_alive(child):
+        return ["process already gone"]
+    _note(stderr_path, f"\n=== guardian: job hung; dumping stacks of pid {child.pid} at {time.ctime()} ===\n")
+    if catches_signal(child.pid, signal.SIGTTIN):
+        os.kill(child.pid, signal.SIGTTIN)
+        done.append("faulthandler (SIGTTIN)")
+        time.sleep(wait)
+    else:
+        done.append("no SIGTTIN handler registered; faulthandler dump skipped")
+    py_spy = shutil.which("py-spy")
+    if py_spy:
+        out = _run_py_spy(py_spy, child.pid, wait)
+        _note(stderr_path, out)
+        done.append("py-spy dump")
+    return done
+
+
+def _run_py_spy(py_spy: str, pid: int, wait: float) -> str:
+    try:
+        r = subprocess.run([py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True,
+                           timeout=max(10.0, wait * 5))
+        return f"--- py-spy dump ---\n{r.stdout}{r.stderr}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"--- py-spy dump failed: {e} ---\n"
+
+
+def _note(path: str, text: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)

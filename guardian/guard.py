@@ -1,0 +1,585 @@
+"""``guardian.protect``: the guard around a training loop.
+
+    with guardian.protect(trainer, dir="runs/exp1", every_steps=500,
+                          monitor="val_loss", mode="min") as g:
+        for epoch in g.epochs(10):
+            for batch in g.batches(train_loader):
+                loss = model(batch).mean(); loss.backward()
+                optimizer.step(); optimizer.zero_grad(); scheduler.step()
+                g.step()
+            g.report(val_loss=evaluate(model))
+
+Entering the guard finds the training state, takes the run directory's lock and
+resumes from the newest checkpoint that verifies. ``g.step()`` marks an optimizer
+step boundary — the only moments a checkpoint is ever taken (with gradient
+accumulation, boundaries without an optimizer step are skipped automatically).
+Signals only set a flag; the save happens at the next boundary and the process
+exits with 75 ("checkpointed, restart me"). Leaving the block normally saves a final
+checkpoint and marks the run finished; leaving it with an exception saves nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from . import commit, knobs, runfiles
+from .errors import (
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    GuardianError,
+    StateMismatchError,
+)
+from .format import reader
+from .format.layout import checkpoint_name
+from .format.manifest import Manifest
+from .locking import RunLock
+from .policies import BestMetric, EarlyStopping, PolicyState, Retention, SaveSchedule, early_stopping_update, to_float
+from .preemption import PreemptionFlag
+from .state import data as data_pos
+from .state import rng as rng_mod
+from .state import snapshot as snap_mod
+from .state.components import OptimizerState
+from .state.discover import RESERVED, describe, discover
+from .writer import SyncWriter
+
+log = logging.getLogger("guardian")
+
+
+def _ensure_visible_logging() -> None:
+    """At 3 a.m. the log is all the user has: show guardian's INFO lines on stderr
+    unless the application configured logging itself (or GUARDIAN_QUIET is set)."""
+    if log.handlers or logging.getLogger().handlers or knobs.quiet():
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def protect(
+    trainer: Any = None,
+    *,
+    dir: str | os.PathLike[str],
+    every_steps: int | None = None,
+    every_seconds: float | None = None,
+    every_epochs: int | None = 1,
+    monitor: str | None = None,
+    mode: str = "min",
+    min_delta: float = 0.0,
+    save_best: bool = True,
+    keep_last: int | None = 3,
+    keep_best: int = 1,
+    keep_every: int | None = None,
+    patience: int | None = None,
+    restore_best: bool = True,
+    resume: bool | str | os.PathLike[str] = True,
+    strict: bool = True,
+    save_on_exit: bool = True,
+    on_save_error: str = "raise",
+    handle_signals: bool = True,
+    writer: Any = None,
+    **components: Any,
+) -> Guard:
+    """Wrap a training loop; see the module docstring.
+
+    ``trainer``: an object whose attributes hold the model(s), optimizer(s),
+    scheduler(s), GradScaler and any object with ``state_dict``/``load_state_dict``;
+    or a dict of them; extra ones may be passed as keywords.
+    ``every_steps`` / ``every_seconds`` / ``every_epochs``: periodic saves (combinable).
+    ``monitor``/``mode``/``min_delta``: the metric (given to ``g.report``) that
+    defines the best checkpoint; ``save_best`` saves whenever it improves.
+    ``keep_last`` / ``keep_best`` / ``keep_every``: retention; the newest, the best and
+    the resumed-from checkpoints are never deleted.
+    ``patience``: early stopping after that many epochs without improvement of
+    ``monitor`` (by more than ``min_delta``); ``restore_best`` then loads the best
+    weights into the model when the block ends.
+    ``resume``: True (newest valid checkpoint), False (start fresh: existing
+    checkpoints are set aside, never deleted), or a checkpoint path/name.
+    ``on_save_error``: "raise" (default) stops training when a save fails (disk
+    full…); "warn" logs an error and tries again at the next save point.
+    """
+    if on_save_error not in ("raise", "warn"):
+        raise ValueError("on_save_error must be 'raise' or 'warn'")
+    best = BestMetric(monitor, mode, min_delta) if monitor else None
+    if patience is not None and best is None:
+        raise ValueError("early stopping (patience=) needs monitor= to know what to watch")
+    return Guard(
+        trainer,
+        components,
+        run_dir=os.fspath(dir),
+        schedule=SaveSchedule(every_steps, every_seconds, every_epochs),
+        best=best,
+        save_best=save_best,
+        retention=Retention(keep_last, keep_best, keep_every),
+        early=EarlyStopping(patience, min_delta, restore_best) if patience is not None else None,
+        resume=resume,
+        strict=strict,
+        save_on_exit=save_on_exit,
+        on_save_error=on_save_error,
+        handle_signals=handle_signals,
+        writer=writer or SyncWriter(),
+    )
+
+
+class Guard:
+    """The object ``protect()`` returns. Counters are public and read-only by intent:
+    ``epoch``, ``global_step``, ``batch_in_epoch``; ``resumed_from`` is the checkpoint
+    path this run continued from (None for a fresh start); ``extra`` is a dict of
+    JSON-able values saved and restored with every checkpoint."""
+
+    def __init__(self, trainer: Any, explicit: dict[str, Any], *, run_dir: str, schedule: SaveSchedule,
+                 best: BestMetric | None, save_best: bool, retention: Retention, early: EarlyStopping | None,
+                 resume: Any, strict: bool, save_on_exit: bool, on_save_error: str, handle_signals: bool,
+                 writer: Any) -> None:
+        self.run_dir = run_dir
+        self.schedule, self.best, self.save_best = schedule, best, save_best
+        self.retention, self.early = retention, early
+        self._resume_request, self.strict = resume, strict
+        self.save_on_exit, self.on_save_error = save_on_exit, on_save_error
+        self._writer = writer
+        self.components, self._loaders = discover(trainer, explicit)
+        self._optimizers = [a.optimizer for a in self.components.values() if isinstance(a, OptimizerState)]
+        self._preempt = PreemptionFlag() if handle_signals else None
+        self._lock: RunLock | None = None  # created in __enter__ once the dir exists
+
+        self.epoch = 0
+        self.global_step = 0
+        self.batch_in_epoch = 0
+        self.batches_total = 0
+        self.extra: dict[str, Any] = {}
+        self.metrics: dict[str, float] = {}
+        self.policy = PolicyState()
+        self.resumed_from: str | None = None
+        self.last_checkpoint: str | None = None
+
+        self._epoch_start: dict[str, Any] | None = None
+        self._loader: Any = None
+        self._pending_position: dict[str, Any] | None = None
+        self._pending_rng: dict[str, Any] | None = None
+        self._loaded_progress: dict[str, Any] = {}
+        self._loaded_generators: dict[str, Any] = {}
+        self._epoch_metric: float | None = None
+        self._opt_stepped = False
+        self._hooks: list[Any] = []
+        self._seq = 0
+        self._last_saved_position: tuple[int, int, int] | None = None
+        self._last_save_step = 0
+        self._last_save_time = time.monotonic()
+        self._last_step_time = time.monotonic()
+        self._step_intervals: deque[float] = deque(maxlen=512)
+        self._last_heartbeat = 0.0
+        self._preempting = False
+        self._entered = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Guard:
+        _ensure_visible_logging()
+        self._prepare_run_dir()
+        self._lock = RunLock(self.run_dir)
+        self._lock.acquire()
+        try:
+            self._entered = True
+            commit.clean_stale(self.run_dir)
+            runfiles.write_heartbeat(self.run_dir, 0, 0, "init")
+            log.info("guardian: protecting %s → %s", describe(self.components, self._loaders), self.run_dir)
+            for opt in self._optimizers:
+                self._hooks.append(opt.register_step_post_hook(self._on_optimizer_step))
+            self._resume()
+            if self._preempt:
+                self._preempt.install()
+            runfiles.write_status(self.run_dir, "running", step=self.global_step, epoch=self.epoch,
+                                  last_checkpoint=self.last_checkpoint, resumed_from=self.resumed_from)
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                self._finish()
+            else:
+                self._abandon(exc_type, exc)
+        finally:
+            self._cleanup()
+
+    def _finish(self) -> None:
+        if self.save_on_exit:
+            self._save(["final"])
+        self._writer.wait()
+        if self.policy.stopped and self.early and self.early.restore_best:
+            self.load_best_weights()
+        runfiles.write_heartbeat(self.run_dir, self.global_step, self.epoch, "done")
+        runfiles.write_status(self.run_dir, "finished", step=self.global_step, epoch=self.epoch,
+                              last_checkpoint=self.last_checkpoint, early_stopped=self.policy.stopped,
+                              exit_code=0)
+
+    def _abandon(self, exc_type: Any, exc: BaseException | None) -> None:
+        """No checkpoint of the current (possibly half-updated) state; but a save already
+        in flight was taken at a step boundary, so it is completed."""
+        try:
+            self._writer.wait()
+        except GuardianError as e:
+            log.error("guardian: the checkpoint in flight failed too: %s", e)
+        if self._preempting and isinstance(exc, SystemExit):
+            runfiles.write_status(self.run_dir, "preempted", step=self.global_step, epoch=self.epoch,
+                                  last_checkpoint=self.last_checkpoint, exit_code=exc.code)
+            return
+        runfiles.write_status(self.run_dir, "failed", step=self.global_step, epoch=self.epoch,
+                              last_checkpoint=self.last_checkpoint,
+                              error={"type": exc_type.__name__, "message": str(exc)[:2000]})
+        log.error("guardian: training raised %s; the last good checkpoint is %s",
+                  exc_type.__name__, self.last_checkpoint or "none")
+
+    def _cleanup(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self._preempt:
+            self._preempt.uninstall()
+        self._writer.close()
+        if self._lock:
+            self._lock.release()
+
+    def _prepare_run_dir(self) -> None:
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"cannot create checkpoint directory {self.run_dir}: {e.strerror}. "
+                "Choose a writable location with dir=.", e.errno) from e
+        if not os.access(self.run_dir, os.W_OK | os.X_OK):
+            raise CheckpointWriteError(
+                f"checkpoint directory {self.run_dir} is not writable by this user; fix its "
+                "permissions or choose another dir=.")
+
+    # ------------------------------------------------------------------ loop API
+
+    def epochs(self, n: int) -> Iterator[int]:
+        """Epoch numbers from where the run stands up to ``n`` (exclusive). Ends early
+        when early stopping triggers. The code after each yield is the epoch boundary."""
+        while self.epoch < n and not self.policy.stopped:
+            yield self.epoch
+            self._end_epoch()
+
+    def batches(self, loader: Any) -> Iterator[Any]:
+        """Iterate the training loader for the current epoch, resuming mid-epoch at the
+        sampler level when the run was checkpointed inside this epoch."""
+        self._loader = loader
+        pending, self._pending_position = self._pending_position, None
+        if pending is not None and pending["epoch"] == self.epoch:
+            data_pos.restore_epoch_start(loader, pending["epoch_start"])
+            self._epoch_start = pending["epoch_start"]
+            self.batch_in_epoch = pending["batch_in_epoch"]
+            it = data_pos.iterate_from(loader, self.batch_in_epoch, self._restore_checkpoint_rng)
+        else:
+            self._epoch_start = data_pos.capture_epoch_start(loader)
+            self.batch_in_epoch = 0
+            it = iter(loader)
+        for batch in it:
+            self.batch_in_epoch += 1
+            self.batches_total += 1
+            yield batch
+
+    def step(self, *, boundary: bool | None = None) -> None:
+        """Call after each optimizer step (or each batch: boundaries are detected).
+
+        ``boundary`` overrides the detection: False for a micro-batch of an
+        accumulation, True when no discovered optimizer stepped but the state is whole.
+        """
+        self.global_step += 1
+        now = time.monotonic()
+        self._step_intervals.append(now - self._last_step_time)
+        self._last_step_time = now
+        if boundary is None:
+            boundary = self._opt_stepped or not self._optimizers
+        self._opt_stepped = False
+        self._heartbeat("train", now)
+        self._writer.check()
+        if not boundary:
+            return
+        if self._preempt and self._preempt.requested:
+            self._preempt_now()
+        reason = self.schedule.step_reason(self.global_step - self._last_save_step, now - self._last_save_time)
+        if reason:
+            self._save([reason])
+
+    def report(self, **metrics: Any) -> None:
+        """Record metrics (floats or one-element tensors; graphs are never retained).
+        If the monitored metric improved, the best checkpoint is saved right now — so
+        it holds exactly the weights that produced the value."""
+        values = {k: to_float(v, k) for k, v in metrics.items()}
+        self.metrics.update(values)
+        self._heartbeat("eval", time.monotonic())
+        if self.best and self.best.monitor in values:
+            value = values[self.best.monitor]
+            self._epoch_metric = value
+            if self.best.improves(value, self.policy.best):
+                self.policy.best, self.policy.best_step = value, self.global_step
+                if self.save_best:
+                    self._save(["best"])
+        if self._preempt and self._preempt.requested:
+            self._preempt_now()
+
+    def save(self, reason: str = "manual") -> str | None:
+        """Save now (call only at a step boundary). Returns the checkpoint path when
+        the writer is synchronous."""
+        return self._save([reason], force=True)
+
+    @property
+    def should_stop(self) -> bool:
+        return self.policy.stopped
+
+    # ------------------------------------------------------------------ boundaries
+
+    def _on_optimizer_step(self, *args: Any) -> None:
+        self._opt_stepped = True
+
+    def _end_epoch(self) -> None:
+        if self.early and self.best:
+            early_stopping_update(self.early, self.best, self.policy, self._epoch_metric)
+            if self.policy.stopped:
+                log.info("guardian: early stopping after epoch %d: %s has not improved for %d epoch(s) "
+                         "(best %s at step %s)", self.epoch, self.best.monitor, self.policy.bad_epochs,
+                         self.policy.best, self.policy.best_step)
+        self._epoch_metric = None
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self._epoch_start = None
+        self._pending_position = None
+        if self._preempt and self._preempt.requested:
+            self._preempt_now()
+        if self.schedule.epoch_due(self.epoch) or self.policy.stopped:
+            self._save(["epoch"] if not self.policy.stopped else ["epoch", "early_stop"])
+
+    def _preempt_now(self) -> None:
+        assert self._preempt is not None
+        log.warning("guardian: signal %d received; checkpointing at step %d and exiting",
+                    self._preempt.signum, self.global_step)
+        self._save(["preempt"])
+        self._writer.wait()
+        self._preempting = True
+        raise SystemExit(self._preempt.exit_code)
+
+    def _heartbeat(self, phase: str, now: float) -> None:
+        if now - self._last_heartbeat >= knobs.heartbeat_interval():
+            self._last_heartbeat = now
+            p99 = None
+            if len(self._step_intervals) >= 8:
+                ordered = sorted(self._step_intervals)
+                p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+            try:
+                runfiles.write_heartbeat(self.run_dir, self.global_step, self.epoch, phase, p99)
+            except OSError as e:  # liveness only; never worth stopping training for
+                log.warning("guardian: could not write heartbeat: %s", e)
+
+    # ------------------------------------------------------------------ saving
+
+    def _position(self) -> tuple[int, int, int]:
+        return (self.global_step, self.epoch, self.batch_in_epoch)
+
+    def _collect(self) -> dict[str, tuple[str, Any]]:
+        states: dict[str, tuple[str, Any]] = {n: (a.kind, a.state_dict()) for n, a in self.components.items()}
+        states["rng"] = ("rng", rng_mod.capture_global())
+        states["progress"] = ("progress", self._progress_state())
+        states["policy"] = ("policy", self.policy.state_dict())
+        states["extra"] = ("extra", dict(self.extra))
+        return states
+
+    def _progress_state(self) -> dict[str, Any]:
+        mid_epoch = self._epoch_start is not None
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "batch_in_epoch": self.batch_in_epoch,
+            "batches_total": self.batches_total,
+            "epoch_start": self._epoch_start if mid_epoch else None,
+            "loader_generators": [g.get_state() for g in data_pos.loader_generators(self._loader)]
+            if (mid_epoch and self._loader is not None) else None,
+        }
+
+    def _save(self, reasons: list[str], force: bool = False) -> str | None:
+        if not force and self._last_saved_position == self._position() and "best" not in reasons:
+            return None
+        self._heartbeat("save", float("inf"))
+        snap = snap_mod.capture(self._collect())
+        manifest = self._manifest(reasons, snap)
+        self._last_saved_position = self._position()
+        self._last_save_step, self._last_save_time = self.global_step, time.monotonic()
+        try:
+            return self._writer.submit(self.run_dir, snap, manifest, self._on_committed)
+        except CheckpointWriteError as e:
+            if self.on_save_error == "raise":
+                raise
+            log.error("guardian: checkpoint at step %d FAILED and training continues "
+                      "(on_save_error='warn'): %s", self.global_step, e)
+            return None
+
+    def _manifest(self, reasons: list[str], snap: snap_mod.Snapshot) -> Manifest:
+        self._seq += 1
+        dup = 0
+        while os.path.lexists(os.path.join(self.run_dir, checkpoint_name(self.global_step, dup))):
+            dup += 1
+        extra: dict[str, Any] = {"monitor": self.best.monitor if self.best else None}
+        if knobs.attempt() is not None:
+            extra["attempt"] = knobs.attempt()
+        if self.resumed_from:
+            extra["resumed_from"] = self.resumed_from
+        return Manifest(
+            name=checkpoint_name(self.global_step, dup), step=self.global_step, epoch=self.epoch,
+            seq=self._seq, files={}, reason=reasons, metrics=dict(self.metrics),
+            batch_in_epoch=self.batch_in_epoch, extra=extra,
+            components={n: {"kind": c["kind"]} for n, c in snap.components.items()},
+        )
+
+    def _on_committed(self, path: str, manifest: Manifest) -> None:
+        self.last_checkpoint = path
+        log.info("guardian: saved %s (%s, step %d, epoch %d)", manifest.name, "+".join(manifest.reason),
+                 manifest.step, manifest.epoch)
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        listing = [
+            {"name": i.name, "step": i.manifest.step, "seq": i.manifest.seq, "reason": i.manifest.reason,
+             "metrics": i.manifest.metrics}
+            for i in reader.list_checkpoints(self.run_dir) if i.manifest is not None
+        ]
+        for name in self.retention.doomed(listing, self.best):
+            try:
+                commit.delete_checkpoint(self.run_dir, name)
+            except OSError as e:  # an old checkpoint left behind costs disk, never data
+                log.warning("guardian: retention could not delete %s: %s", name, e)
+
+    # ------------------------------------------------------------------ resuming
+
+    def _resume(self) -> None:
+        request = knobs.resume_from() or self._resume_request
+        existing = reader.list_checkpoints(self.run_dir)
+        self._seq = max((i.manifest.seq for i in existing if i.manifest), default=0)
+        if request is False:
+            for info in existing:
+                commit.set_aside(self.run_dir, info.name, "protect(resume=False): starting fresh")
+            return
+        if request is True:
+            chosen = self._newest_verified(existing)
+        else:
+            chosen = self._named_checkpoint(str(request), existing)
+        if chosen is None:
+            log.info("guardian: no checkpoint in %s; starting fresh", self.run_dir)
+            return
+        runfiles.write_heartbeat(self.run_dir, 0, 0, "load")
+        self._load(chosen)
+
+    def _newest_verified(self, existing: list[reader.CheckpointInfo]) -> str | None:
+        for info in reversed(existing):
+            checked = reader.inspect_checkpoint(info.path, verify=True)
+            if checked.valid:
+                return info.path
+            log.error("guardian: checkpoint %s is corrupt and will not be used:\n  %s",
+                      info.name, "\n  ".join(checked.problems))
+            commit.set_aside(self.run_dir, info.name, "failed verification: " + "; ".join(checked.problems)[:500])
+        return None
+
+    def _named_checkpoint(self, request: str, existing: list[reader.CheckpointInfo]) -> str:
+        path = request if os.path.isdir(request) else os.path.join(self.run_dir, request)
+        if not os.path.isdir(path):
+            raise CheckpointNotFoundError(f"resume={request!r}: no such checkpoint (looked for {path})")
+        checked = reader.inspect_checkpoint(path, verify=True)
+        if not checked.valid:
+            raise CorruptCheckpointError(f"cannot resume from {path}: " + "; ".join(checked.problems),
+                                         checked.problems)
+        chosen_real = os.path.realpath(path)
+        newer = [i for i in existing if i.manifest and checked.manifest and i.manifest.seq > checked.manifest.seq]
+        if os.path.dirname(chosen_real) == os.path.realpath(self.run_dir):
+            for info in newer:
+                commit.set_aside(self.run_dir, info.name, f"superseded: resuming from older {checked.name}")
+        return path
+
+    def _load(self, path: str) -> None:
+        loaded = snap_mod.load(path)
+        self._check_component_sets(loaded, path)
+        for name, adapter in self.components.items():
+            if name in loaded:
+                kind, state = loaded[name]
+                if kind != adapter.kind:
+                    raise StateMismatchError(f"{path}: component {name!r} is a {kind} in the checkpoint "
+                                             f"but a {adapter.kind} here")
+                if adapter.kind in ("module", "optimizer"):
+                    adapter.load_state_dict(state, name)
+                else:
+                    adapter.load_state_dict(state)
+                if adapter.kind == "generator":
+                    self._loaded_generators[name] = state
+        self.policy.load_state_dict(loaded.get("policy", ("policy", {}))[1])
+        self.extra.update(loaded.get("extra", ("extra", {}))[1])
+        self._restore_progress(loaded["progress"][1])
+        self._pending_rng = loaded["rng"][1]
+        rng_mod.restore_global(self._pending_rng)
+        self.resumed_from = path
+        self.last_checkpoint = path
+        self.retention.protected.add(os.path.basename(path.rstrip("/")))
+        man = reader.inspect_checkpoint(path, verify=False).manifest
+        self.metrics = dict((man.metrics if man else {}) or {})
+        self._last_saved_position = self._position()
+        self._last_save_step = self.global_step
+        log.info("guardian: resumed from %s (epoch %d, step %d%s)", path, self.epoch, self.global_step,
+                 f", batch {self.batch_in_epoch} of the epoch" if self._pending_position else "")
+
+    def _check_component_sets(self, loaded: dict[str, Any], path: str) -> None:
+        saved = set(loaded) - RESERVED
+        live = set(self.components)
+        if saved == live:
+            return
+        msg = (f"{path} does not match what protect() found: only in the checkpoint: "
+               f"{sorted(saved - live) or 'nothing'}; only here: {sorted(live - saved) or 'nothing'}.")
+        if self.strict:
+            raise StateMismatchError(msg + " Pass the same objects as the run that saved it, "
+                                           "or protect(strict=False) to load what matches.")
+        log.warning("guardian: %s Loading the components both have (strict=False).", msg)
+
+    def _restore_progress(self, progress: dict[str, Any]) -> None:
+        self._loaded_progress = progress
+        self.epoch = progress["epoch"]
+        self.global_step = progress["global_step"]
+        self.batch_in_epoch = progress["batch_in_epoch"]
+        self.batches_total = progress["batches_total"]
+        if progress.get("epoch_start") is not None:
+            self._pending_position = progress
+
+    def _restore_checkpoint_rng(self) -> None:
+        """Called by the resumed iterator right before the first remaining batch."""
+        if self._pending_rng is not None:
+            rng_mod.restore_global(self._pending_rng)
+        gens = data_pos.loader_generators(self._loader)
+        saved = self._loaded_progress.get("loader_generators") or []
+        for g, s in zip(gens, saved):
+            g.set_state(s)
+        for name, state in self._loaded_generators.items():
+            self.components[name].load_state_dict(state)
+
+    def load_best_weights(self) -> None:
+        """Load the best checkpoint's model weights into the live model(s)."""
+        best = self._best_checkpoint()
+        if best is None:
+            log.warning("guardian: restore_best requested but no best checkpoint exists")
+            return
+        loaded = snap_mod.load(best)
+        for name, adapter in self.components.items():
+            if adapter.kind == "module" and name in loaded:
+                adapter.load_state_dict(loaded[name][1], name)
+        log.info("guardian: restored the best weights from %s (%s=%s)", best,
+                 self.best.monitor if self.best else "?", self.policy.best)
+
+    def _best_checkpoint(self) -> str | None:
+        for info in reversed(reader.list_checkpoints(self.run_dir)):
+            if info.manifest and "best" in info.manifest.reason:
+                return info.path
+        return None

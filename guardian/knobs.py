@@ -1,0 +1,27 @@
+"""Every environment variable guardian reads, in one place.
+
+Precedence: an explicit argument to ``protect()`` wins over the environment, except
+``GUARDIAN_RESUME_FROM``, which a supervisor sets to override where a run resumes.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def resume_from() -> str | None:
+    """Set by ``guardian watch`` (or a user) to resume from one specific checkpoint."""
+    return os.environ.get("GUARDIAN_RESUME_FROM") or None
+
+
+def attempt() -> int | None:
+    value = os.environ.get("GUARDIAN_ATTEMPT")
+    return int(value) if value and value.isdigit() else None
+
+
+def heartbeat_interval() -> float:
+    return float(os.environ.get("GUARDIAN_HEARTBEAT_INTERVAL", "1.0"))
+
+
+def quiet() -> bool:
+    return os.environ.get("GUARDIAN_QUIET", "") not in ("", "0")

@@ -1,0 +1,120 @@
+"""Resuming a DataLoader mid-epoch without reading the skipped data.
+
+What makes an epoch's order: the torch RNG (or the loader's generator) at the
+moment the iterator is created — it seeds the shuffle and the workers' base seed.
+So at each epoch start we record those RNG states; on resume we put them back,
+create the iterator the same way, and skip the first *k* index lists at the
+**batch-sampler** level: indices are generated (cheap), samples are never loaded.
+Then, right before the first remaining batch is fetched, every RNG is set to its
+value at the checkpoint, so dropout, augmentation in the main process and anything
+else that draws random numbers continues exactly.
+
+The wrapper is swapped into the loader only for the duration of ``iter(loader)``
+(persistent-worker iterators capture it once; it is one-shot, so later epochs pass
+straight through).
+
+Limits: an ``IterableDataset`` has no sampler, so its first k batches are read and
+discarded (with a warning). Random augmentation *inside worker processes* is exact
+only if the dataset derives its randomness from the sample index or the worker
+seed alone — a worker's own RNG stream after k batches cannot be reconstructed
+without replaying them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+log = logging.getLogger("guardian")
+
+
+def loader_generators(loader: Any) -> list[torch.Generator]:
+    """The explicit generators an iteration of ``loader`` draws from."""
+    gens = []
+    for owner in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        gen = getattr(owner, "generator", None)
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in gens):
+            gens.append(gen)
+    return gens
+
+
+def capture_epoch_start(loader: Any) -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in loader_generators(loader)]}
+
+
+def restore_epoch_start(loader: Any, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    gens = loader_generators(loader)
+    if len(gens) != len(state["generators"]):
+        from ..errors import StateMismatchError
+
+        raise StateMismatchError(
+            f"the DataLoader had {len(state['generators'])} explicit generator(s) when the checkpoint "
+            f"was taken and has {len(gens)} now; build it the same way to resume mid-epoch"
+        )
+    for g, s in zip(gens, state["generators"]):
+        g.set_state(s)
+
+
+class _SkipFirst:
+    """Wraps a (batch) sampler: the first iteration drops ``skip`` items, then calls
+    ``on_skipped`` before anything is yielded. Lazy like the sampler it wraps, so
+    RNG draws happen at exactly the same moments as without it."""
+
+    def __init__(self, inner: Any, skip: int, on_skipped: Callable[[], None]) -> None:
+        self.inner = inner
+        self.skip = skip
+        self.on_skipped = on_skipped
+        self.used = False
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.used:
+            yield from self.inner
+            return
+        self.used = True
+        it = iter(self.inner)
+        for _ in range(self.skip):
+            if next(it, _END) is _END:
+                break
+        self.on_skipped()
+        yield from it
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getattr__(self, name: str) -> Any:  # e.g. DistributedSampler.set_epoch
+        return getattr(self.inner, name)
+
+
+_END = object()
+
+
+def iterate_from(loader: Any, skip: int, on_skipped: Callable[[], None]) -> Iterator[Any]:
+    """``iter(loader)`` positioned after ``skip`` batches; see the module docstring."""
+    if not isinstance(loader, DataLoader) or loader._dataset_kind != 0:  # 0 = map-style
+        return _iterate_by_reading(loader, skip, on_skipped)
+    attr = "batch_sampler" if loader.batch_sampler is not None else "sampler"
+    original = getattr(loader, attr)
+    object.__setattr__(loader, attr, _SkipFirst(original, skip, on_skipped))
+    try:
+        return iter(loader)
+    finally:
+        object.__setattr__(loader, attr, original)
+
+
+def _iterate_by_reading(loader: Any, skip: int, on_skipped: Callable[[], None]) -> Iterator[Any]:
+    if skip:
+        log.warning(
+            "guardian: %s has no sampler to skip with; reading and discarding %d batch(es) to "
+            "reach the resume position", type(loader).__name__, skip,
+        )
+    it = iter(loader)
+    for _ in range(skip):
+        if next(it, _END) is _END:
+            break
+    on_skipped()
+    return it
