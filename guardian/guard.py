@@ -85,6 +85,7 @@ def protect(
     on_save_error: str = "raise",
     handle_signals: bool = True,
     writer: Any = None,
+    async_save: bool = True,
     **components: Any,
 ) -> Guard:
     """Wrap a training loop; see the module docstring.
@@ -104,6 +105,9 @@ def protect(
     checkpoints are set aside, never deleted), or a checkpoint path/name.
     ``on_save_error``: "raise" (default) stops training when a save fails (disk
     full…); "warn" logs an error and tries again at the next save point.
+    ``async_save``: True (default) copies the state to a staging buffer at each save and
+    persists it in the background (guardian/async_writer.py); False, or
+    GUARDIAN_ASYNC=0, saves synchronously. ``writer`` overrides both.
     """
     if on_save_error not in ("raise", "warn"):
         raise ValueError("on_save_error must be 'raise' or 'warn'")
@@ -124,8 +128,16 @@ def protect(
         save_on_exit=save_on_exit,
         on_save_error=on_save_error,
         handle_signals=handle_signals,
-        writer=writer or SyncWriter(),
+        writer=writer or _default_writer(async_save),
     )
+
+
+def _default_writer(async_save: bool) -> Any:
+    if async_save and knobs.async_save():
+        from .async_writer import AsyncWriter
+
+        return AsyncWriter()
+    return SyncWriter()
 
 
 class Guard:

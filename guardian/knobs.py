@@ -25,3 +25,13 @@ def heartbeat_interval() -> float:
 
 def quiet() -> bool:
     return os.environ.get("GUARDIAN_QUIET", "") not in ("", "0")
+
+
+def async_save() -> bool:
+    """``GUARDIAN_ASYNC=0`` turns asynchronous saving off when ``protect()`` picks the writer."""
+    return os.environ.get("GUARDIAN_ASYNC", "1") not in ("0", "false", "no")
+
+
+def direct_io() -> bool:
+    """``GUARDIAN_DIRECT_IO=0`` makes the async writer use buffered writes only."""
+    return os.environ.get("GUARDIAN_DIRECT_IO", "1") not in ("0", "false", "no")

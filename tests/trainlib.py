@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import sys
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -82,6 +84,8 @@ PER_BATCH = {"cyclic", "onecycle", "cosine", "warmup_cosine", "step", "exponenti
 
 
 def build(cfg: dict[str, Any]) -> dict[str, Any]:
+    random.seed(cfg["seed"])  # a reproducible script seeds every RNG it has
+    np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     gen = torch.Generator().manual_seed(1234)
     x = torch.randn(cfg["samples"], 10, generator=gen)
@@ -112,7 +116,8 @@ def train(cfg: dict[str, Any], run_dir: str, kill_at: int | None = None, crash_a
     with guardian.protect(state, dir=run_dir, **kw) as g:
         for _epoch in g.epochs(cfg["epochs"]):
             model.train()
-            for i, (xb, yb) in enumerate(g.batches(loader)):
+            for xb, yb in g.batches(loader):
+                i = g.batch_in_epoch - 1  # the batch's index in the epoch, also after a mid-epoch resume
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["amp"]):
                     loss = nn.functional.cross_entropy(model(xb), yb) / cfg["accumulate"]
                 if scaler is not None:

@@ -51,6 +51,8 @@ class HangClock:
         """Take a heartbeat read from disk; ignore one written by another process."""
         if not hb or (self.pid is not None and hb.get("pid") != self.pid):
             return self.last
+        if not isinstance(hb.get("time"), (int, float)) or hb["time"] < self.started - 1.0:
+            return self.last  # left by an earlier attempt
         try:
             beat = Beat(int(hb.get("step", 0)), str(hb.get("phase", "train")), float(hb["time"]),
                         float(hb["step_interval_p99"]) if hb.get("step_interval_p99") else None)

@@ -99,7 +99,10 @@ class JobState:
     stepped_back: bool = False
     hang_steps: list[int] = field(default_factory=list)
     stderr_tail: list[str] = field(default_factory=list)
+    stop: dict | None = None  # {"why": "request"|"hang", "stage": "usr2"|"term"|"kill", "deadline": t}
+    gate: dict | None = None  # the restart gate that is holding us back, and since when
     events: int = 0
+    spec_created: float = 0.0  # job.json's "created": a newer one (guardian run --replace) resets the job
     format: str = STATE_FORMAT
 
     @property
@@ -190,7 +193,8 @@ def check_owned(path: str) -> None:
 
 def save_spec(home: Home, spec: JobSpec) -> None:
     d = home.job_dir(spec.name)
-    os.makedirs(os.path.join(d, "attempts"), mode=0o700, exist_ok=True)
+    for sub in (d, os.path.join(d, "attempts")):
+        os.makedirs(sub, mode=0o700, exist_ok=True)
     write_json(os.path.join(d, "job.json"), asdict(spec))
 
 

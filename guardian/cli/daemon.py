@@ -1,0 +1,320 @@
+"""``guardian watch | run | status | logs | stop | service``: thin commands over guardian.daemon.
+
+Only ``watch`` runs the supervisor. The others talk to it through its state
+directory (``--home`` / ``GUARDIAN_HOME``): ``run`` writes jobs/NAME/job.json,
+``stop`` writes jobs/NAME/stop.request, ``status``/``logs`` read what the daemon
+wrote. So they work, and say so, whether or not a daemon is running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import click
+
+from ..daemon import DaemonError, knobs as knobs_mod, registry as reg
+
+home_option = click.option("--home", envvar="GUARDIAN_HOME", type=click.Path(file_okay=False),
+                           default=None, help="The daemon's state directory (default: per user; "
+                           "env GUARDIAN_HOME).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _home(home: str | None) -> reg.Home:
+    return reg.Home(home or knobs_mod.default_home())
+
+
+def _fail(e: Exception) -> None:
+    raise click.ClickException(str(e)) from e
+
+
+def daemon_pid(home: reg.Home) -> int | None:
+    """The live daemon's pid for this home, or None (checked by pid *and* create time)."""
+    from ..daemon import procs
+
+    try:
+        rec = reg.read_json(home.path("daemon.json"))
+    except DaemonError:
+        return None
+    ident = procs.ProcId.from_dict(rec)
+    try:
+        return ident.pid if procs.is_alive(ident) else None
+    except procs.Unknowable:
+        return ident.pid if ident else None
+
+
+# ---------------------------------------------------------------------------- watch
+
+
+@click.command()
+@home_option
+@click.option("--poll", type=float, help="Seconds between checks (env GUARDIAN_DAEMON_POLL).")
+@click.option("--backoff-base", type=float, help="First restart delay in seconds.")
+@click.option("--max-failures", type=int, help="Failures without a new checkpoint before giving up.")
+@click.option("--hang-min", type=float, help="Minimum heartbeat silence (s) before a job counts as hung.")
+@click.option("--startup", type=float, help="Allowance (s) before a job's first heartbeat.")
+@click.option("-v", "--verbose", is_flag=True)
+def watch(home: str | None, poll: float | None, backoff_base: float | None, max_failures: int | None,
+          hang_min: float | None, startup: float | None, verbose: bool) -> None:
+    """Run the supervisor in the foreground (systemd runs this as a service).
+
+    Stopping the daemon (SIGTERM, Ctrl-C) never stops the jobs; the next daemon adopts them.
+    """
+    from ..daemon.supervisor import Supervisor
+
+    h = _home(home)
+    try:
+        k = knobs_mod.load({"poll": poll, "backoff_base": backoff_base, "max_failures": max_failures,
+                            "hang_min": hang_min, "startup": startup})
+        h.ensure()
+    except (ValueError, DaemonError) as e:
+        _fail(e)
+    _setup_logging(h, verbose)
+    sup = Supervisor(h, k)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sup.stop_event.set())
+    try:
+        sup.serve()
+    except DaemonError as e:
+        _fail(e)
+
+
+def _setup_logging(h: reg.Home, verbose: bool) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    logger = logging.getLogger("guardian.daemon")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for handler in (logging.FileHandler(h.path("daemon.log"), mode="a"), logging.StreamHandler(sys.stderr)):
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+
+
+# ---------------------------------------------------------------------------- run
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@home_option
+@click.option("--name", help="Job name (default: from --dir or the command).")
+@click.option("--dir", "run_dir", type=click.Path(file_okay=False),
+              help="The run's checkpoint directory (given to the job as GUARDIAN_RUN_DIR).")
+@click.option("--replace", is_flag=True, help="Re-register a finished, failed, stopped or held job.")
+@json_option
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(home: str | None, name: str | None, run_dir: str | None, replace: bool, as_json: bool,
+        command: tuple[str, ...]) -> None:
+    """Register a job with the daemon, which starts it:  guardian run --dir RUN -- python train.py"""
+    h = _home(home)
+    try:
+        h.ensure()
+        name = reg.check_name(name or _default_name(run_dir, command))
+        _check_replace(h, name, replace)
+        rd = os.path.abspath(run_dir) if run_dir else os.path.join(h.job_dir(name), "run")
+        spec = reg.JobSpec(name=name, argv=list(command), cwd=os.getcwd(), run_dir=rd,
+                           env=dict(os.environ), owner_uid=os.getuid())
+        reg.save_spec(h, spec)
+    except DaemonError as e:
+        _fail(e)
+    pid = daemon_pid(h)
+    note = (f"the daemon (pid {pid}) will start it" if pid else
+            "no daemon is running for this home; it will start when `guardian watch` runs")
+    _emit(as_json, {"name": name, "run_dir": rd, "argv": list(command), "daemon_pid": pid},
+          f"registered job {name!r} (run dir {rd}); {note}")
+
+
+def _default_name(run_dir: str | None, command: tuple[str, ...]) -> str:
+    base = os.path.basename(os.path.abspath(run_dir)) if run_dir else os.path.basename(command[0])
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in base).strip(".-_") or "job"
+    return cleaned[:64]
+
+
+def _check_replace(h: reg.Home, name: str, replace: bool) -> None:
+    if not os.path.exists(h.job_file(name, "job.json")):
+        return
+    st = reg.load_state(h, name)
+    state = st.state if st else reg.PENDING
+    if not replace:
+        raise DaemonError(f"job {name!r} already exists (state {state}); choose another --name, or "
+                          "--replace it once it is done, failed, stopped or held")
+    if state not in (*reg.TERMINAL, reg.HELD):
+        raise DaemonError(f"job {name!r} is {state}; `guardian stop {name}` it before --replace")
+
+
+# ---------------------------------------------------------------------------- status
+
+
+def job_summary(h: reg.Home, name: str) -> dict[str, Any]:
+    """One job as ``guardian status --json`` shows it."""
+    from ..runfiles import read_heartbeat
+
+    st = reg.load_state(h, name) or reg.JobState(name=name)
+    spec = _spec_or_none(h, name)
+    cur = st.current
+    hb = read_heartbeat(spec.run_dir) if spec else None
+    running = st.state in (reg.RUNNING, reg.STOPPING) and cur is not None
+    return {
+        "name": name, "state": st.state, "reason": st.reason, "attempts": len(st.attempts),
+        "restarts": st.restarts, "failures_without_progress": st.failures,
+        "pid": (cur.child or {}).get("pid") if running else None,
+        "last_checkpoint": st.last_checkpoint,
+        "resume_from": cur.resume_from if cur else None,
+        "exit_code": cur.exit_code if cur else None, "signal": cur.signal if cur else None,
+        "classification": cur.classification if cur else None,
+        "heartbeat_age": round(time.time() - float(hb["time"]), 1) if hb and "time" in hb else None,
+        "step": hb.get("step") if hb else None, "phase": hb.get("phase") if hb else None,
+        "gpus": cur.gpus if cur else [], "next_start_at": st.next_start_at,
+        "stderr_tail": st.stderr_tail, "run_dir": spec.run_dir if spec else None,
+        "argv": spec.argv if spec else None,
+    }
+
+
+def _spec_or_none(h: reg.Home, name: str) -> reg.JobSpec | None:
+    try:
+        return reg.load_spec(h, name)
+    except (DaemonError, OSError, TypeError):
+        return None
+
+
+@click.command()
+@home_option
+@click.argument("name", required=False)
+@json_option
+def status(home: str | None, name: str | None, as_json: bool) -> None:
+    """Jobs, their state, attempts, pid, last verified checkpoint, heartbeat age."""
+    h = _home(home)
+    names = [name] if name else h.job_names()
+    if name and name not in h.job_names():
+        _fail(DaemonError(f"no job named {name!r} in {h.root}"))
+    jobs = [job_summary(h, n) for n in names]
+    pid = daemon_pid(h)
+    if as_json:
+        click.echo(json.dumps({"home": h.root, "daemon_pid": pid, "jobs": jobs}, indent=2))
+        return
+    click.echo(f"daemon: {'pid %d' % pid if pid else 'not running'}  ({h.root})")
+    for j in jobs:
+        _print_job(j, detail=bool(name))
+
+
+def _print_job(j: dict[str, Any], detail: bool) -> None:
+    hb = f"{j['heartbeat_age']:.0f}s ago" if j["heartbeat_age"] is not None else "-"
+    click.echo(f"{j['name']:<20} {j['state']:<10} attempts={j['attempts']} pid={j['pid'] or '-'} "
+               f"step={j['step'] if j['step'] is not None else '-'} heartbeat={hb} "
+               f"checkpoint={j['last_checkpoint'] or '-'} gpus={','.join(j['gpus']) or '-'}")
+    click.echo(f"    {j['reason']}")
+    if j["stderr_tail"] and (detail or j["state"] in (reg.FAILED, reg.HELD, reg.INCOMPLETE)):
+        click.echo("    last lines of stderr:")
+        for line in j["stderr_tail"][-10:]:
+            click.echo(f"      | {line}")
+
+
+# ---------------------------------------------------------------------------- logs
+
+
+@click.command()
+@home_option
+@click.argument("name")
+@click.option("--attempt", type=int, help="Attempt number (default: the latest).")
+@click.option("--stdout", "which", flag_value="stdout", help="Show stdout instead of stderr.")
+@click.option("--stderr", "which", flag_value="stderr", default=True, help="Show stderr (default).")
+@click.option("--events", is_flag=True, help="Show the job's decisions (events.jsonl) instead.")
+@json_option
+def logs(home: str | None, name: str, attempt: int | None, which: str, events: bool, as_json: bool) -> None:
+    """An attempt's log (kept across restarts), or the job's decisions with --events."""
+    h = _home(home)
+    if name not in h.job_names():
+        _fail(DaemonError(f"no job named {name!r} in {h.root}"))
+    if events:
+        evs = reg.read_events(h, name)
+        if as_json:
+            click.echo(json.dumps(evs, indent=2))
+        for e in [] if as_json else evs:
+            click.echo(f"{time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['event']}: {e['reason']}")
+        return
+    st = reg.load_state(h, name)
+    n = attempt or (st.current.n if st and st.current else None)
+    if n is None:
+        _fail(DaemonError(f"job {name!r} has not started yet"))
+    path = os.path.join(h.attempt_dir(name, n), f"{which}.log")
+    if not os.path.exists(path):
+        _fail(DaemonError(f"{path}: no such log (attempts so far: {len(st.attempts) if st else 0})"))
+    if as_json:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            click.echo(json.dumps({"name": name, "attempt": n, "path": path, "text": f.read()}))
+        return
+    with open(path, "rb") as f:
+        sys.stdout.buffer.write(f.read())
+
+
+# ---------------------------------------------------------------------------- stop
+
+
+@click.command()
+@home_option
+@click.argument("name")
+@click.option("--grace", type=float, help="Seconds to wait for the checkpoint before SIGTERM.")
+@click.option("--wait/--no-wait", default=False, help="Wait until the job has stopped.")
+@click.option("--timeout", type=float, default=600.0, help="With --wait: give up after this many seconds.")
+@json_option
+def stop(home: str | None, name: str, grace: float | None, wait: bool, timeout: float, as_json: bool) -> None:
+    """Ask a job to checkpoint and stop (SIGUSR2, then SIGTERM, then SIGKILL of its tree)."""
+    h = _home(home)
+    if name not in h.job_names():
+        _fail(DaemonError(f"no job named {name!r} in {h.root}"))
+    reg.write_json(h.job_file(name, "stop.request"), {"time": time.time(), "grace": grace})
+    pid = daemon_pid(h)
+    if wait and pid:
+        _wait_stopped(h, name, timeout)
+    st = reg.load_state(h, name)
+    note = "" if pid else "; no daemon is running — the job stops when `guardian watch` next runs"
+    _emit(as_json, {"name": name, "requested": True, "state": st.state if st else None, "daemon_pid": pid},
+          f"stop requested for {name!r} (state {st.state if st else 'pending'}){note}")
+
+
+def _wait_stopped(h: reg.Home, name: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = reg.load_state(h, name)
+        if st and st.state not in (reg.RUNNING, reg.STOPPING) and not os.path.exists(
+                h.job_file(name, "stop.request")):
+            return
+        time.sleep(0.2)
+    _fail(DaemonError(f"job {name!r} did not stop within {timeout:.0f} s"))
+
+
+# ---------------------------------------------------------------------------- service
+
+
+@click.group()
+def service() -> None:
+    """Run the daemon under systemd."""
+
+
+@service.command("install")
+@home_option
+@click.option("--user", "user_mode", is_flag=True, help="A user unit (~/.config/systemd/user) with lingering.")
+@click.option("--unit-dir", type=click.Path(file_okay=False), help="Write the unit here instead.")
+@click.option("--print", "print_only", is_flag=True, help="Print the unit; write nothing.")
+@json_option
+def install(home: str | None, user_mode: bool, unit_dir: str | None, print_only: bool, as_json: bool) -> None:
+    """Write a systemd unit that runs `guardian watch` at boot (Restart=always)."""
+    from ..daemon import service as svc
+
+    h = _home(home)
+    text = svc.unit_text(h.root, user_mode)
+    if print_only:
+        click.echo(text)
+        return
+    path = svc.unit_path(user_mode, unit_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    _emit(as_json, {"unit": path, "home": h.root, "next": svc.next_steps(user_mode)},
+          f"wrote {path}\nnext:\n  " + "\n  ".join(svc.next_steps(user_mode)))
+
+
+def _emit(as_json: bool, record: dict[str, Any], text: str) -> None:
+    click.echo(json.dumps(record, indent=2) if as_json else text)

@@ -1,0 +1,64 @@
+"""``guardian service install``: a systemd unit that runs ``guardian watch``.
+
+System mode (root): /etc/systemd/system/guardian.service, WantedBy=multi-user.target,
+so the daemon starts at boot and reconciles (resumes jobs the power cut stopped).
+User mode (--user): ~/.config/systemd/user/guardian.service, WantedBy=default.target;
+``loginctl enable-linger USER`` makes it start at boot without a login.
+``KillMode=process``: stopping or restarting the service must not kill the jobs — they
+run in their own sessions and the next daemon adopts them.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+
+UNIT_NAME = "guardian.service"
+
+
+def unit_text(home: str, user_mode: bool, executable: str | None = None) -> str:
+    cmd = f"{shlex.quote(executable or guardian_executable())} watch --home {shlex.quote(home)}"
+    wanted = "default.target" if user_mode else "multi-user.target"
+    return f"""[Unit]
+Description=guardian: supervisor for PyTorch training jobs (resumes them after crashes and reboots)
+After=network-online.target local-fs.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+ExecStart={cmd}
+Environment=PYTHONUNBUFFERED=1
+Restart=always
+RestartSec=5
+# Jobs run in their own sessions and outlive the daemon; never kill them with it.
+KillMode=process
+TimeoutStopSec=30
+
+[Install]
+WantedBy={wanted}
+"""
+
+
+def guardian_executable() -> str:
+    """The ``guardian`` script of this installation (next to this Python, e.g. in a venv)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "guardian")
+    return beside if os.access(beside, os.X_OK) else (shutil.which("guardian") or "guardian")
+
+
+def unit_path(user_mode: bool, unit_dir: str | None = None) -> str:
+    if unit_dir:
+        return os.path.join(unit_dir, UNIT_NAME)
+    if user_mode:
+        base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+        return os.path.join(base, "systemd", "user", UNIT_NAME)
+    return os.path.join("/etc/systemd/system", UNIT_NAME)
+
+
+def next_steps(user_mode: bool) -> list[str]:
+    if user_mode:
+        user = os.environ.get("USER", "$USER")
+        return ["systemctl --user daemon-reload", "systemctl --user enable --now guardian",
+                f"loginctl enable-linger {user}   # start at boot, without a login"]
+    return ["systemctl daemon-reload", "systemctl enable --now guardian"]

@@ -1,0 +1,87 @@
+"""The staging arena: one reused host buffer that a checkpoint's file image is copied into.
+
+Why one buffer, allocated once: the training loop may only continue once the state
+it saved can no longer change under the writer, so the blocking part of an
+asynchronous save is a copy. A copy into fresh memory runs at page-fault speed
+(``clone()`` ~5 GB/s here); into memory that is already mapped and touched it runs
+at memcpy speed (``copy_`` ~16 GB/s). So the arena is allocated on the first save,
+pre-faulted (one write per page), and reused by every later save. It grows only
+when the state grows, and the old buffer is released *before* the new one is
+allocated, so host memory never holds two arenas.
+
+Invariants:
+  * the base address is ``ALIGN``-aligned (O_DIRECT needs aligned buffers); anonymous
+    ``mmap`` memory is page-aligned by construction, pinned memory is aligned by hand;
+  * when any tensor lives on CUDA the arena is pinned host memory, so device→host
+    copies can be asynchronous (``non_blocking``) and finish with one synchronize.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import torch
+
+ALIGN = 4096  # O_DIRECT alignment that every Linux block device accepts
+PAGE = mmap.PAGESIZE
+
+
+class StagingArena:
+    """A page-aligned, pre-faulted uint8 buffer reused across saves (see module docstring)."""
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None  # aligned uint8 view used by callers
+        self._owner: object = None  # what keeps the memory alive (mmap or pinned tensor)
+        self.capacity = 0
+        self.pinned = False
+
+    def acquire(self, nbytes: int, *, pinned: bool = False) -> torch.Tensor:
+        """A uint8 tensor of exactly ``nbytes`` over the arena, (re)allocating if needed.
+
+        The caller owns the returned view until it calls ``acquire`` again: the async
+        writer never does so while a save is still being persisted.
+        """
+        if self._buf is None or nbytes > self.capacity or pinned != self.pinned:
+            self.release()
+            self._allocate(max(nbytes, 1), pinned)
+        assert self._buf is not None
+        return self._buf[:nbytes]
+
+    def release(self) -> None:
+        """Drop the buffer. The memory returns to the OS once no view of it is alive."""
+        self._buf, self._owner, self.capacity = None, None, 0
+
+    def _allocate(self, nbytes: int, pinned: bool) -> None:
+        size = -(-nbytes // ALIGN) * ALIGN
+        if pinned:
+            self._buf, self._owner = _pinned_buffer(size)
+        else:
+            self._buf, self._owner = _host_buffer(size)
+        self.capacity, self.pinned = size, pinned
+
+
+def _host_buffer(size: int) -> tuple[torch.Tensor, object]:
+    """Private anonymous memory (not MAP_SHARED, which would be shmem), pre-faulted."""
+    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:  # fewer faults and TLB misses for a multi-GB copy target; advisory only
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    buf = torch.frombuffer(mm, dtype=torch.uint8)
+    _prefault(buf)
+    return buf, mm
+
+
+def _pinned_buffer(size: int) -> tuple[torch.Tensor, object]:
+    """Page-locked memory for asynchronous device→host copies (CUDA only)."""
+    raw = torch.empty(size + ALIGN, dtype=torch.uint8, pin_memory=True)
+    offset = (-raw.data_ptr()) % ALIGN
+    buf = raw[offset : offset + size]
+    _prefault(buf)
+    return buf, raw
+
+
+def _prefault(buf: torch.Tensor) -> None:
+    """Touch one byte per page so the first save's copy does not pay the page faults."""
+    buf[::PAGE].fill_(0)

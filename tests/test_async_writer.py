@@ -1,0 +1,278 @@
+"""The asynchronous writer: same bytes as the sync path, exact resume, failures that
+surface in the loop, durability at exit, and no loss under SIGKILL mid-persist."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import guardian
+from guardian import direct_io, fsops
+from guardian.async_writer import AsyncWriter
+from guardian.errors import CheckpointWriteError
+from guardian.format import reader
+from guardian.format.manifest import Manifest
+from guardian.state import snapshot as snap_mod
+from guardian.writer import SyncWriter
+
+sys.path.insert(0, os.path.dirname(__file__))
+import trainlib  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def no_persist_thread_leaks():
+    yield
+    leaked = [t.name for t in threading.enumerate() if t.name.startswith("guardian-persist")]
+    assert not leaked, f"persist threads still running: {leaked}"
+
+
+def hostile_states() -> dict:
+    """Odd sizes (unaligned tail, > one 4 KiB block), odd dtypes, hostile keys,
+    a non-contiguous tensor and an empty one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 257), nn.Linear(257, 3))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 300)).sum().backward()
+    opt.step()
+    odd = {
+        "we[ir]d/ke→y^": torch.arange(7, dtype=torch.int16),
+        "flags": torch.tensor([True, False, True]),
+        "half": torch.randn(5, dtype=torch.float16),
+        "transposed": torch.arange(12.0).reshape(3, 4).t(),
+        "empty": torch.empty(0, 5),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+    }
+    return {"model": ("module", model.state_dict()), "optimizer": ("optimizer", opt.state_dict()),
+            "odd": ("user", odd)}
+
+
+def save_with(writer, run_dir: str, name: str, states: dict) -> str:
+    snap = snap_mod.capture(states)
+    man = Manifest(name=name, step=1, epoch=0, seq=1, files={}, reason=["test"], metrics={},
+                   batch_in_epoch=0, extra={}, components={n: {"kind": c["kind"]} for n, c in snap.components.items()})
+    committed: list[str] = []
+    writer.submit(run_dir, snap, man, lambda path, _m: committed.append(path))
+    writer.wait()
+    writer.close()
+    assert len(committed) == 1
+    return committed[0]
+
+
+def digest(path: str) -> str:
+    man = reader.inspect_checkpoint(path, verify=True).manifest
+    return reader.checkpoint_digest(reader.component_summaries(path, man))
+
+
+def assert_same_files(a: str, b: str) -> None:
+    for rel in ("tensors.safetensors", "state.json"):
+        with open(os.path.join(a, rel), "rb") as fa, open(os.path.join(b, rel), "rb") as fb:
+            assert fa.read() == fb.read(), rel
+    assert reader.inspect_checkpoint(a, verify=True).manifest.files == reader.inspect_checkpoint(b).manifest.files
+    assert digest(a) == digest(b)
+
+
+# ---------------------------------------------------------------- same bytes as sync
+
+
+@pytest.mark.parametrize("base", ["tmp", "shm"])
+def test_async_and_sync_write_identical_files_and_digests(tmp_path, base):
+    if base == "shm":
+        if not os.path.isdir("/dev/shm"):
+            pytest.skip("no /dev/shm")
+        import tempfile
+        root = tempfile.mkdtemp(dir="/dev/shm")
+    else:
+        root = str(tmp_path)
+    states = hostile_states()
+    sync = save_with(SyncWriter(), root, "ckpt-sync", states)
+    async_ = save_with(AsyncWriter(), root, "ckpt-async", states)
+    assert_same_files(sync, async_)
+    if base == "shm":
+        import shutil
+        shutil.rmtree(root)
+
+
+def test_buffered_fallback_when_o_direct_open_is_refused(tmp_path, monkeypatch):
+    states = hostile_states()
+    sync = save_with(SyncWriter(), str(tmp_path), "ckpt-sync", states)
+    monkeypatch.setattr(direct_io, "_open_direct", lambda path: None)
+    assert_same_files(sync, save_with(AsyncWriter(), str(tmp_path), "ckpt-async", states))
+
+
+def test_buffered_fallback_when_o_direct_writes_fail_with_einval(tmp_path, monkeypatch):
+    """Some file systems accept O_DIRECT at open and refuse the writes; a small chunk
+    makes the refusal happen mid-file, after some direct writes succeeded."""
+    states = hostile_states()
+    sync = save_with(SyncWriter(), str(tmp_path), "ckpt-sync", states)
+    real_pwrite, calls = os.pwrite, []
+
+    def flaky_pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 2:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_io.os, "pwrite", flaky_pwrite)
+    monkeypatch.setattr(direct_io, "CHUNK", 4096)
+    real_writer = direct_io.image_writer
+    monkeypatch.setattr("guardian.async_writer.image_writer",
+                        lambda path, direct=None: real_writer(path, chunk=4096, direct=True))
+    assert_same_files(sync, save_with(AsyncWriter(), str(tmp_path), "ckpt-async", states))
+    assert len(calls) == 3
+
+
+# ---------------------------------------------------------------- exact resume
+
+
+def test_exact_resume_with_async_saves(tmp_path):
+    cfg = {"epochs": 2, "every_steps": 2}
+    straight = str(tmp_path / "straight")
+    crashed = str(tmp_path / "crashed")
+    trainlib.train(cfg, straight, async_save=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainlib.train(cfg, crashed, crash_at=7, async_save=True)
+    trainlib.train(cfg, crashed, async_save=True)
+    sync_run = str(tmp_path / "sync")
+    trainlib.train(cfg, sync_run, async_save=False)
+    final = [reader.newest_valid(d).path for d in (straight, crashed, sync_run)]
+    assert digest(final[0]) == digest(final[1]) == digest(final[2])
+
+
+def test_protect_defaults_to_async_and_env_turns_it_off(tmp_path, monkeypatch):
+    model = nn.Linear(2, 2)
+    with guardian.protect({"model": model}, dir=str(tmp_path / "a"), save_on_exit=False) as g:
+        assert isinstance(g._writer, AsyncWriter)
+    with guardian.protect({"model": model}, dir=str(tmp_path / "b"), async_save=False, save_on_exit=False) as g:
+        assert isinstance(g._writer, SyncWriter)
+    monkeypatch.setenv("GUARDIAN_ASYNC", "0")
+    with guardian.protect({"model": model}, dir=str(tmp_path / "c"), save_on_exit=False) as g:
+        assert isinstance(g._writer, SyncWriter)
+
+
+# ---------------------------------------------------------------- failures surface
+
+
+class FsyncFailsInBackground(fsops.FS):
+    """EIO on every fsync made by a thread other than the main one."""
+
+    def fsync(self, fd: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise OSError(errno.EIO, "Input/output error")
+        super().fsync(fd)
+
+
+def test_background_error_surfaces_at_next_step(tmp_path):
+    model = nn.Linear(4, 4)
+    old = fsops.set_fs(FsyncFailsInBackground())
+    try:
+        with pytest.raises(CheckpointWriteError, match="Input/output error"):
+            with guardian.protect({"model": model}, dir=str(tmp_path), every_steps=1, every_epochs=None,
+                                  save_on_exit=False, handle_signals=False) as g:
+                g.step()  # saves: the failure happens in the background
+                while g._writer.busy:
+                    time.sleep(0.01)
+                g.step()  # ... and is raised here, in the loop
+                pytest.fail("the background failure was not raised at the next step")
+    finally:
+        fsops.set_fs(old)
+    assert reader.newest_valid(str(tmp_path)) is None
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+def test_background_error_is_raised_by_wait_and_not_lost(tmp_path):
+    w = AsyncWriter()
+    old = fsops.set_fs(FsyncFailsInBackground())
+    try:
+        snap = snap_mod.capture({"m": ("module", {"w": torch.ones(3)})})
+        man = Manifest(name="ckpt-x", step=1, epoch=0, seq=1, files={}, reason=["t"], metrics={},
+                       batch_in_epoch=0, extra={}, components={})
+        w.submit(str(tmp_path), snap, man, lambda *a: None)
+        with pytest.raises(CheckpointWriteError):
+            w.wait()
+        w.wait()  # reported once, then cleared
+    finally:
+        fsops.set_fs(old)
+        w.close()
+
+
+# ---------------------------------------------------------------- processes
+
+CHILD = textwrap.dedent("""
+    import os, sys, torch
+    from torch import nn
+    import guardian
+    run, mode = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(int(sys.argv[3]))])
+    opt = torch.optim.Adam(model.parameters())
+    with guardian.protect({"model": model, "optimizer": opt}, dir=run, every_steps=1, every_epochs=None,
+                          keep_last=None, save_on_exit=False, handle_signals=False) as g:
+        for step in range(10_000):
+            model(torch.randn(8, 1024)).sum().backward()
+            opt.step(); opt.zero_grad()
+            g.step()
+            if mode == "exit" and step == 1:
+                print("in flight:", g._writer.busy, flush=True)
+                sys.exit(0)  # leaves the block at once; the save in flight must still land
+""")
+
+
+def run_child(run_dir: str, mode: str, layers: int, **kw) -> subprocess.Popen:
+    env = {**os.environ, "GUARDIAN_QUIET": "0", "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, "-c", CHILD, run_dir, mode, str(layers)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_process_exits_only_after_in_flight_save_is_durable(tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = run_child(run_dir, "exit", layers=16)  # ~200 MB of model + Adam state
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "in flight: True" in out  # the exit really raced a background persist
+    infos = reader.list_checkpoints(run_dir, verify=True)
+    assert [i.manifest.step for i in infos if i.valid] == [1, 2], err
+    assert not [n for n in os.listdir(run_dir) if n.startswith(".tmp-")]
+
+
+def test_sigkill_during_background_persist_loses_nothing_committed(tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = run_child(run_dir, "loop", layers=16)
+    reported: list[str] = []
+    try:
+        for line in proc.stderr:  # wait for two commits the child has reported
+            reported += _saved_names(line)
+            if len(reported) >= 2:
+                break
+        deadline = time.monotonic() + 30
+        while not [n for n in os.listdir(run_dir) if n.startswith(".tmp-")]:  # a persist in flight
+            assert time.monotonic() < deadline and proc.poll() is None, "no persist in flight"
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        _, rest = proc.communicate(timeout=30)
+    for line in rest.splitlines():
+        reported += _saved_names(line)
+    assert proc.returncode == -signal.SIGKILL
+    for name in reported:
+        info = reader.inspect_checkpoint(os.path.join(run_dir, name), verify=True)
+        assert info.valid, (name, info.problems)
+    newest = reader.newest_valid(run_dir)
+    assert newest is not None and newest.manifest.seq >= max(
+        reader.inspect_checkpoint(os.path.join(run_dir, n)).manifest.seq for n in reported)
+
+
+def _saved_names(line: str) -> list[str]:
+    return [line.split("guardian: saved ")[1].split()[0]] if "guardian: saved " in line else []
