@@ -493,6 +493,8 @@ class Guard:
     def _newest_verified(self, existing: list[reader.CheckpointInfo]) -> str | None:
         for info in reversed(existing):
             checked = reader.inspect_checkpoint(info.path, verify=True)
+            if checked.format_error is not None:  # newer, not corrupt: never set it aside
+                raise checked.format_error
             if checked.valid:
                 return info.path
             log.error("guardian: checkpoint %s is corrupt and will not be used:\n  %s",
@@ -505,6 +507,8 @@ class Guard:
         if not os.path.isdir(path):
             raise CheckpointNotFoundError(f"resume={request!r}: no such checkpoint (looked for {path})")
         checked = reader.inspect_checkpoint(path, verify=True)
+        if checked.format_error is not None:
+            raise checked.format_error
         if not checked.valid:
             raise CorruptCheckpointError(f"cannot resume from {path}: " + "; ".join(checked.problems),
                                          checked.problems)

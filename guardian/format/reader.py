@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, GuardianError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError, GuardianError
 from . import manifest as manifest_mod
 from . import safetensors_io, strictjson
 from .hashing import hash_file, new_hasher
@@ -31,6 +31,7 @@ class CheckpointInfo:
     manifest: manifest_mod.Manifest | None
     problems: list[str] = field(default_factory=list)
     verified: bool = False  # True when hashes were checked (not only the manifest)
+    format_error: FormatVersionError | None = None  # written by a newer guardian: not corrupt
 
     @property
     def valid(self) -> bool:
@@ -81,6 +82,10 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> 
         return info
     try:
         info.manifest = manifest_mod.read(path)
+    except FormatVersionError as e:
+        info.format_error = e
+        info.problems.append(str(e))
+        return info
     except GuardianError as e:
         info.problems.append(str(e))
         return info
