@@ -15,6 +15,10 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INVALID = 3  # `guardian verify`: at least one checkpoint failed verification
 EXIT_NOT_FOUND = 4  # no checkpoint where one was expected
+# `guardian migrate`: blocked by something unresolved / output failed verification / input refused
+EXIT_MIGRATE_BLOCKED = 10
+EXIT_MIGRATE_VERIFY_FAILED = 11
+EXIT_MIGRATE_REJECTED = 12
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on request; restart me (no crash budget used)
 EXIT_NEVER_RETRY = 78  # EX_CONFIG: a permanent error; a supervisor must not restart
 

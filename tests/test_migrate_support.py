@@ -115,3 +115,10 @@ def test_helpers_write_a_loadable_checkpoint(tmp_path):
     loaded = load(path)
     assert loaded["model"][0] == "module" and "conv1.weight" in loaded["model"][1]
     assert "conv1.weight" in loaded["optimizer"][1]["state"]
+
+
+class DoubledOldNet(OldNet):
+    """Loads OldNet weights but computes something else: the numeric check must fail."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)

@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-EXIT_CLEAN, EXIT_BLOCKED, EXIT_VERIFY_FAILED, EXIT_REJECTED = 0, 10, 11, 12  # mirrors guardian.migrate.errors
+from ..migrate.errors import EXIT_BLOCKED, EXIT_CLEAN, EXIT_REJECTED, EXIT_VERIFY_FAILED  # torch-free
 
 
 class MigrateGroup(click.Group):

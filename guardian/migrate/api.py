@@ -9,7 +9,12 @@ from typing import Any
 
 from ..format import strictjson
 from .apply import (
-    RECORD_FORMAT, add_new_params, manifest_fields, migrate_model, migrate_optimizer, restore_groups,
+    RECORD_FORMAT,
+    add_new_params,
+    manifest_fields,
+    migrate_model,
+    migrate_optimizer,
+    restore_groups,
     write_checkpoint,
 )
 from .errors import InputRejectedError, LossyRevertError, PlanBlockedError, StalePlanError, VerificationError

@@ -44,7 +44,7 @@ def migrate_model(model: dict[str, Any], entries: list[Entry], order: list[str],
         if e.status == "MISSING-EXPECTED":
             out[e.dsts[0]] = _initial_value(e, init_values)
             continue
-        for dst, t in zip(e.dsts, ops_mod.run(e.ops, [model[s] for s in e.srcs])):
+        for dst, t in zip(e.dsts, ops_mod.run(e.ops, [model[s] for s in e.srcs]), strict=False):
             out[dst] = t
     for k, v in model.items():
         if k not in consumed and not _is_tensor(v):
@@ -84,7 +84,7 @@ def migrate_optimizer(tree: dict[str, Any], entries: list[Entry], prefix: str,
         if not any(n in state for n in names):
             continue
         moved = _move_state([state.get(n) for n in names], e, notes)
-        for d, st in zip(e.dsts, moved or []):
+        for d, st in zip(e.dsts, moved or [], strict=False):
             new_state[prefix + d] = st
     groups = _rewrite_groups(tree.get("param_groups", []), entries, prefix, notes)
     if param_order:
@@ -111,7 +111,7 @@ def _move_state(states: list[Any], e: Entry, notes: list[str]) -> list[Any] | No
         if values is None:
             notes.append(f"optimizer state of {who} reset: field {field!r} cannot follow {ops_mod.describe(e.ops)}")
             return None
-        for o, v in zip(out, values):
+        for o, v in zip(out, values, strict=False):
             o[field] = v
     return out
 
@@ -122,7 +122,7 @@ def _move_field(values: list[Any], e: Entry) -> list[Any] | None:
     from .sources import tensor_spec
 
     if all(_is_tensor(v) for v in values) and all(
-        tensor_spec(v)[0] == spec[0] for v, spec in zip(values, e.src_specs)
+        tensor_spec(v)[0] == spec[0] for v, spec in zip(values, e.src_specs, strict=False)
     ):
         return ops_mod.run(e.ops, values)
     first = values[0]
@@ -178,10 +178,10 @@ def _ordered(group: dict[str, Any], order: list[str]) -> dict[str, Any]:
 def restore_groups(tree: dict[str, Any], before: list[list[str]], notes: list[str]) -> dict[str, Any]:
     """Revert: put each group's names back in the recorded original order."""
     groups = tree.get("param_groups", [])
-    if len(groups) != len(before) or any(set(g["params"]) != set(b) for g, b in zip(groups, before)):
+    if len(groups) != len(before) or any(set(g["params"]) != set(b) for g, b in zip(groups, before, strict=False)):
         notes.append("optimizer param groups could not be restored to their recorded order")
         return tree
-    return {**tree, "param_groups": [{**g, "params": list(b)} for g, b in zip(groups, before)]}
+    return {**tree, "param_groups": [{**g, "params": list(b)} for g, b in zip(groups, before, strict=False)]}
 
 
 # ------------------------------------------------------------------ output

@@ -226,7 +226,7 @@ def hungarian(cost: list[list[float]]) -> list[tuple[int, int]]:
     O(n²m)); returns (row, col) pairs for min(n, m) rows/cols."""
     n, m = len(cost), len(cost[0])
     if n > m:
-        return [(i, j) for j, i in hungarian([list(col) for col in zip(*cost)])]
+        return [(i, j) for j, i in hungarian([list(col) for col in zip(*cost, strict=False)])]
     inf = float("inf")
     u, v, p, way = [0.0] * (n + 1), [0.0] * (m + 1), [0] * (m + 1), [0] * (m + 1)
     for i in range(1, n + 1):

@@ -5,20 +5,19 @@ is clean, it is blocked by something unresolved (the report says what), the
 written output failed verification, or an input was refused before any work
 (bad rules, a pickle, hostile keys, a stale plan, an existing destination).
 
-The codes live here until the lead folds them into ``guardian/errors.py`` (the
-one place exit codes are meant to be defined).
+The codes are defined with all of guardian's exit codes in ``guardian/errors.py``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..errors import EXIT_MIGRATE_BLOCKED as EXIT_BLOCKED
+from ..errors import EXIT_MIGRATE_REJECTED as EXIT_REJECTED
+from ..errors import EXIT_MIGRATE_VERIFY_FAILED as EXIT_VERIFY_FAILED
 from ..errors import EXIT_OK, GuardianError
 
 EXIT_CLEAN = EXIT_OK
-EXIT_BLOCKED = 10
-EXIT_VERIFY_FAILED = 11
-EXIT_REJECTED = 12
 
 
 class MigrationError(GuardianError):

@@ -357,22 +357,18 @@ class _Planner:
 
     # ---------------------------------------------------------- checks
     def check_outputs(self) -> None:
-        keep = []
-        for e in self.entries:
-            bad = self._check_entry(e)
-            if not bad:
-                keep.append(e)
-        self.entries = keep
+        """Injectivity first (on every row), then each row against the target."""
         counts = Counter(d for e in self.entries for d in e.dsts)
         for dst, n in counts.items():
             if n > 1:
                 who = [f"{e.srcs} ({e.rule})" for e in self.entries if dst in e.dsts]
                 self.problems.append(f"not injective: {dst!r} would be written {n} times, from " + "; ".join(who))
+        self.entries = [e for e in self.entries if not self._check_entry(e)]
 
     def _check_entry(self, e: Entry) -> bool:
         if e.status == "MISSING-EXPECTED":
             return False
-        for dst, spec in zip(e.dsts, e.dst_specs):
+        for dst, spec in zip(e.dsts, e.dst_specs, strict=False):
             if dst not in self.tspecs:
                 close = difflib.get_close_matches(dst, list(self.tspecs), n=1, cutoff=0.6)
                 hint = f"did you mean {close[0]!r}? fix the rule's 'to'" if close else "fix the rule's 'to' pattern"
@@ -400,21 +396,21 @@ class _Planner:
             feeds = [by_dst.get(d) for d in group]
             if any(f is None for f in feeds):
                 continue
-            sigs = {(tuple(f.srcs), repr(f.ops), f.dsts.index(d)) for f, d in zip(feeds, group)}
+            sigs = {(tuple(f.srcs), repr(f.ops), f.dsts.index(d)) for f, d in zip(feeds, group, strict=False)}
             if len(sigs) == 1 or (values is not None and _same_values(values, feeds, group)):
                 continue
             self.problems.append(
                 f"tied weights: the target shares one tensor between {group}, but the migrated values differ "
-                f"({'; '.join(f'{d} ← {f.srcs}' for f, d in zip(feeds, group))}); map them from the same source tensor")
+                f"({'; '.join(f'{d} ← {f.srcs}' for f, d in zip(feeds, group, strict=False))}); map them from the same source tensor")
 
     def diagnose(self) -> list[str]:
         n = len(self.identity_mismatch)
-        if n < 2 or n < 0.5 * self.identity_matched:
+        if n < 2 or self.identity_matched < 0.5 * len(self.tspecs):  # most names must match
             return []
         ratios = set()
         for _k, (a, _), (b, _) in self.identity_mismatch:
             if len(a) == len(b):
-                ratios.update(round(y / x, 3) for x, y in zip(a, b) if x != y and x)
+                ratios.update(round(y / x, 3) for x, y in zip(a, b, strict=False) if x != y and x)
         key, (a, _), (b, _) = self.identity_mismatch[0]
         factor = f"; every differing dimension changes by ×{ratios.pop():g}" if len(ratios) == 1 else ""
         return [
@@ -428,7 +424,7 @@ def _same_values(values: Any, feeds: list[Entry], group: list[str]) -> bool:
     import torch
 
     outs = []
-    for f, d in zip(feeds, group):
+    for f, d in zip(feeds, group, strict=False):
         outs.append(ops_mod.run(f.ops, [values[s] for s in f.srcs])[f.dsts.index(d)])
     return all(torch.equal(outs[0], o) for o in outs[1:])
 

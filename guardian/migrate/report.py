@@ -111,7 +111,7 @@ def render(plan: Plan) -> str:
             hints.append((r["status"], arrow, r["message"], r["hint"]))
     widths = [min(max(len(row[i]) for row in table), 60) for i in range(len(table[0]))]
     for row in table:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
     lines.append("")
     counts = ", ".join(f"{s}: {v['count']}" for s, v in summary(plan).items())
     lines.append(f"totals: {counts}")
