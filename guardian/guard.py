@@ -381,8 +381,8 @@ class Guard:
         self._preempting = True
         raise SystemExit(self._preempt.exit_code)
 
-    def _heartbeat(self, phase: str, now: float) -> None:
-        if now - self._last_heartbeat >= knobs.heartbeat_interval():
+    def _heartbeat(self, phase: str, now: float, force: bool = False) -> None:
+        if force or now - self._last_heartbeat >= knobs.heartbeat_interval():
             self._last_heartbeat = now
             p99 = None
             if len(self._step_intervals) >= 8:
@@ -421,7 +421,7 @@ class Guard:
     def _save(self, reasons: list[str], force: bool = False) -> str | None:
         if not force and self._last_saved_position == self._position() and "best" not in reasons:
             return None
-        self._heartbeat("save", float("inf"))
+        self._heartbeat("save", time.monotonic(), force=True)
         snap = snap_mod.capture(self._collect())
         manifest = self._manifest(reasons, snap)
         self._last_saved_position = self._position()

@@ -49,11 +49,12 @@ class Net(nn.Module):
         return F.log_softmax(self.fc2(x), dim=1)
 
 
-def synthetic_mnist(samples: int, seed: int) -> TensorDataset:
+def synthetic_mnist(samples: int, seed: int, split: int = 0) -> TensorDataset:
     """MNIST-shaped data: 10 seeded prototype 'digits' plus noise. Learnable, and
-    the same bytes for the same seed on every machine."""
-    gen = torch.Generator().manual_seed(seed)
-    prototypes = torch.rand(10, 1, 28, 28, generator=gen)
+    the same bytes for the same seed on every machine. Splits share the prototypes
+    (the 'digits') and differ in labels and noise."""
+    prototypes = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed * 7919 + split + 1)
     labels = torch.randint(0, 10, (samples,), generator=gen)
     images = prototypes[labels] + 0.5 * torch.randn(samples, 1, 28, 28, generator=gen)
     return TensorDataset((images - 0.5) / 0.5, labels)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)  # bit-exactness does not depend on it, but 2 workers + threads oversubscribe 2 cores
     train_set = synthetic_mnist(args.samples, args.seed)
-    val_set = synthetic_mnist(max(args.samples // 4, 64), args.seed + 1000)
+    val_set = synthetic_mnist(max(args.samples // 4, 64), args.seed, split=1)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
     val_loader = DataLoader(val_set, batch_size=256)
 
