@@ -86,10 +86,12 @@ class CheckpointTxn:
             log.warning("guardian: could not remove %s after a failed save: %s", self.tmp_dir, e)
 
     def _ensure_parent(self, rel: str) -> None:
-        parent = os.path.dirname(rel)
-        if parent and parent not in self._subdirs:
-            fsops.fs.mkdir(os.path.join(self.tmp_dir, parent))
-            self._subdirs.append(parent)
+        parts = rel.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            parent = "/".join(parts[:depth])
+            if parent not in self._subdirs:
+                fsops.fs.mkdir(os.path.join(self.tmp_dir, parent))
+                self._subdirs.append(parent)
 
     def add_file(self, rel: str, chunks: Iterable[Buffer], *, writer: Callable | None = None) -> FileEntry:
         """Write, hash and fsync one file. ``writer(fd, chunks, hasher)`` may replace
@@ -125,7 +127,7 @@ class CheckpointTxn:
                 fault_point("save.manifest_fsynced")
             finally:
                 fsops.fs.close(fd)
-            for sub in self._subdirs:
+            for sub in reversed(self._subdirs):  # deepest first: each entry before its parent
                 fsops.fs.fsync_dir(os.path.join(self.tmp_dir, sub))
             fsops.fs.fsync_dir(self.tmp_dir)
             fault_point("save.tmpdir_fsynced")
@@ -198,11 +200,13 @@ def delete_checkpoint(run_dir: str, name: str) -> None:
 def set_aside(run_dir: str, name: str, why: str) -> str:
     """Move a checkpoint to RUN/set-aside/ (never deleted) and say so."""
     aside_root = os.path.join(run_dir, SET_ASIDE_DIR)
-    os.makedirs(aside_root, exist_ok=True)
+    if not os.path.isdir(aside_root):
+        fsops.fs.mkdir(aside_root)
+        fsops.fs.fsync_dir(run_dir)
     dest = os.path.join(aside_root, f"{name}.{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}")
-    os.rename(os.path.join(run_dir, name), dest)
-    _fsync_dir(aside_root)
-    _fsync_dir(run_dir)
+    fsops.fs.rename(os.path.join(run_dir, name), dest)
+    fsops.fs.fsync_dir(aside_root)
+    fsops.fs.fsync_dir(run_dir)
     log.warning("guardian: set aside %s → %s (%s)", name, dest, why)
     return dest
 

@@ -195,8 +195,8 @@ class CrashModel:
             choices.append(list(itertools.product((False, True), repeat=n)))
         for masks in itertools.product(*choices):
             entries = {}
-            for (ino, d), mask in zip(dirs, masks):
-                entries[ino] = _apply_pending(d.durable, [op for op, on in zip(d.pending, mask) if on])
+            for (ino, d), mask in zip(dirs, masks, strict=True):
+                entries[ino] = _apply_pending(d.durable, [op for op, on in zip(d.pending, mask, strict=True) if on])
             yield from self._contents(entries)
 
     def _contents(self, entries: dict[int, dict[str, int]]) -> Iterator[dict[str, bytes | None]]:
@@ -216,7 +216,7 @@ class CrashModel:
         options = [self._file_versions(self.inodes[ino]) for _rel, ino in files]  # type: ignore[arg-type]
         for combo in itertools.product(*options):
             tree: dict[str, bytes | None] = dict.fromkeys(tree_dirs)
-            tree.update({rel: data for (rel, _), data in zip(files, combo)})
+            tree.update({rel: data for (rel, _), data in zip(files, combo, strict=True)})
             yield tree
 
     @staticmethod

@@ -133,6 +133,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
     m = json.loads(man)
     digest, size = hash_file(ckpt / "tensors.safetensors")
     m["files"]["tensors.safetensors"] = {"bytes": size, "hash": digest}
+    m["manifest_hash"] = manifest_mod.self_hash(m)  # the attacker re-signs the manifest too
     (ckpt / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(guardian.GuardianError) as e:
         with guardian.protect(model=model, dir=str(run), resume=str(ckpt)):
@@ -152,5 +153,6 @@ def test_manifest_rejects_path_traversal():
     m = manifest_mod.Manifest(name="x", step=1, epoch=0, seq=1, files={}).to_json()
     for bad in ["../x", "/etc/passwd", "a/../../b", "manifest.json", "a\\b"]:
         m["files"] = {bad: {"bytes": 1, "hash": "0"}}
+        m["manifest_hash"] = manifest_mod.self_hash(m)
         with pytest.raises(UnsafeCheckpointError, match="outside the checkpoint"):
             manifest_mod.parse(json.dumps(m).encode(), "m")

@@ -7,7 +7,10 @@ listed sizes (and, when verifying, the listed hashes). The manifest is written l
 so its presence proves every file it names was fsynced before it.
 
 Format history:
-  1  tensors in safetensors, state in JSON, xxh3-128 per file.
+  1  tensors in safetensors, state in JSON, xxh3-128 per file; the manifest carries
+     ``manifest_hash``, an xxh3-128 of its own canonical JSON without that field,
+     so a bit flip in step/seq/metrics cannot make a checkpoint resume at the
+     wrong place.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 from .._version import __version__
 from ..errors import CorruptCheckpointError, FormatVersionError, UnsafeCheckpointError
 from . import strictjson
+from .hashing import hash_bytes
 from .layout import FORMAT_ID, FORMAT_VERSION, HASH_ALGORITHM, MANIFEST_FILE
 
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
@@ -74,7 +78,13 @@ class Manifest:
         }
 
     def to_bytes(self) -> bytes:
-        return strictjson.dumps_pretty(self.to_json())
+        obj = self.to_json()
+        obj["manifest_hash"] = self_hash(obj)
+        return strictjson.dumps_pretty(obj)
+
+
+def self_hash(obj: dict[str, Any]) -> str:
+    return hash_bytes(strictjson.dumps({k: v for k, v in obj.items() if k != "manifest_hash"}))
 
 
 def _json_metric(v: float | None) -> float | None:
@@ -99,6 +109,10 @@ def parse(data: bytes, what: str) -> Manifest:
             f"{version}; this guardian {__version__} reads up to {FORMAT_VERSION}. Upgrade guardian "
             "to resume from it."
         )
+    if obj.get("manifest_hash") != self_hash(obj):
+        raise CorruptCheckpointError(
+            f"{what}: the manifest's own hash does not match its content (corrupted or edited by hand)"
+        )
     try:
         files = {_check_rel_path(k, what): _file_entry(v) for k, v in obj["files"].items()}
         return Manifest(
@@ -116,7 +130,7 @@ def parse(data: bytes, what: str) -> Manifest:
             guardian_version=str(obj.get("guardian_version", "?")),
             extra=dict(obj.get("extra", {})),
         )
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:
         if isinstance(e, CorruptCheckpointError):
             raise
         raise CorruptCheckpointError(f"{what}: malformed manifest ({type(e).__name__}: {e})") from e

@@ -89,6 +89,10 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> 
     except GuardianError as e:
         info.problems.append(str(e))
         return info
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError, UnicodeError) as e:
+        # A parser bug must not make one hostile checkpoint crash the whole listing.
+        info.problems.append(f"{path}: unreadable manifest ({type(e).__name__}: {e})")
+        return info
     info.problems.extend(_check_files(path, info.manifest, deep=verify))
     info.verified = verify
     return info
@@ -107,6 +111,9 @@ def _check_files(path: str, man: manifest_mod.Manifest, *, deep: bool) -> list[s
 
 def _check_one_file(path: str, rel: str, entry: manifest_mod.FileEntry, *, deep: bool) -> list[str]:
     full = os.path.join(path, rel)
+    if not rel.endswith((".safetensors", ".json")):
+        return [f"{full}: guardian checkpoints hold only .safetensors and .json files; refusing "
+                "(a pickle or a foreign file?)"]
     try:
         st = os.lstat(full)
     except FileNotFoundError:

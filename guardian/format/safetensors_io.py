@@ -75,9 +75,10 @@ class Layout:
         return len(self.header) + (self.entries[-1].end if self.entries else 0)
 
 
-def check_key(key: str) -> None:
+def check_key(key: str, what: str = "") -> None:
     if not key or "\x00" in key or "\n" in key or "\r" in key:
-        raise UnsafeCheckpointError(f"tensor key {key!r} is empty or holds NUL/newline characters")
+        where = f"{what}: " if what else ""
+        raise UnsafeCheckpointError(f"{where}tensor key {key!r} is empty or holds NUL/newline characters")
 
 
 def plan_layout(
@@ -157,7 +158,7 @@ def _validate(header_obj: object, *, header: bytes, file_size: int, what: str) -
 def _entry(key: object, value: object, what: str) -> TensorEntry:
     if not isinstance(key, str):
         raise CorruptCheckpointError(f"{what}: non-string tensor key")
-    check_key(key)
+    check_key(key, what)
     if not isinstance(value, dict):
         raise CorruptCheckpointError(f"{what}: entry {key!r} is not an object")
     dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")

@@ -69,14 +69,11 @@ def loads(data: bytes | str, *, what: str, max_bytes: int = MAX_JSON_BYTES) -> A
 
 
 def dumps(value: Any) -> bytes:
-    """Canonical JSON bytes: sorted keys, compact, no NaN/Infinity literals."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False
-    ).encode("utf-8")
+    """Canonical JSON bytes: sorted keys, compact, no NaN/Infinity literals, ASCII-only
+    (escapes keep lone surrogates — os.fsdecode's non-UTF-8 paths — round-tripping)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
 def dumps_pretty(value: Any) -> bytes:
     """Human-readable canonical JSON, for files people open (manifest, run status)."""
-    return (
-        json.dumps(value, sort_keys=True, indent=1, allow_nan=False, ensure_ascii=False) + "\n"
-    ).encode("utf-8")
+    return (json.dumps(value, sort_keys=True, indent=1, allow_nan=False) + "\n").encode("ascii")

@@ -21,6 +21,7 @@ because silently pickling it is exactly what guardian promises never to do.
 from __future__ import annotations
 
 import base64
+import binascii
 import math
 from collections.abc import Callable
 from typing import Any
@@ -113,11 +114,14 @@ class Decoder:
         if tag == "__float__" and len(value) == 1:
             return _decode_float(value["__float__"], path)
         if tag == "__tuple__" and len(value) == 1:
-            return tuple(self.decode(v, _child(path, i)) for i, v in enumerate(value["__tuple__"]))
+            items = value["__tuple__"]
+            if not isinstance(items, list):
+                raise CorruptCheckpointError(f"state at {path or '<root>'}: malformed __tuple__ entry")
+            return tuple(self.decode(v, _child(path, i)) for i, v in enumerate(items))
         if tag == "__tensor__" and len(value) == 1:
             return self._get_tensor(value["__tensor__"])
         if tag == "__bytes__" and len(value) == 1:
-            return base64.b64decode(value["__bytes__"], validate=True)
+            return _decode_bytes(value["__bytes__"], path)
         if tag == "__dict__" and len(value) == 1:
             return self._decode_pairs(value["__dict__"], path)
         if "__ext__" in value and set(value) == {"__ext__", "v"}:
@@ -140,6 +144,15 @@ class Decoder:
         if self._decode_ext is None:
             raise CorruptCheckpointError(f"state at {path}: extension value needs a decoder")
         return self._decode_ext(value["__ext__"], self.decode(value["v"], path))
+
+
+def _decode_bytes(text: Any, path: str) -> bytes:
+    if not isinstance(text, str):
+        raise CorruptCheckpointError(f"state at {path or '<root>'}: malformed __bytes__ entry")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise CorruptCheckpointError(f"state at {path or '<root>'}: __bytes__ is not base64") from e
 
 
 def _decode_float(text: Any, path: str) -> float:
