@@ -18,7 +18,9 @@ from typing import Any
 
 import click
 
-from ..daemon import DaemonError, knobs as knobs_mod, registry as reg
+from ..daemon import DaemonError
+from ..daemon import knobs as knobs_mod
+from ..daemon import registry as reg
 
 home_option = click.option("--home", envvar="GUARDIAN_HOME", type=click.Path(file_okay=False),
                            default=None, help="The daemon's state directory (default: per user; "
@@ -194,7 +196,7 @@ def status(home: str | None, name: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"home": h.root, "daemon_pid": pid, "jobs": jobs}, indent=2))
         return
-    click.echo(f"daemon: {'pid %d' % pid if pid else 'not running'}  ({h.root})")
+    click.echo(f"daemon: {f'pid {pid}' if pid else 'not running'}  ({h.root})")
     for j in jobs:
         _print_job(j, detail=bool(name))
 

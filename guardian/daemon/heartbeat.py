@@ -51,8 +51,10 @@ class HangClock:
         """Take a heartbeat read from disk; ignore one written by another process."""
         if not hb or (self.pid is not None and hb.get("pid") != self.pid):
             return self.last
-        if not isinstance(hb.get("time"), (int, float)) or hb["time"] < self.started - 1.0:
-            return self.last  # left by an earlier attempt
+        if not isinstance(hb.get("time"), (int, float)) or hb["time"] < self.started:
+            # Left by an earlier attempt. No slack: while the child's pid is not known yet,
+            # the start time is all that tells a killed attempt's last beat from ours.
+            return self.last
         try:
             beat = Beat(int(hb.get("step", 0)), str(hb.get("phase", "train")), float(hb["time"]),
                         float(hb["step_interval_p99"]) if hb.get("step_interval_p99") else None)

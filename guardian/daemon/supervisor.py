@@ -32,10 +32,11 @@ from typing import Any
 import psutil
 
 from ..runfiles import read_status
-from . import DaemonError, UnsafeJobError
-from . import policy, procs, progress, reconcile, registry as reg
+from . import DaemonError, UnsafeJobError, policy, procs, progress, reconcile
+from . import registry as reg
 from .gpu import Gpus
-from .heartbeat import HangClock, Waker, poll as poll_heartbeat
+from .heartbeat import HangClock, Waker
+from .heartbeat import poll as poll_heartbeat
 from .knobs import Knobs
 from .registry import Attempt, Home, JobSpec, JobState
 from .shim import CHILD_FILE, EXIT_FILE, SHIM_FILE, STDERR_LOG

@@ -19,7 +19,6 @@ import sys
 import time
 
 
-
 def env_int(name: str) -> int | None:
     v = os.environ.get(name)
     return int(v) if v else None
@@ -30,12 +29,17 @@ def main() -> None:
     if os.environ.get("TINY_FAIL"):
         print("starting up ...", flush=True)
         raise getattr(builtins, os.environ["TINY_FAIL"])("deliberate start-up failure")
+    import random
+
+    import numpy
     import torch  # after the start-up failure point, so failing attempts stay fast
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
     import guardian
 
+    random.seed(0)  # every RNG is checkpointed, so every RNG must be seeded for equal digests
+    numpy.random.seed(0)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1234)
     x = torch.randn(200, 4, generator=gen)
