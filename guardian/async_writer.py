@@ -33,6 +33,7 @@ import os
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .commit import CheckpointTxn, check_free_space
@@ -114,16 +115,15 @@ class AsyncWriter:
         layout = snap.layout()
         pinned = any(t.device.type == "cuda" for t in snap.tensors.values()) and torch.cuda.is_available()
         buf = self._arena.acquire(layout.total_bytes, pinned=pinned)
-        header = torch.frombuffer(bytearray(layout.header), dtype=torch.uint8)
-        buf[: layout.data_start].copy_(header)
+        image = memoryview(buf.numpy()).cast("B") if layout.total_bytes else memoryview(b"")
+        image[: layout.data_start] = layout.header
         base = layout.data_start
         for entry in layout.entries:
             if entry.nbytes:
                 src = _byte_view(snap.tensors[entry.key], pinned)
-                buf[base + entry.begin : base + entry.end].copy_(src, non_blocking=pinned)
+                _copy_into(buf, image, base + entry.begin, base + entry.end, src, pinned)
         if pinned:
             torch.cuda.synchronize()  # one wait for every queued device→host copy
-        image = memoryview(buf.numpy()).cast("B") if layout.total_bytes else memoryview(b"")
         return _Staged(image=image, state_json=snap.state_json())
 
     def _persist(self, run_dir: str, staged: _Staged, manifest: Manifest, on_committed: Committed) -> None:
@@ -154,6 +154,17 @@ class AsyncWriter:
         raise CheckpointWriteError(
             f"the background save failed: {type(error).__name__}: {error}. "
             "Earlier checkpoints are untouched.") from error
+
+
+def _copy_into(buf: torch.Tensor, image: memoryview, begin: int, end: int, src: torch.Tensor,
+               pinned: bool) -> None:
+    """Copy one tensor's bytes into its slot. Device tensors: an async ``copy_`` into
+    pinned memory. Host tensors: numpy's memcpy, because torch's ``copy_`` between
+    uint8 slices measured ~3 GB/s here against ~9 GB/s for a plain memcpy."""
+    if src.device.type != "cpu":
+        buf[begin:end].copy_(src, non_blocking=pinned)
+        return
+    np.copyto(np.frombuffer(image[begin:end], dtype=np.uint8), src.numpy())
 
 
 def _settle_name(run_dir: str, manifest: Manifest) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 from . import fsops, knobs
 from .staging import ALIGN
@@ -51,15 +52,34 @@ def image_writer(path: str, *, chunk: int = CHUNK, direct: bool | None = None) -
 
 
 def _write_image(fd: int, path: str, view: memoryview, pos: int, hasher, chunk: int, direct: bool) -> int:
-    """Hash and write ``view`` at file offset ``pos``; returns the new offset."""
+    """Hash and write ``view`` at file offset ``pos``; returns the new offset.
+
+    Hashing runs one chunk ahead of the disk on a helper thread (a single worker, so
+    updates stay in file order); xxhash and the writes both release the GIL, so the
+    hash costs no wall time. Writes never wait for the hash: the arena is immutable
+    until the save is committed."""
+    with ThreadPoolExecutor(1, thread_name_prefix="guardian-hash") as pool:
+        hashed = [pool.submit(hasher.update, p) for p in _pieces(view, chunk, len(view) - len(view) % ALIGN)]
+        done = _write_pieces(fd, path, view, pos, chunk, direct)
+        for f in hashed:
+            f.result()
+    return pos + done
+
+
+def _pieces(view: memoryview, chunk: int, aligned: int) -> list[memoryview]:
+    """CHUNK pieces that never straddle the aligned boundary (only the last is unaligned)."""
+    bounds = list(range(0, aligned, chunk)) + [aligned, len(view)]
+    bounds = sorted(set(b for b in bounds if b <= len(view)))
+    return [view[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _write_pieces(fd: int, path: str, view: memoryview, pos: int, chunk: int, direct: bool) -> int:
     aligned = len(view) - len(view) % ALIGN
     dfd = _open_direct(path) if direct and aligned else None
     done = 0
     try:
-        while done < len(view):
-            end = min(done + chunk, aligned) if (dfd is not None and done < aligned) else min(done + chunk, len(view))
-            piece = view[done:end]
-            hasher.update(piece)  # xxhash releases the GIL for large buffers
+        for piece in _pieces(view, chunk, aligned):
+            end = done + len(piece)
             if dfd is not None and end <= aligned:
                 if _pwrite_direct(dfd, piece, pos + done):
                     done = end
@@ -71,7 +91,7 @@ def _write_image(fd: int, path: str, view: memoryview, pos: int, hasher, chunk: 
     finally:
         if dfd is not None:
             os.close(dfd)
-    return pos + done
+    return done
 
 
 def _open_direct(path: str) -> int | None:

@@ -61,15 +61,13 @@ class StagingArena:
 
 
 def _host_buffer(size: int) -> tuple[torch.Tensor, object]:
-    """Private anonymous memory (not MAP_SHARED, which would be shmem), pre-faulted."""
-    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:  # fewer faults and TLB misses for a multi-GB copy target; advisory only
-            mm.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
+    """Private anonymous memory (not MAP_SHARED, which would be shmem), pre-faulted by
+    the kernel (MAP_POPULATE: ~4x faster here than touching each page from Python)."""
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
     buf = torch.frombuffer(mm, dtype=torch.uint8)
-    _prefault(buf)
+    if not populate:
+        _prefault(buf)
     return buf, mm
 
 

@@ -1,0 +1,428 @@
+#!/usr/bin/env python3
+"""Checkpoint benchmark: guardian against the disk and against torch, in one process.
+
+    python scripts/bench_checkpoint.py --size-mb 1024 --reps 5 --json
+
+``--size-mb`` is the model's parameter bytes (float32); Adam adds two moments, so
+the state is ~3x that. Every repetition runs every method, interleaved, and the
+report uses medians, with ratios against baselines measured in the same run:
+
+  raw disk      write+fsync of the same byte count, buffered and O_DIRECT
+  torch         torch.save + fsync; torch.load(weights_only=True) cold and warm
+  DCP           torch.distributed.checkpoint.async_save (single process), if it runs
+  guardian      blocking stall (capture + copy into the staging arena), time to
+                durable (commit done), restore into the live tensors (cold, warm),
+                slowdown of a foreground compute loop while a save persists, and
+                peak extra RSS during a save
+
+Cold tests drop the page cache (``echo 3 > /proc/sys/vm/drop_caches``, root only);
+the report says whether that worked. A small state (fsync/rename dominated) is
+measured too. With ``--json`` the last line of output is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from guardian.async_writer import AsyncWriter
+from guardian.format.manifest import Manifest
+from guardian.state import snapshot as snap_mod
+from guardian.state.components import OptimizerState
+from guardian.writer import SyncWriter
+
+MiB = 1 << 20
+CHUNK = 64 * MiB
+HIDDEN = 2048  # one Linear(2048, 2048) = 16 MiB of float32 weights
+
+
+# ------------------------------------------------------------------ state
+
+
+def build_state(param_mb: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A model of ~param_mb MB of float32 parameters and a stepped Adam (moments exist)."""
+    per_layer = HIDDEN * HIDDEN * 4
+    n = max(1, round(param_mb * MiB / per_layer))
+    if param_mb * MiB < per_layer:
+        width = max(8, int((param_mb * MiB / 4) ** 0.5))
+        model = nn.Sequential(nn.Linear(width, width))
+    else:
+        model = nn.Sequential(*[nn.Linear(HIDDEN, HIDDEN) for _ in range(n)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def guardian_states(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, tuple[str, Any]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {"model": ("module", model.state_dict()), "optimizer": ("optimizer", OptimizerState(opt, names).state_dict())}
+
+
+def manifest_for(name: str, snap: snap_mod.Snapshot) -> Manifest:
+    return Manifest(name=name, step=1, epoch=0, seq=1, files={}, reason=["bench"], metrics={}, batch_in_epoch=0,
+                    extra={}, components={n: {"kind": c["kind"]} for n, c in snap.components.items()})
+
+
+# ------------------------------------------------------------------ system helpers
+
+
+def drop_caches() -> bool:
+    """Flush and drop the page cache; False when not permitted (not root, container)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5\n")
+        return True
+    except OSError:
+        return False
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# ------------------------------------------------------------------ baselines
+
+
+def raw_write(path: str, buf: memoryview, direct: bool) -> None:
+    """Write ``buf`` (page-aligned when direct) in CHUNK pieces, then fsync."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags, 0o644)
+    try:
+        n = len(buf) - (len(buf) % 4096 if direct else 0)
+        for off in range(0, n, CHUNK):
+            pwrite_all(fd, buf[off : min(off + CHUNK, n)], off)
+        if n < len(buf):  # the unaligned tail goes through the page cache
+            tail = os.open(path, os.O_WRONLY)
+            pwrite_all(tail, buf[n:], n)
+            os.fsync(tail)
+            os.close(tail)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(os.path.dirname(path))
+
+
+def pwrite_all(fd: int, piece: memoryview, off: int) -> None:
+    while piece:
+        k = os.pwrite(fd, piece, off)
+        piece, off = piece[k:], off + k
+
+
+def torch_save(path: str, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    with open(path, "wb") as f:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(os.path.dirname(path))
+
+
+def torch_load(path: str) -> None:
+    obj = torch.load(path, weights_only=True)
+    del obj
+
+
+def dcp_setup() -> str | None:
+    """Initialise a one-process gloo group for DCP; returns an error string or None."""
+    try:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            store = dist.HashStore()
+            dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        return None
+    except Exception as e:  # noqa: BLE001 — report, do not fail the benchmark
+        return f"{type(e).__name__}: {e}"
+
+
+def dcp_async_save(path: str, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[float, float]:
+    """(stall, time to durable) of DCP async_save."""
+    import torch.distributed.checkpoint as dcp
+
+    t0 = time.perf_counter()
+    fut = dcp.async_save({"model": model.state_dict(), "optimizer": opt.state_dict()}, checkpoint_id=path)
+    stall = time.perf_counter() - t0
+    fut.result()
+    return stall, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------ guardian
+
+
+class Foreground:
+    """A compute-bound training stand-in: fixed-size matmuls, as a loop would run them."""
+
+    def __init__(self) -> None:
+        self.a = torch.randn(512, 512)
+        self.b = torch.randn(512, 512)
+
+    def step(self) -> None:
+        self.a = torch.tanh(self.a @ self.b) * 0.5
+
+    def iteration_time(self, seconds: float = 1.0) -> float:
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            self.step()
+            n += 1
+        return (time.perf_counter() - t0) / n
+
+
+def guardian_save(writer: AsyncWriter, run_dir: str, name: str, states_fn: Callable, fg: Foreground | None,
+                  t_iter: float) -> dict[str, float]:
+    """One async save: stall; then either idle wait (durable time) or a foreground loop."""
+    t0 = time.perf_counter()
+    snap = snap_mod.capture(states_fn())
+    writer.submit(run_dir, snap, manifest_for(name, snap), lambda *a: None)
+    stall = time.perf_counter() - t0
+    del snap
+    out = {"stall": stall}
+    if fg is None:
+        writer.wait()
+        out["durable"] = time.perf_counter() - t0
+        return out
+    n, t1 = 0, time.perf_counter()
+    while writer.busy:
+        fg.step()
+        n += 1
+    loop = time.perf_counter() - t1
+    writer.wait()
+    out["durable_under_load"] = time.perf_counter() - t0
+    expected = max(n, 1) * t_iter
+    out["slowdown"] = loop / expected - 1 if n else 0.0
+    out["lost"] = max(0.0, loop - n * t_iter)
+    return out
+
+
+def guardian_restore(path: str, live: dict[str, torch.Tensor]) -> None:
+    snap_mod.load(path, into=live)
+
+
+# ------------------------------------------------------------------ the run
+
+
+def aligned_buffer(n: int) -> memoryview:
+    mm = mmap.mmap(-1, max(n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = memoryview(mm)
+    for off in range(0, n, mmap.PAGESIZE):
+        view[off] = 1
+    return view[:n]
+
+
+def one_rep(r: int, ctx: dict[str, Any], res: dict[str, list[float]], notes: dict[str, Any]) -> None:
+    d, model, opt = ctx["dir"], ctx["model"], ctx["opt"]
+    writer, fg, live = ctx["writer"], ctx["fg"], ctx["live"]
+    drop_caches()
+    res["raw_buffered"].append(timed(lambda: raw_write(f"{d}/raw.bin", ctx["buf"], False)))
+    os.unlink(f"{d}/raw.bin")
+    res["raw_direct"].append(timed(lambda: raw_write(f"{d}/raw.bin", ctx["buf"], True)))
+    os.unlink(f"{d}/raw.bin")
+    res["torch_save"].append(timed(lambda: torch_save(f"{d}/model.pt", model, opt)))
+
+    arena_before = writer._arena.capacity
+    rss0, peak_ok = rss_bytes(), reset_peak_rss()
+    g = guardian_save(writer, d, f"ckpt-{r}", ctx["states"], None, 0.0)
+    res["g_stall"].append(g["stall"])
+    res["g_durable"].append(g["durable"])
+    if peak_ok:
+        res["extra_rss"].append(rss_bytes("VmHWM") - (rss0 - arena_before))
+    t_iter = fg.iteration_time(1.0)
+    res["fg_iter"].append(t_iter)
+    g2 = guardian_save(writer, d, f"ckpt-{r}-fg", ctx["states"], fg, t_iter)
+    for k in ("slowdown", "lost", "durable_under_load"):
+        res[f"g_{k}"].append(g2[k])
+    res["g_effective_stall"].append(g2["stall"] + g2["lost"])
+    shutil.rmtree(f"{d}/ckpt-{r}-fg")
+
+    if ctx.get("dcp_error") is None:
+        try:
+            stall, durable = dcp_async_save(f"{d}/dcp-{r}", model, opt)
+            res["dcp_stall"].append(stall)
+            res["dcp_durable"].append(durable)
+        except Exception as e:  # noqa: BLE001
+            ctx["dcp_error"] = f"{type(e).__name__}: {e}"
+        shutil.rmtree(f"{d}/dcp-{r}", ignore_errors=True)
+
+    notes["drop_caches_worked"] = drop_caches() and notes.get("drop_caches_worked", True)
+    res["torch_load_cold"].append(timed(lambda: torch_load(f"{d}/model.pt")))
+    res["torch_load_warm"].append(timed(lambda: torch_load(f"{d}/model.pt")))
+    drop_caches()
+    res["g_restore_cold"].append(timed(lambda: guardian_restore(f"{d}/ckpt-{r}", live)))
+    res["g_restore_warm"].append(timed(lambda: guardian_restore(f"{d}/ckpt-{r}", live)))
+    os.unlink(f"{d}/model.pt")
+    shutil.rmtree(f"{d}/ckpt-{r}")
+
+
+def small_case(d: str, reps: int, mb: float) -> dict[str, float]:
+    """A few MB: fsync and rename dominate; medians of ``reps``."""
+    model, opt = build_state(mb)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def states() -> dict[str, tuple[str, Any]]:
+        return {"model": ("module", model.state_dict()), "optimizer": ("optimizer", OptimizerState(opt, names).state_dict())}
+
+    res: dict[str, list[float]] = defaultdict(list)
+    writer = AsyncWriter()
+    for r in range(reps):
+        res["torch_save"].append(timed(lambda: torch_save(f"{d}/small.pt", model, opt)))
+        snap = snap_mod.capture(states())
+        res["g_sync"].append(timed(lambda: SyncWriter().submit(d, snap, manifest_for(f"s-{r}", snap), lambda *a: None)))
+        g = guardian_save(writer, d, f"a-{r}", states, None, 0.0)
+        res["g_stall"].append(g["stall"])
+        res["g_durable"].append(g["durable"])
+        shutil.rmtree(f"{d}/s-{r}")
+        shutil.rmtree(f"{d}/a-{r}")
+    writer.close()
+    os.unlink(f"{d}/small.pt")
+    snap = snap_mod.capture(states())
+    m = {k: statistics.median(v) for k, v in res.items()}
+    return {
+        "state_bytes": snap.tensor_bytes,
+        "torch_save_s": m["torch_save"],
+        "guardian_sync_s": m["g_sync"],
+        "guardian_stall_s": m["g_stall"],
+        "guardian_durable_s": m["g_durable"],
+        "stall_vs_torch_save": m["g_stall"] / m["torch_save"],
+        "sync_speedup_vs_torch_save": m["torch_save"] / m["g_sync"],
+    }
+
+
+def summarize(res: dict[str, list[float]], state_bytes: int) -> dict[str, Any]:
+    m = {k: statistics.median(v) for k, v in res.items() if v}
+    out: dict[str, Any] = {f"median_{k}_s": round(v, 4) for k, v in m.items() if k not in ("extra_rss", "g_slowdown")}
+    ratios = {
+        "stall_vs_torch_save": m["g_stall"] / m["torch_save"],
+        "effective_stall_vs_torch_save": m["g_effective_stall"] / m["torch_save"],
+        "foreground_slowdown": m["g_slowdown"],
+        "durable_vs_raw_disk": m["g_durable"] / m["raw_buffered"],
+        "durable_vs_raw_direct": m["g_durable"] / m["raw_direct"],
+        "save_speedup_vs_torch_save": m["torch_save"] / m["g_durable"],
+        "restore_cold_speedup_vs_torch_load": m["torch_load_cold"] / m["g_restore_cold"],
+        "restore_warm_speedup_vs_torch_load": m["torch_load_warm"] / m["g_restore_warm"],
+        "extra_rss_vs_state": max(res["extra_rss"]) / state_bytes if res.get("extra_rss") else None,
+    }
+    if "dcp_durable" in m:
+        ratios["dcp_stall_vs_guardian_stall"] = m["dcp_stall"] / m["g_stall"]
+        ratios["dcp_durable_vs_guardian_durable"] = m["dcp_durable"] / m["g_durable"]
+    out.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in ratios.items()})
+    return out
+
+
+TARGETS = {
+    "stall_vs_torch_save": ("<=", 0.10),
+    "effective_stall_vs_torch_save": ("<=", 0.15),
+    "foreground_slowdown": ("<=", 0.10),
+    "durable_vs_raw_disk": ("<=", 1.05),
+    "save_speedup_vs_torch_save": (">=", 2.3),
+    "restore_cold_speedup_vs_torch_load": (">=", 1.25),
+    "restore_warm_speedup_vs_torch_load": (">=", 8.0),
+    "extra_rss_vs_state": ("<=", 1.05),
+    "dcp_durable_vs_guardian_durable": (">=", 1.0),
+}
+
+
+def check_targets(summary: dict[str, Any]) -> dict[str, bool]:
+    met = {}
+    for key, (op, bound) in TARGETS.items():
+        v = summary.get(key)
+        if v is not None:
+            met[key] = v <= bound if op == "<=" else v >= bound
+    return met
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mb", type=float, default=1024, help="parameter MB (state is ~3x with Adam)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--small-mb", type=float, default=2, help="parameter MB of the small-state case")
+    ap.add_argument("--small-reps", type=int, default=15)
+    ap.add_argument("--dir", default="/tmp/guardian-bench")
+    ap.add_argument("--no-dcp", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    shutil.rmtree(args.dir, ignore_errors=True)
+    os.makedirs(args.dir)
+    model, opt = build_state(args.size_mb)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def states() -> dict[str, tuple[str, Any]]:
+        return {"model": ("module", model.state_dict()), "optimizer": ("optimizer", OptimizerState(opt, names).state_dict())}
+
+    state_bytes = snap_mod.capture(states()).tensor_bytes
+    ctx: dict[str, Any] = {
+        "dir": args.dir, "model": model, "opt": opt, "states": states, "writer": AsyncWriter(),
+        "fg": Foreground(), "live": snap_mod.capture(states()).tensors,
+        "buf": aligned_buffer(snap_mod.capture(states()).layout().total_bytes),
+        "dcp_error": "disabled (--no-dcp)" if args.no_dcp else dcp_setup(),
+    }
+    res: dict[str, list[float]] = defaultdict(list)
+    notes: dict[str, Any] = {}
+    for r in range(args.reps):
+        one_rep(r, ctx, res, notes)
+        print(f"rep {r}: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in res.items() if k != "extra_rss"), file=sys.stderr)
+    ctx["writer"].close()
+
+    summary = summarize(res, state_bytes)
+    summary["small"] = small_case(args.dir, args.small_reps, args.small_mb)
+    summary.update({
+        "state_bytes": state_bytes, "param_mb": args.size_mb, "reps": args.reps,
+        "drop_caches_worked": notes.get("drop_caches_worked", False),
+        "dcp": ctx["dcp_error"] or "ran", "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpus": os.cpu_count(), "dir": args.dir,
+    })
+    summary["targets_met"] = check_targets(summary)
+    shutil.rmtree(args.dir, ignore_errors=True)
+    for k, v in summary.items():
+        if k not in ("targets_met", "small"):
+            print(f"{k:42s} {v}")
+    print("small:", json.dumps(summary["small"]))
+    print("targets:", json.dumps(summary["targets_met"]))
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
