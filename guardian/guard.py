@@ -315,7 +315,7 @@ class Guard:
             boundary = self._opt_stepped or not self._optimizers
         self._opt_stepped = False
         self._heartbeat("train", now)
-        self._writer.check()
+        self._check_writer()
         if not boundary:
             return
         if self._preempt and self._preempt.requested:
@@ -323,6 +323,16 @@ class Guard:
         reason = self.schedule.step_reason(self.global_step - self._last_save_step, now - self._last_save_time)
         if reason:
             self._save([reason])
+
+    def _check_writer(self) -> None:
+        """Surface a background save's failure here, at a step boundary, per on_save_error."""
+        try:
+            self._writer.check()
+        except CheckpointWriteError as e:
+            if self.on_save_error == "raise":
+                raise
+            log.error("guardian: a background checkpoint FAILED and training continues "
+                      "(on_save_error='warn'): %s", e)
 
     def report(self, **metrics: Any) -> None:
         """Record metrics (floats or one-element tensors; graphs are never retained).
@@ -427,7 +437,9 @@ class Guard:
         self._last_saved_position = self._position()
         self._last_save_step, self._last_save_time = self.global_step, time.monotonic()
         try:
-            return self._writer.submit(self.run_dir, snap, manifest, self._on_committed)
+            path = self._writer.submit(self.run_dir, snap, manifest, self._on_committed)
+            self._heartbeat("train", time.monotonic(), force=True)  # the phase is no longer "save"
+            return path
         except CheckpointWriteError as e:
             if self.on_save_error == "raise":
                 raise

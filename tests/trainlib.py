@@ -35,19 +35,22 @@ DEFAULT = {
     "amp": False,
     "every_steps": 3,
     "seed": 0,
+    "ballast": 0,  # width of an extra square layer: makes saves slow enough to be hit by kills
 }
 
 
 class TinyNet(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, ballast: int = 0) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(10, 16)
-        self.bn = nn.BatchNorm1d(16)
+        width = ballast or 16
+        self.fc1 = nn.Linear(10, width)
+        self.bn = nn.BatchNorm1d(width)
         self.drop = nn.Dropout(0.3)
-        self.fc2 = nn.Linear(16, 2)
+        self.ballast = nn.Linear(width, width) if ballast else nn.Identity()
+        self.fc2 = nn.Linear(width, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.drop(torch.relu(self.bn(self.fc1(x)))))
+        return self.fc2(self.ballast(self.drop(torch.relu(self.bn(self.fc1(x))))))
 
 
 def make_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
@@ -92,7 +95,7 @@ def build(cfg: dict[str, Any]) -> dict[str, Any]:
     y = (x[:, 0] > 0).long()
     loader = DataLoader(TensorDataset(x, y), batch_size=cfg["batch_size"], shuffle=True,
                         num_workers=cfg["num_workers"], persistent_workers=False)
-    model = TinyNet()
+    model = TinyNet(cfg["ballast"])
     opt = make_optimizer(cfg["optimizer"], model.parameters())
     steps_per_epoch = len(loader) // cfg["accumulate"] + (1 if len(loader) % cfg["accumulate"] else 0)
     sched = make_scheduler(cfg["scheduler"], opt, steps_per_epoch * cfg["epochs"] + 1)
@@ -113,6 +116,8 @@ def train(cfg: dict[str, Any], run_dir: str, kill_at: int | None = None, crash_a
     model, opt, loader = state["model"], state["optimizer"], state["loader"]
     sched, scaler = state.get("scheduler"), state.get("scaler")
     kw = {"every_steps": cfg["every_steps"], "every_epochs": 1, **protect_kw}
+    if "keep_last" in cfg:
+        kw["keep_last"] = cfg["keep_last"]
     with guardian.protect(state, dir=run_dir, **kw) as g:
         for _epoch in g.epochs(cfg["epochs"]):
             model.train()
@@ -150,6 +155,9 @@ def train(cfg: dict[str, Any], run_dir: str, kill_at: int | None = None, crash_a
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # drill reads "saved …" lines
     run, cfg_json = sys.argv[1], sys.argv[2]
     kill = os.environ.get("KILL_AT_STEP")
     train(json.loads(cfg_json), run, kill_at=int(kill) if kill else None)
