@@ -66,7 +66,7 @@ def _ensure_visible_logging() -> None:
 def protect(
     trainer: Any = None,
     *,
-    dir: str | os.PathLike[str],
+    dir: str | os.PathLike[str] | None = None,
     every_steps: int | None = None,
     every_seconds: float | None = None,
     every_epochs: int | None = 1,
@@ -90,6 +90,7 @@ def protect(
 ) -> Guard:
     """Wrap a training loop; see the module docstring.
 
+    ``dir``: the run directory; defaults to ``$GUARDIAN_RUN_DIR`` (set by ``guardian run``).
     ``trainer``: an object whose attributes hold the model(s), optimizer(s),
     scheduler(s), GradScaler and any object with ``state_dict``/``load_state_dict``;
     or a dict of them; extra ones may be passed as keywords.
@@ -109,6 +110,10 @@ def protect(
     persists it in the background (guardian/async_writer.py); False, or
     GUARDIAN_ASYNC=0, saves synchronously. ``writer`` overrides both.
     """
+    dir = dir if dir is not None else knobs.run_dir()
+    if dir is None:
+        raise ValueError("protect() needs dir= (the run's checkpoint directory), or GUARDIAN_RUN_DIR "
+                         "in the environment as `guardian run --dir` sets it")
     if on_save_error not in ("raise", "warn"):
         raise ValueError("on_save_error must be 'raise' or 'warn'")
     best = BestMetric(monitor, mode, min_delta) if monitor else None
@@ -532,14 +537,15 @@ class Guard:
         return path
 
     def _load(self, path: str) -> None:
-        loaded = snap_mod.load(path)
-        self._check_component_sets(loaded, path)
+        self._check_fits(path)
+        # Checked: now the model tensors' bytes can be read straight into the live
+        # parameters and buffers (no second full copy of the weights in memory).
+        live = snap_mod.capture({n: (a.kind, a.state_dict()) for n, a in self.components.items()
+                                 if a.kind == "module"}).tensors
+        loaded = snap_mod.load(path, into=live)
         for name, adapter in self.components.items():
             if name in loaded:
                 kind, state = loaded[name]
-                if kind != adapter.kind:
-                    raise StateMismatchError(f"{path}: component {name!r} is a {kind} in the checkpoint "
-                                             f"but a {adapter.kind} here")
                 if adapter.kind in ("module", "optimizer"):
                     adapter.load_state_dict(state, name)
                 else:
@@ -560,6 +566,21 @@ class Guard:
         self._last_save_step = self.global_step
         log.info("guardian: resumed from %s (epoch %d, step %d%s)", path, self.epoch, self.global_step,
                  f", batch {self.batch_in_epoch} of the epoch" if self._pending_position else "")
+
+    def _check_fits(self, path: str) -> None:
+        """Every check a resume needs, on shapes alone (meta tensors), before any live
+        tensor is touched: a refused resume leaves the model exactly as it was."""
+        meta = snap_mod.load_meta(path)
+        self._check_component_sets(meta, path)
+        for name, adapter in self.components.items():
+            if name not in meta:
+                continue
+            kind, state = meta[name]
+            if kind != adapter.kind:
+                raise StateMismatchError(f"{path}: component {name!r} is a {kind} in the checkpoint "
+                                         f"but a {adapter.kind} here")
+            if hasattr(adapter, "check_state"):
+                adapter.check_state(state, name)
 
     def _check_component_sets(self, loaded: dict[str, Any], path: str) -> None:
         saved = set(loaded) - RESERVED

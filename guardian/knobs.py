@@ -14,6 +14,11 @@ def resume_from() -> str | None:
     return os.environ.get("GUARDIAN_RESUME_FROM") or None
 
 
+def run_dir() -> str | None:
+    """Set by ``guardian run`` for each attempt: the job's checkpoint directory."""
+    return os.environ.get("GUARDIAN_RUN_DIR") or None
+
+
 def attempt() -> int | None:
     value = os.environ.get("GUARDIAN_ATTEMPT")
     return int(value) if value and value.isdigit() else None

@@ -330,3 +330,30 @@ def test_signal_saves_at_next_boundary_and_exits(tmp_path, signame, code):
     assert newest.manifest.reason == ["preempt"]
     assert newest.manifest.step == 6  # the signal arrived during step 6: saved right after it
     assert json.load(open(tmp_path / "run.json"))["state"] == "preempted"
+
+
+def test_refused_resume_leaves_the_live_model_untouched(tmp_path):
+    """Resume reads weights straight into the live parameters — but only after every
+    check passed on shapes alone; a mismatch anywhere must not half-load the model."""
+    model, opt = _tiny()
+    with guardian.protect(model=model, optimizer=opt, dir=str(tmp_path)) as g:
+        _train_steps(g, model, opt, 2)
+    fresh = nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    other_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)  # different params
+    with pytest.raises(StateMismatchError, match="different parameters"):
+        with guardian.protect(model=fresh, optimizer=other_opt, dir=str(tmp_path)):
+            pass
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_resume_loads_weights_in_place(tmp_path):
+    model, opt = _tiny()
+    with guardian.protect(model=model, optimizer=opt, dir=str(tmp_path)) as g:
+        _train_steps(g, model, opt, 2)
+    fresh, fresh_opt = _tiny()
+    weight = fresh.weight
+    with guardian.protect(model=fresh, optimizer=fresh_opt, dir=str(tmp_path)):
+        pass
+    assert fresh.weight is weight and torch.equal(fresh.weight, model.weight)

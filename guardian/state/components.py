@@ -43,6 +43,9 @@ class ModuleState:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.module.state_dict())
 
+    def check_state(self, state: dict[str, Any], where: str = "model") -> None:
+        check_module_state(self.module, state, where)
+
     def load_state_dict(self, state: dict[str, torch.Tensor], where: str = "model") -> None:
         check_module_state(self.module, state, where)
         self.module.load_state_dict(state, strict=True)
@@ -100,16 +103,22 @@ class OptimizerState:
             groups.append(g)
         return {"state": state, "param_groups": groups}
 
-    def load_state_dict(self, state: dict[str, Any], where: str = "optimizer") -> None:
+    def check_state(self, state: dict[str, Any], where: str = "optimizer") -> None:
+        """Raise ``StateMismatchError`` unless ``state`` was saved over the same named parameters."""
         live_groups = self.param_names()
         saved_groups = [g["params"] for g in state["param_groups"]]
         if live_groups != saved_groups:
             raise StateMismatchError(_group_mismatch(where, saved_groups, live_groups))
-        flat = [n for group in live_groups for n in group]
-        index = {name: i for i, name in enumerate(flat)}
-        unknown = sorted(set(state["state"]) - set(index))
+        known = {n for group in live_groups for n in group}
+        unknown = sorted(set(state["state"]) - known)
         if unknown:
             raise StateMismatchError(f"{where!r}: state for unknown parameters {unknown[:10]}")
+
+    def load_state_dict(self, state: dict[str, Any], where: str = "optimizer") -> None:
+        self.check_state(state, where)
+        live_groups = self.param_names()
+        flat = [n for group in live_groups for n in group]
+        index = {name: i for i, name in enumerate(flat)}
         torch_sd = {
             "state": {index[name]: s for name, s in state["state"].items()},
             "param_groups": [],

@@ -174,9 +174,27 @@ def load(
     see ``read_tensors`` — the decoded tree then holds those very tensors, and a
     following ``load_state_dict`` copies each onto itself (a no-op in torch).
     """
-    state = load_state_json(ckpt_dir, prefix + STATE_FILE)
     tensors_path = os.path.join(ckpt_dir, prefix + TENSORS_FILE)
-    tensors = read_tensors(tensors_path, into)
+    return _decode(ckpt_dir, prefix, tensors_path, read_tensors(tensors_path, into))
+
+
+def load_meta(ckpt_dir: str, prefix: str = "") -> dict[str, tuple[str, Any]]:
+    """Like ``load`` but every tensor is a *meta* tensor of the stored shape and dtype:
+    the whole checkpoint can be checked against the live objects before one byte of
+    it is read into them."""
+    tensors_path = os.path.join(ckpt_dir, prefix + TENSORS_FILE)
+    layout = safetensors_io.read_layout(tensors_path)
+    meta = {}
+    for e in layout.entries:
+        dtype = T.ST_TO_TORCH.get(e.dtype)
+        if dtype is None:
+            raise CorruptCheckpointError(f"{tensors_path}: dtype {e.dtype} is not supported by this torch")
+        meta[e.key] = torch.empty(e.shape, dtype=dtype, device="meta")
+    return _decode(ckpt_dir, prefix, tensors_path, meta)
+
+
+def _decode(ckpt_dir: str, prefix: str, tensors_path: str, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, Any]]:
+    state = load_state_json(ckpt_dir, prefix + STATE_FILE)
 
     def get(key: str) -> torch.Tensor:
         try:
