@@ -78,8 +78,10 @@ class AsyncWriter:
         check_free_space(run_dir, int(snap.tensor_bytes * SPACE_MARGIN) + SPACE_SLACK)
         staged = self._stage(snap)
         self._thread = threading.Thread(
-            target=self._persist, args=(run_dir, staged, manifest, on_committed),
-            name=f"guardian-persist-{manifest.name}", daemon=False,
+            target=self._persist,
+            args=(run_dir, staged, manifest, on_committed),
+            name=f"guardian-persist-{manifest.name}",
+            daemon=False,
         )
         self._thread.start()
 
@@ -152,12 +154,13 @@ class AsyncWriter:
         if isinstance(error, CheckpointWriteError):
             raise error
         raise CheckpointWriteError(
-            f"the background save failed: {type(error).__name__}: {error}. "
-            "Earlier checkpoints are untouched.") from error
+            f"the background save failed: {type(error).__name__}: {error}. Earlier checkpoints are untouched."
+        ) from error
 
 
-def _copy_into(buf: torch.Tensor, image: memoryview, begin: int, end: int, src: torch.Tensor,
-               pinned: bool) -> None:
+def _copy_into(
+    buf: torch.Tensor, image: memoryview, begin: int, end: int, src: torch.Tensor, pinned: bool
+) -> None:
     """Copy one tensor's bytes into its slot. Device tensors: an async ``copy_`` into
     pinned memory. Host tensors: numpy's memcpy, because torch's ``copy_`` between
     uint8 slices measured ~3 GB/s here against ~9 GB/s for a plain memcpy."""

@@ -21,8 +21,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterable
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 from . import fsops
 from .errors import CheckpointWriteError
@@ -44,8 +43,7 @@ def _write_error(what: str, e: OSError) -> CheckpointWriteError:
     else:
         hint = "check the disk and the file system"
     return CheckpointWriteError(
-        f"could not write checkpoint {what}: {e.strerror or e} — {hint}. "
-        "Earlier checkpoints are untouched.",
+        f"could not write checkpoint {what}: {e.strerror or e} — {hint}. Earlier checkpoints are untouched.",
         e.errno,
     )
 
@@ -166,7 +164,7 @@ def write_small_file_atomically(path: str, data: bytes, *, durable: bool = True)
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         if durable:
             os.fsync(fd)
     except BaseException:

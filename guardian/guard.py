@@ -40,7 +40,15 @@ from .format import reader
 from .format.layout import checkpoint_name
 from .format.manifest import Manifest
 from .locking import RunLock
-from .policies import BestMetric, EarlyStopping, PolicyState, Retention, SaveSchedule, early_stopping_update, to_float
+from .policies import (
+    BestMetric,
+    EarlyStopping,
+    PolicyState,
+    Retention,
+    SaveSchedule,
+    early_stopping_update,
+    to_float,
+)
 from .preemption import PreemptionFlag
 from .state import data as data_pos
 from .state import rng as rng_mod
@@ -112,8 +120,10 @@ def protect(
     """
     dir = dir if dir is not None else knobs.run_dir()
     if dir is None:
-        raise ValueError("protect() needs dir= (the run's checkpoint directory), or GUARDIAN_RUN_DIR "
-                         "in the environment as `guardian run --dir` sets it")
+        raise ValueError(
+            "protect() needs dir= (the run's checkpoint directory), or GUARDIAN_RUN_DIR "
+            "in the environment as `guardian run --dir` sets it"
+        )
     if on_save_error not in ("raise", "warn"):
         raise ValueError("on_save_error must be 'raise' or 'warn'")
     best = BestMetric(monitor, mode, min_delta) if monitor else None
@@ -151,10 +161,24 @@ class Guard:
     path this run continued from (None for a fresh start); ``extra`` is a dict of
     JSON-able values saved and restored with every checkpoint."""
 
-    def __init__(self, trainer: Any, explicit: dict[str, Any], *, run_dir: str, schedule: SaveSchedule,
-                 best: BestMetric | None, save_best: bool, retention: Retention, early: EarlyStopping | None,
-                 resume: Any, strict: bool, save_on_exit: bool, on_save_error: str, handle_signals: bool,
-                 writer: Any) -> None:
+    def __init__(
+        self,
+        trainer: Any,
+        explicit: dict[str, Any],
+        *,
+        run_dir: str,
+        schedule: SaveSchedule,
+        best: BestMetric | None,
+        save_best: bool,
+        retention: Retention,
+        early: EarlyStopping | None,
+        resume: Any,
+        strict: bool,
+        save_on_exit: bool,
+        on_save_error: str,
+        handle_signals: bool,
+        writer: Any,
+    ) -> None:
         self.run_dir = run_dir
         self.schedule, self.best, self.save_best = schedule, best, save_best
         self.retention, self.early = retention, early
@@ -212,8 +236,14 @@ class Guard:
             self._resume()
             if self._preempt:
                 self._preempt.install()
-            runfiles.write_status(self.run_dir, "running", step=self.global_step, epoch=self.epoch,
-                                  last_checkpoint=self.last_checkpoint, resumed_from=self.resumed_from)
+            runfiles.write_status(
+                self.run_dir,
+                "running",
+                step=self.global_step,
+                epoch=self.epoch,
+                last_checkpoint=self.last_checkpoint,
+                resumed_from=self.resumed_from,
+            )
         except BaseException:
             self._cleanup()
             raise
@@ -235,9 +265,15 @@ class Guard:
         if self.policy.stopped and self.early and self.early.restore_best:
             self.load_best_weights()
         runfiles.write_heartbeat(self.run_dir, self.global_step, self.epoch, "done")
-        runfiles.write_status(self.run_dir, "finished", step=self.global_step, epoch=self.epoch,
-                              last_checkpoint=self.last_checkpoint, early_stopped=self.policy.stopped,
-                              exit_code=0)
+        runfiles.write_status(
+            self.run_dir,
+            "finished",
+            step=self.global_step,
+            epoch=self.epoch,
+            last_checkpoint=self.last_checkpoint,
+            early_stopped=self.policy.stopped,
+            exit_code=0,
+        )
 
     def _abandon(self, exc_type: Any, exc: BaseException | None) -> None:
         """No checkpoint of the current (possibly half-updated) state; but a save already
@@ -247,14 +283,28 @@ class Guard:
         except GuardianError as e:
             log.error("guardian: the checkpoint in flight failed too: %s", e)
         if self._preempting and isinstance(exc, SystemExit):
-            runfiles.write_status(self.run_dir, "preempted", step=self.global_step, epoch=self.epoch,
-                                  last_checkpoint=self.last_checkpoint, exit_code=exc.code)
+            runfiles.write_status(
+                self.run_dir,
+                "preempted",
+                step=self.global_step,
+                epoch=self.epoch,
+                last_checkpoint=self.last_checkpoint,
+                exit_code=exc.code,
+            )
             return
-        runfiles.write_status(self.run_dir, "failed", step=self.global_step, epoch=self.epoch,
-                              last_checkpoint=self.last_checkpoint,
-                              error={"type": exc_type.__name__, "message": str(exc)[:2000]})
-        log.error("guardian: training raised %s; the last good checkpoint is %s",
-                  exc_type.__name__, self.last_checkpoint or "none")
+        runfiles.write_status(
+            self.run_dir,
+            "failed",
+            step=self.global_step,
+            epoch=self.epoch,
+            last_checkpoint=self.last_checkpoint,
+            error={"type": exc_type.__name__, "message": str(exc)[:2000]},
+        )
+        log.error(
+            "guardian: training raised %s; the last good checkpoint is %s",
+            exc_type.__name__,
+            self.last_checkpoint or "none",
+        )
 
     def _cleanup(self) -> None:
         for h in self._hooks:
@@ -272,11 +322,14 @@ class Guard:
         except OSError as e:
             raise CheckpointWriteError(
                 f"cannot create checkpoint directory {self.run_dir}: {e.strerror}. "
-                "Choose a writable location with dir=.", e.errno) from e
+                "Choose a writable location with dir=.",
+                e.errno,
+            ) from e
         if not os.access(self.run_dir, os.W_OK | os.X_OK):
             raise CheckpointWriteError(
                 f"checkpoint directory {self.run_dir} is not writable by this user; fix its "
-                "permissions or choose another dir=.")
+                "permissions or choose another dir=."
+            )
 
     # ------------------------------------------------------------------ loop API
 
@@ -325,7 +378,9 @@ class Guard:
             return
         if self._preempt and self._preempt.requested:
             self._preempt_now()
-        reason = self.schedule.step_reason(self.global_step - self._last_save_step, now - self._last_save_time)
+        reason = self.schedule.step_reason(
+            self.global_step - self._last_save_step, now - self._last_save_time
+        )
         if reason:
             self._save([reason])
 
@@ -336,8 +391,10 @@ class Guard:
         except CheckpointWriteError as e:
             if self.on_save_error == "raise":
                 raise
-            log.error("guardian: a background checkpoint FAILED and training continues "
-                      "(on_save_error='warn'): %s", e)
+            log.error(
+                "guardian: a background checkpoint FAILED and training continues (on_save_error='warn'): %s",
+                e,
+            )
 
     def report(self, **metrics: Any) -> None:
         """Record metrics (floats or one-element tensors; graphs are never retained).
@@ -374,9 +431,15 @@ class Guard:
         if self.early and self.best:
             early_stopping_update(self.early, self.best, self.policy, self._epoch_metric)
             if self.policy.stopped:
-                log.info("guardian: early stopping after epoch %d: %s has not improved for %d epoch(s) "
-                         "(best %s at step %s)", self.epoch, self.best.monitor, self.policy.bad_epochs,
-                         self.policy.best, self.policy.best_step)
+                log.info(
+                    "guardian: early stopping after epoch %d: %s has not improved for %d epoch(s) "
+                    "(best %s at step %s)",
+                    self.epoch,
+                    self.best.monitor,
+                    self.policy.bad_epochs,
+                    self.policy.best,
+                    self.policy.best_step,
+                )
         self._epoch_metric = None
         self.epoch += 1
         self.batch_in_epoch = 0
@@ -389,8 +452,11 @@ class Guard:
 
     def _preempt_now(self) -> None:
         assert self._preempt is not None
-        log.warning("guardian: signal %d received; checkpointing at step %d and exiting",
-                    self._preempt.signum, self.global_step)
+        log.warning(
+            "guardian: signal %d received; checkpointing at step %d and exiting",
+            self._preempt.signum,
+            self.global_step,
+        )
         self._save(["preempt"])
         self._writer.wait()
         self._preempting = True
@@ -430,7 +496,8 @@ class Guard:
             "batches_total": self.batches_total,
             "epoch_start": self._epoch_start if mid_epoch else None,
             "loader_generators": [g.get_state() for g in data_pos.loader_generators(self._loader)]
-            if (mid_epoch and self._loader is not None) else None,
+            if (mid_epoch and self._loader is not None)
+            else None,
         }
 
     def _save(self, reasons: list[str], force: bool = False) -> str | None:
@@ -448,8 +515,11 @@ class Guard:
         except CheckpointWriteError as e:
             if self.on_save_error == "raise":
                 raise
-            log.error("guardian: checkpoint at step %d FAILED and training continues "
-                      "(on_save_error='warn'): %s", self.global_step, e)
+            log.error(
+                "guardian: checkpoint at step %d FAILED and training continues (on_save_error='warn'): %s",
+                self.global_step,
+                e,
+            )
             return None
 
     def _manifest(self, reasons: list[str], snap: snap_mod.Snapshot) -> Manifest:
@@ -463,23 +533,40 @@ class Guard:
         if self.resumed_from:
             extra["resumed_from"] = self.resumed_from
         return Manifest(
-            name=checkpoint_name(self.global_step, dup), step=self.global_step, epoch=self.epoch,
-            seq=self._seq, files={}, reason=reasons, metrics=dict(self.metrics),
-            batch_in_epoch=self.batch_in_epoch, extra=extra,
+            name=checkpoint_name(self.global_step, dup),
+            step=self.global_step,
+            epoch=self.epoch,
+            seq=self._seq,
+            files={},
+            reason=reasons,
+            metrics=dict(self.metrics),
+            batch_in_epoch=self.batch_in_epoch,
+            extra=extra,
             components={n: {"kind": c["kind"]} for n, c in snap.components.items()},
         )
 
     def _on_committed(self, path: str, manifest: Manifest) -> None:
         self.last_checkpoint = path
-        log.info("guardian: saved %s (%s, step %d, epoch %d)", manifest.name, "+".join(manifest.reason),
-                 manifest.step, manifest.epoch)
+        log.info(
+            "guardian: saved %s (%s, step %d, epoch %d)",
+            manifest.name,
+            "+".join(manifest.reason),
+            manifest.step,
+            manifest.epoch,
+        )
         self._apply_retention()
 
     def _apply_retention(self) -> None:
         listing = [
-            {"name": i.name, "step": i.manifest.step, "seq": i.manifest.seq, "reason": i.manifest.reason,
-             "metrics": i.manifest.metrics}
-            for i in reader.list_checkpoints(self.run_dir) if i.manifest is not None
+            {
+                "name": i.name,
+                "step": i.manifest.step,
+                "seq": i.manifest.seq,
+                "reason": i.manifest.reason,
+                "metrics": i.manifest.metrics,
+            }
+            for i in reader.list_checkpoints(self.run_dir)
+            if i.manifest is not None
         ]
         for name in self.retention.doomed(listing, self.best):
             try:
@@ -514,9 +601,14 @@ class Guard:
                 raise checked.format_error
             if checked.valid:
                 return info.path
-            log.error("guardian: checkpoint %s is corrupt and will not be used:\n  %s",
-                      info.name, "\n  ".join(checked.problems))
-            commit.set_aside(self.run_dir, info.name, "failed verification: " + "; ".join(checked.problems)[:500])
+            log.error(
+                "guardian: checkpoint %s is corrupt and will not be used:\n  %s",
+                info.name,
+                "\n  ".join(checked.problems),
+            )
+            commit.set_aside(
+                self.run_dir, info.name, "failed verification: " + "; ".join(checked.problems)[:500]
+            )
         return None
 
     def _named_checkpoint(self, request: str, existing: list[reader.CheckpointInfo]) -> str:
@@ -527,10 +619,13 @@ class Guard:
         if checked.format_error is not None:
             raise checked.format_error
         if not checked.valid:
-            raise CorruptCheckpointError(f"cannot resume from {path}: " + "; ".join(checked.problems),
-                                         checked.problems)
+            raise CorruptCheckpointError(
+                f"cannot resume from {path}: " + "; ".join(checked.problems), checked.problems
+            )
         chosen_real = os.path.realpath(path)
-        newer = [i for i in existing if i.manifest and checked.manifest and i.manifest.seq > checked.manifest.seq]
+        newer = [
+            i for i in existing if i.manifest and checked.manifest and i.manifest.seq > checked.manifest.seq
+        ]
         if os.path.dirname(chosen_real) == os.path.realpath(self.run_dir):
             for info in newer:
                 commit.set_aside(self.run_dir, info.name, f"superseded: resuming from older {checked.name}")
@@ -540,8 +635,9 @@ class Guard:
         self._check_fits(path)
         # Checked: now the model tensors' bytes can be read straight into the live
         # parameters and buffers (no second full copy of the weights in memory).
-        live = snap_mod.capture({n: (a.kind, a.state_dict()) for n, a in self.components.items()
-                                 if a.kind == "module"}).tensors
+        live = snap_mod.capture(
+            {n: (a.kind, a.state_dict()) for n, a in self.components.items() if a.kind == "module"}
+        ).tensors
         loaded = snap_mod.load(path, into=live)
         for name, adapter in self.components.items():
             if name in loaded:
@@ -564,8 +660,13 @@ class Guard:
         self.metrics = dict((man.metrics if man else {}) or {})
         self._last_saved_position = self._position()
         self._last_save_step = self.global_step
-        log.info("guardian: resumed from %s (epoch %d, step %d%s)", path, self.epoch, self.global_step,
-                 f", batch {self.batch_in_epoch} of the epoch" if self._pending_position else "")
+        log.info(
+            "guardian: resumed from %s (epoch %d, step %d%s)",
+            path,
+            self.epoch,
+            self.global_step,
+            f", batch {self.batch_in_epoch} of the epoch" if self._pending_position else "",
+        )
 
     def _check_fits(self, path: str) -> None:
         """Every check a resume needs, on shapes alone (meta tensors), before any live
@@ -577,8 +678,9 @@ class Guard:
                 continue
             kind, state = meta[name]
             if kind != adapter.kind:
-                raise StateMismatchError(f"{path}: component {name!r} is a {kind} in the checkpoint "
-                                         f"but a {adapter.kind} here")
+                raise StateMismatchError(
+                    f"{path}: component {name!r} is a {kind} in the checkpoint but a {adapter.kind} here"
+                )
             if hasattr(adapter, "check_state"):
                 adapter.check_state(state, name)
 
@@ -587,11 +689,15 @@ class Guard:
         live = set(self.components)
         if saved == live:
             return
-        msg = (f"{path} does not match what protect() found: only in the checkpoint: "
-               f"{sorted(saved - live) or 'nothing'}; only here: {sorted(live - saved) or 'nothing'}.")
+        msg = (
+            f"{path} does not match what protect() found: only in the checkpoint: "
+            f"{sorted(saved - live) or 'nothing'}; only here: {sorted(live - saved) or 'nothing'}."
+        )
         if self.strict:
-            raise StateMismatchError(msg + " Pass the same objects as the run that saved it, "
-                                           "or protect(strict=False) to load what matches.")
+            raise StateMismatchError(
+                msg + " Pass the same objects as the run that saved it, "
+                "or protect(strict=False) to load what matches."
+            )
         log.warning("guardian: %s Loading the components both have (strict=False).", msg)
 
     def _restore_progress(self, progress: dict[str, Any]) -> None:
@@ -609,7 +715,7 @@ class Guard:
             rng_mod.restore_global(self._pending_rng)
         gens = data_pos.loader_generators(self._loader)
         saved = self._loaded_progress.get("loader_generators") or []
-        for g, s in zip(gens, saved):
+        for g, s in zip(gens, saved, strict=bool(saved)):
             g.set_state(s)
         for name, state in self._loaded_generators.items():
             self.components[name].load_state_dict(state)
@@ -624,8 +730,12 @@ class Guard:
         for name, adapter in self.components.items():
             if adapter.kind == "module" and name in loaded:
                 adapter.load_state_dict(loaded[name][1], name)
-        log.info("guardian: restored the best weights from %s (%s=%s)", best,
-                 self.best.monitor if self.best else "?", self.policy.best)
+        log.info(
+            "guardian: restored the best weights from %s (%s=%s)",
+            best,
+            self.best.monitor if self.best else "?",
+            self.policy.best,
+        )
 
     def _best_checkpoint(self) -> str | None:
         for info in reversed(reader.list_checkpoints(self.run_dir)):

@@ -120,7 +120,9 @@ class PolicyState:
                 setattr(self, k, v)
 
 
-def early_stopping_update(stop: EarlyStopping, best: BestMetric, st: PolicyState, value: float | None) -> None:
+def early_stopping_update(
+    stop: EarlyStopping, best: BestMetric, st: PolicyState, value: float | None
+) -> None:
     """Called once per epoch with that epoch's monitored value (None if not reported)."""
     if value is None:
         return

@@ -36,9 +36,17 @@ def write_status(run_dir: str, state: str, **fields: Any) -> None:
 
 
 def write_heartbeat(run_dir: str, step: int, epoch: int, phase: str, p99: float | None = None) -> None:
-    record = {"pid": os.getpid(), "step": step, "epoch": epoch, "phase": phase, "time": time.time(),
-              "step_interval_p99": p99}
-    write_small_file_atomically(os.path.join(run_dir, HEARTBEAT_FILE), strictjson.dumps(record), durable=False)
+    record = {
+        "pid": os.getpid(),
+        "step": step,
+        "epoch": epoch,
+        "phase": phase,
+        "time": time.time(),
+        "step_interval_p99": p99,
+    }
+    write_small_file_atomically(
+        os.path.join(run_dir, HEARTBEAT_FILE), strictjson.dumps(record), durable=False
+    )
 
 
 def _read(path: str) -> dict[str, Any] | None:

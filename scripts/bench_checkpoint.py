@@ -70,12 +70,25 @@ def build_state(param_mb: float) -> tuple[nn.Module, torch.optim.Optimizer]:
 
 def guardian_states(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, tuple[str, Any]]:
     names = {id(p): n for n, p in model.named_parameters()}
-    return {"model": ("module", model.state_dict()), "optimizer": ("optimizer", OptimizerState(opt, names).state_dict())}
+    return {
+        "model": ("module", model.state_dict()),
+        "optimizer": ("optimizer", OptimizerState(opt, names).state_dict()),
+    }
 
 
 def manifest_for(name: str, snap: snap_mod.Snapshot) -> Manifest:
-    return Manifest(name=name, step=1, epoch=0, seq=1, files={}, reason=["bench"], metrics={}, batch_in_epoch=0,
-                    extra={}, components={n: {"kind": c["kind"]} for n, c in snap.components.items()})
+    return Manifest(
+        name=name,
+        step=1,
+        epoch=0,
+        seq=1,
+        files={},
+        reason=["bench"],
+        metrics={},
+        batch_in_epoch=0,
+        extra={},
+        components={n: {"kind": c["kind"]} for n, c in snap.components.items()},
+    )
 
 
 # ------------------------------------------------------------------ system helpers
@@ -209,8 +222,9 @@ class Foreground:
         return (time.perf_counter() - t0) / n
 
 
-def guardian_save(writer: AsyncWriter, run_dir: str, name: str, states_fn: Callable, fg: Foreground | None,
-                  t_iter: float) -> dict[str, float]:
+def guardian_save(
+    writer: AsyncWriter, run_dir: str, name: str, states_fn: Callable, fg: Foreground | None, t_iter: float
+) -> dict[str, float]:
     """One async save: stall; then either idle wait (durable time) or a foreground loop."""
     t0 = time.perf_counter()
     snap = snap_mod.capture(states_fn())
@@ -300,14 +314,23 @@ def small_case(d: str, reps: int, mb: float) -> dict[str, float]:
     names = {id(p): n for n, p in model.named_parameters()}
 
     def states() -> dict[str, tuple[str, Any]]:
-        return {"model": ("module", model.state_dict()), "optimizer": ("optimizer", OptimizerState(opt, names).state_dict())}
+        return {
+            "model": ("module", model.state_dict()),
+            "optimizer": ("optimizer", OptimizerState(opt, names).state_dict()),
+        }
 
     res: dict[str, list[float]] = defaultdict(list)
     writer = AsyncWriter()
     for r in range(reps):
         res["torch_save"].append(timed(lambda: torch_save(f"{d}/small.pt", model, opt)))
         snap = snap_mod.capture(states())
-        res["g_sync"].append(timed(lambda: SyncWriter().submit(d, snap, manifest_for(f"s-{r}", snap), lambda *a: None)))
+        res["g_sync"].append(
+            timed(
+                lambda snap=snap, r=r: SyncWriter().submit(
+                    d, snap, manifest_for(f"s-{r}", snap), lambda *a: None
+                )
+            )
+        )
         g = guardian_save(writer, d, f"a-{r}", states, None, 0.0)
         res["g_stall"].append(g["stall"])
         res["g_durable"].append(g["durable"])
@@ -330,7 +353,9 @@ def small_case(d: str, reps: int, mb: float) -> dict[str, float]:
 
 def summarize(res: dict[str, list[float]], state_bytes: int) -> dict[str, Any]:
     m = {k: statistics.median(v) for k, v in res.items() if v}
-    out: dict[str, Any] = {f"median_{k}_s": round(v, 4) for k, v in m.items() if k not in ("extra_rss", "g_slowdown")}
+    out: dict[str, Any] = {
+        f"median_{k}_s": round(v, 4) for k, v in m.items() if k not in ("extra_rss", "g_slowdown")
+    }
     ratios = {
         "stall_vs_torch_save": m["g_stall"] / m["torch_save"],
         "effective_stall_vs_torch_save": m["g_effective_stall"] / m["torch_save"],
@@ -388,12 +413,20 @@ def main() -> int:
     names = {id(p): n for n, p in model.named_parameters()}
 
     def states() -> dict[str, tuple[str, Any]]:
-        return {"model": ("module", model.state_dict()), "optimizer": ("optimizer", OptimizerState(opt, names).state_dict())}
+        return {
+            "model": ("module", model.state_dict()),
+            "optimizer": ("optimizer", OptimizerState(opt, names).state_dict()),
+        }
 
     state_bytes = snap_mod.capture(states()).tensor_bytes
     ctx: dict[str, Any] = {
-        "dir": args.dir, "model": model, "opt": opt, "states": states, "writer": AsyncWriter(),
-        "fg": Foreground(), "live": snap_mod.capture(states()).tensors,
+        "dir": args.dir,
+        "model": model,
+        "opt": opt,
+        "states": states,
+        "writer": AsyncWriter(),
+        "fg": Foreground(),
+        "live": snap_mod.capture(states()).tensors,
         "buf": aligned_buffer(snap_mod.capture(states()).layout().total_bytes),
         "dcp_error": "disabled (--no-dcp)" if args.no_dcp else dcp_setup(),
     }
@@ -401,17 +434,27 @@ def main() -> int:
     notes: dict[str, Any] = {}
     for r in range(args.reps):
         one_rep(r, ctx, res, notes)
-        print(f"rep {r}: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in res.items() if k != "extra_rss"), file=sys.stderr)
+        print(
+            f"rep {r}: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in res.items() if k != "extra_rss"),
+            file=sys.stderr,
+        )
     ctx["writer"].close()
 
     summary = summarize(res, state_bytes)
     summary["small"] = small_case(args.dir, args.small_reps, args.small_mb)
-    summary.update({
-        "state_bytes": state_bytes, "param_mb": args.size_mb, "reps": args.reps,
-        "drop_caches_worked": notes.get("drop_caches_worked", False),
-        "dcp": ctx["dcp_error"] or "ran", "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "cpus": os.cpu_count(), "dir": args.dir,
-    })
+    summary.update(
+        {
+            "state_bytes": state_bytes,
+            "param_mb": args.size_mb,
+            "reps": args.reps,
+            "drop_caches_worked": notes.get("drop_caches_worked", False),
+            "dcp": ctx["dcp_error"] or "ran",
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "dir": args.dir,
+        }
+    )
     summary["targets_met"] = check_targets(summary)
     shutil.rmtree(args.dir, ignore_errors=True)
     for k, v in summary.items():

@@ -32,14 +32,17 @@ def say(text: str) -> None:
 
 
 def guardian_cli(*args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "guardian.cli", *args], check=True, capture_output=True,
-                          text=True, cwd=ROOT).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "guardian.cli", *args], check=True, capture_output=True, text=True, cwd=ROOT
+    ).stdout
 
 
 def train(run_dir: str, args: list[str], kill_at_step: int | None = None) -> None:
     cmd = [sys.executable, EXAMPLE, "--dir", run_dir, *args]
     print("$", " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]), flush=True)
-    proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, "GUARDIAN_HEARTBEAT_INTERVAL": "0"})
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, env={**os.environ, "GUARDIAN_HEARTBEAT_INTERVAL": "0"}
+    )
     if kill_at_step is None:
         if proc.wait() != 0:
             sys.exit(f"training failed with exit code {proc.returncode}")
@@ -60,7 +63,9 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "demo-runs"))
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--samples", type=int, default=1024)
-    p.add_argument("--kill-at-step", type=int, default=21, help="kill once this step is reached (mid-epoch 1)")
+    p.add_argument(
+        "--kill-at-step", type=int, default=21, help="kill once this step is reached (mid-epoch 1)"
+    )
     a = p.parse_args()
     shutil.rmtree(a.out, ignore_errors=True)
     args = ["--epochs", str(a.epochs), "--samples", str(a.samples), "--seed", "7"]
@@ -81,8 +86,11 @@ def main() -> int:
         print(f"  {name:<10} {a_}  {'==' if a_ == b_ else '!='}  {b_}")
     ok = d_ref["digest"] == d_run["digest"]
     print(f"\n  checkpoint digest: {d_ref['digest']} vs {d_run['digest']}")
-    print("\nPASS: the killed run resumed and ended bit-for-bit equal to the uninterrupted one."
-          if ok else "\nFAIL: the runs differ.")
+    print(
+        "\nPASS: the killed run resumed and ended bit-for-bit equal to the uninterrupted one."
+        if ok
+        else "\nFAIL: the runs differ."
+    )
     return 0 if ok else 1
 
 

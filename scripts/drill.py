@@ -45,16 +45,29 @@ SAVED = re.compile(r"guardian: saved (step-\d+(?:-\d+)?) ")
 
 
 def job_config(ballast: int) -> dict[str, Any]:
-    return {"optimizer": "adamw", "scheduler": "onecycle", "epochs": 3, "samples": 96, "batch_size": 8,
-            "every_steps": 2, "ballast": ballast, "num_workers": 0,
-            "keep_last": None}  # retention off: every committed checkpoint must still be there
+    return {
+        "optimizer": "adamw",
+        "scheduler": "onecycle",
+        "epochs": 3,
+        "samples": 96,
+        "batch_size": 8,
+        "every_steps": 2,
+        "ballast": ballast,
+        "num_workers": 0,
+        "keep_last": None,
+    }  # retention off: every committed checkpoint must still be there
 
 
 def start(run_dir: str, cfg: dict[str, Any], log_path: str) -> subprocess.Popen:
     env = {**os.environ, "GUARDIAN_HEARTBEAT_INTERVAL": "0", "GUARDIAN_QUIET": "0"}
     log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, JOB, run_dir, json.dumps(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, JOB, run_dir, json.dumps(cfg)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def digest(run_dir: str) -> str | None:
@@ -100,20 +113,32 @@ def kill_when(proc: subprocess.Popen, run_dir: str, deadline: float, on_save: bo
     proc.wait()
 
 
-def trial(i: int, rng: random.Random, cfg: dict[str, Any], ref: str, ref_seconds: float, work: str) -> dict[str, Any]:
+def trial(
+    i: int, rng: random.Random, cfg: dict[str, Any], ref: str, ref_seconds: float, work: str
+) -> dict[str, Any]:
     run, log = os.path.join(work, f"trial-{i:04d}"), os.path.join(work, f"trial-{i:04d}.log")
     on_save = i % 2 == 1
     proc = start(run, cfg, log)
     kill_when(proc, run, time.monotonic() + rng.uniform(0.3, ref_seconds), on_save, rng.randint(1, 30))
     killed = proc.returncode == -signal.SIGKILL
-    during_save = killed and any(n.startswith(".tmp-") for n in os.listdir(run)) if os.path.isdir(run) else False
+    during_save = (
+        killed and any(n.startswith(".tmp-") for n in os.listdir(run)) if os.path.isdir(run) else False
+    )
     reported = SAVED.findall(open(log, errors="replace").read())
-    result: dict[str, Any] = {"trial": i, "killed": killed, "during_save": during_save, "failures": [], "lost": 0}
+    result: dict[str, Any] = {
+        "trial": i,
+        "killed": killed,
+        "during_save": during_save,
+        "failures": [],
+        "lost": 0,
+    }
     present = {c.name: c for c in reader.list_checkpoints(run, verify=True)} if os.path.isdir(run) else {}
     for name in reported:
         if name not in present or not present[name].valid:
             result["lost"] += 1
-            result["failures"].append(f"trial {i}: committed checkpoint {name} lost or invalid after the kill")
+            result["failures"].append(
+                f"trial {i}: committed checkpoint {name} lost or invalid after the kill"
+            )
     if reported and (not os.path.isdir(run) or reader.newest_valid(run) is None):
         result["failures"].append(f"trial {i}: no valid checkpoint to resume from")
     proc = start(run, cfg, log)
@@ -142,9 +167,13 @@ def main() -> int:
         for i in range(a.trials):
             r = trial(i, rng, cfg, ref, ref_seconds, work)
             results.append(r)
-            print(f"trial {i + 1}/{a.trials}: {'killed' if r['killed'] else 'finished before the kill'}"
-                  f"{' during a save' if r['during_save'] else ''}, lost {r['lost']}, "
-                  f"{'exact' if r['exact'] else 'NOT EXACT'}", file=sys.stderr, flush=True)
+            print(
+                f"trial {i + 1}/{a.trials}: {'killed' if r['killed'] else 'finished before the kill'}"
+                f"{' during a save' if r['during_save'] else ''}, lost {r['lost']}, "
+                f"{'exact' if r['exact'] else 'NOT EXACT'}",
+                file=sys.stderr,
+                flush=True,
+            )
         summary = {
             "trials": a.trials,
             "killed": sum(r["killed"] for r in results),

@@ -196,7 +196,9 @@ class CrashModel:
         for masks in itertools.product(*choices):
             entries = {}
             for (ino, d), mask in zip(dirs, masks, strict=True):
-                entries[ino] = _apply_pending(d.durable, [op for op, on in zip(d.pending, mask, strict=True) if on])
+                entries[ino] = _apply_pending(
+                    d.durable, [op for op, on in zip(d.pending, mask, strict=True) if on]
+                )
             yield from self._contents(entries)
 
     def _contents(self, entries: dict[int, dict[str, int]]) -> Iterator[dict[str, bytes | None]]:

@@ -21,9 +21,15 @@ def final_digest(run_dir: str) -> tuple[str, dict[str, str]]:
     return reader.checkpoint_digest(comps), {k: v["digest"] for k, v in comps.items()}
 
 
-def run_trainlib(run_dir: str, cfg: dict, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_trainlib(
+    run_dir: str, cfg: dict, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "GUARDIAN_QUIET": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, os.path.join(TESTS, "trainlib.py"), run_dir, json.dumps(cfg)],
-        env=full_env, capture_output=True, text=True, timeout=timeout, start_new_session=True,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
     )

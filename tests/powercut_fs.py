@@ -147,9 +147,19 @@ class PowerCutFS(Operations):
             self._control(path[len(CONTROL) :])
         self._alive()
         st = os.lstat(self._full(path))
-        return {k: getattr(st, k) for k in (
-            "st_mode", "st_nlink", "st_size", "st_uid", "st_gid", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
-        )} | {"st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns}
+        return {
+            k: getattr(st, k)
+            for k in (
+                "st_mode",
+                "st_nlink",
+                "st_size",
+                "st_uid",
+                "st_gid",
+                "st_atime_ns",
+                "st_mtime_ns",
+                "st_ctime_ns",
+            )
+        } | {"st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns}
 
     def _control(self, what: str) -> None:
         if what == "now" and not self.dead:
@@ -179,10 +189,21 @@ class PowerCutFS(Operations):
     def statfs(self, path):
         self._alive()
         sv = os.statvfs(self._full(path))
-        return {k: getattr(sv, k) for k in (
-            "f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree", "f_files", "f_flag",
-            "f_frsize", "f_namemax",
-        )}
+        return {
+            k: getattr(sv, k)
+            for k in (
+                "f_bavail",
+                "f_bfree",
+                "f_blocks",
+                "f_bsize",
+                "f_favail",
+                "f_ffree",
+                "f_files",
+                "f_flag",
+                "f_frsize",
+                "f_namemax",
+            )
+        }
 
     def mkdir(self, path, mode):
         self._mutate()

@@ -54,14 +54,27 @@ def hostile_states() -> dict:
         "empty": torch.empty(0, 5),
         "scalar": torch.tensor(3.5, dtype=torch.float64),
     }
-    return {"model": ("module", model.state_dict()), "optimizer": ("optimizer", opt.state_dict()),
-            "odd": ("user", odd)}
+    return {
+        "model": ("module", model.state_dict()),
+        "optimizer": ("optimizer", opt.state_dict()),
+        "odd": ("user", odd),
+    }
 
 
 def save_with(writer, run_dir: str, name: str, states: dict) -> str:
     snap = snap_mod.capture(states)
-    man = Manifest(name=name, step=1, epoch=0, seq=1, files={}, reason=["test"], metrics={},
-                   batch_in_epoch=0, extra={}, components={n: {"kind": c["kind"]} for n, c in snap.components.items()})
+    man = Manifest(
+        name=name,
+        step=1,
+        epoch=0,
+        seq=1,
+        files={},
+        reason=["test"],
+        metrics={},
+        batch_in_epoch=0,
+        extra={},
+        components={n: {"kind": c["kind"]} for n, c in snap.components.items()},
+    )
     committed: list[str] = []
     writer.submit(run_dir, snap, man, lambda path, _m: committed.append(path))
     writer.wait()
@@ -79,7 +92,10 @@ def assert_same_files(a: str, b: str) -> None:
     for rel in ("tensors.safetensors", "state.json"):
         with open(os.path.join(a, rel), "rb") as fa, open(os.path.join(b, rel), "rb") as fb:
             assert fa.read() == fb.read(), rel
-    assert reader.inspect_checkpoint(a, verify=True).manifest.files == reader.inspect_checkpoint(b).manifest.files
+    assert (
+        reader.inspect_checkpoint(a, verify=True).manifest.files
+        == reader.inspect_checkpoint(b).manifest.files
+    )
     assert digest(a) == digest(b)
 
 
@@ -92,6 +108,7 @@ def test_async_and_sync_write_identical_files_and_digests(tmp_path, base):
         if not os.path.isdir("/dev/shm"):
             pytest.skip("no /dev/shm")
         import tempfile
+
         root = tempfile.mkdtemp(dir="/dev/shm")
     else:
         root = str(tmp_path)
@@ -101,6 +118,7 @@ def test_async_and_sync_write_identical_files_and_digests(tmp_path, base):
     assert_same_files(sync, async_)
     if base == "shm":
         import shutil
+
         shutil.rmtree(root)
 
 
@@ -127,8 +145,10 @@ def test_buffered_fallback_when_o_direct_writes_fail_with_einval(tmp_path, monke
     monkeypatch.setattr(direct_io.os, "pwrite", flaky_pwrite)
     monkeypatch.setattr(direct_io, "CHUNK", 4096)
     real_writer = direct_io.image_writer
-    monkeypatch.setattr("guardian.async_writer.image_writer",
-                        lambda path, direct=None: real_writer(path, chunk=4096, direct=True))
+    monkeypatch.setattr(
+        "guardian.async_writer.image_writer",
+        lambda path, direct=None: real_writer(path, chunk=4096, direct=True),
+    )
     assert_same_files(sync, save_with(AsyncWriter(), str(tmp_path), "ckpt-async", states))
     assert len(calls) == 3
 
@@ -154,7 +174,9 @@ def test_protect_defaults_to_async_and_env_turns_it_off(tmp_path, monkeypatch):
     model = nn.Linear(2, 2)
     with guardian.protect({"model": model}, dir=str(tmp_path / "a"), save_on_exit=False) as g:
         assert isinstance(g._writer, AsyncWriter)
-    with guardian.protect({"model": model}, dir=str(tmp_path / "b"), async_save=False, save_on_exit=False) as g:
+    with guardian.protect(
+        {"model": model}, dir=str(tmp_path / "b"), async_save=False, save_on_exit=False
+    ) as g:
         assert isinstance(g._writer, SyncWriter)
     monkeypatch.setenv("GUARDIAN_ASYNC", "0")
     with guardian.protect({"model": model}, dir=str(tmp_path / "c"), save_on_exit=False) as g:
@@ -178,8 +200,14 @@ def test_background_error_surfaces_at_next_step(tmp_path):
     old = fsops.set_fs(FsyncFailsInBackground())
     try:
         with pytest.raises(CheckpointWriteError, match="Input/output error"):
-            with guardian.protect({"model": model}, dir=str(tmp_path), every_steps=1, every_epochs=None,
-                                  save_on_exit=False, handle_signals=False) as g:
+            with guardian.protect(
+                {"model": model},
+                dir=str(tmp_path),
+                every_steps=1,
+                every_epochs=None,
+                save_on_exit=False,
+                handle_signals=False,
+            ) as g:
                 g.step()  # saves: the failure happens in the background
                 while g._writer.busy:
                     time.sleep(0.01)
@@ -196,8 +224,18 @@ def test_background_error_is_raised_by_wait_and_not_lost(tmp_path):
     old = fsops.set_fs(FsyncFailsInBackground())
     try:
         snap = snap_mod.capture({"m": ("module", {"w": torch.ones(3)})})
-        man = Manifest(name="ckpt-x", step=1, epoch=0, seq=1, files={}, reason=["t"], metrics={},
-                       batch_in_epoch=0, extra={}, components={})
+        man = Manifest(
+            name="ckpt-x",
+            step=1,
+            epoch=0,
+            seq=1,
+            files={},
+            reason=["t"],
+            metrics={},
+            batch_in_epoch=0,
+            extra={},
+            components={},
+        )
         w.submit(str(tmp_path), snap, man, lambda *a: None)
         with pytest.raises(CheckpointWriteError):
             w.wait()
@@ -230,9 +268,19 @@ CHILD = textwrap.dedent("""
 
 
 def run_child(run_dir: str, mode: str, layers: int, **kw) -> subprocess.Popen:
-    env = {**os.environ, "GUARDIAN_QUIET": "0", "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, "-c", CHILD, run_dir, mode, str(layers)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    env = {
+        **os.environ,
+        "GUARDIAN_QUIET": "0",
+        "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, run_dir, mode, str(layers)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def test_process_exits_only_after_in_flight_save_is_durable(tmp_path):
@@ -271,7 +319,8 @@ def test_sigkill_during_background_persist_loses_nothing_committed(tmp_path):
         assert info.valid, (name, info.problems)
     newest = reader.newest_valid(run_dir)
     assert newest is not None and newest.manifest.seq >= max(
-        reader.inspect_checkpoint(os.path.join(run_dir, n)).manifest.seq for n in reported)
+        reader.inspect_checkpoint(os.path.join(run_dir, n)).manifest.seq for n in reported
+    )
 
 
 def _saved_names(line: str) -> list[str]:

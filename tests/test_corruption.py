@@ -176,7 +176,9 @@ def test_manifest_bit_flips_that_break_it_are_reported(template, tmp_path):
         if info.valid:
             continue
         reported += 1
-        assert info.problems[0].startswith(target) or info.problems[0].startswith(os.path.dirname(target)), info
+        assert info.problems[0].startswith(target) or info.problems[0].startswith(os.path.dirname(target)), (
+            info
+        )
         assert parsed is None or parsed != original or info.problems
     assert reported > 100
 
@@ -187,11 +189,30 @@ def test_every_manifest_bit_flip_is_detected_or_harmless(template, tmp_path):
     silent = []
     for off, bit, info, parsed, _target in _manifest_flips(template, tmp_path):
         if info.valid and parsed is not None:
-            meaning = (parsed.name, parsed.step, parsed.epoch, parsed.seq, parsed.batch_in_epoch,
-                       parsed.world_size, parsed.files, parsed.metrics, parsed.components, parsed.extra)
-            expected = (original.name, original.step, original.epoch, original.seq, original.batch_in_epoch,
-                        original.world_size, original.files, original.metrics, original.components,
-                        original.extra)
+            meaning = (
+                parsed.name,
+                parsed.step,
+                parsed.epoch,
+                parsed.seq,
+                parsed.batch_in_epoch,
+                parsed.world_size,
+                parsed.files,
+                parsed.metrics,
+                parsed.components,
+                parsed.extra,
+            )
+            expected = (
+                original.name,
+                original.step,
+                original.epoch,
+                original.seq,
+                original.batch_in_epoch,
+                original.world_size,
+                original.files,
+                original.metrics,
+                original.components,
+                original.extra,
+            )
             if meaning != expected:
                 silent.append((off, bit))
     assert not silent, f"{len(silent)} single-bit manifest flips change its meaning undetected: {silent[:10]}"
@@ -203,7 +224,9 @@ def test_every_manifest_bit_flip_is_detected_or_harmless(template, tmp_path):
 @pytest.mark.parametrize("rel", [TENSORS_FILE, STATE_FILE])
 def test_truncated_data_files_are_reported(rel, template, tmp_path):
     size = os.path.getsize(os.path.join(template, STEP2, rel))
-    sizes = sorted({0, 1, 7, 8, 9, size // 3, size // 2, size - 8, size - 1, *range(0, size, max(1, size // 25))})
+    sizes = sorted(
+        {0, 1, 7, 8, 9, size // 3, size // 2, size - 8, size - 1, *range(0, size, max(1, size // 25))}
+    )
     for cut in sizes:
         run = str(tmp_path / f"r{cut}")
         shutil.copytree(template, run)
@@ -270,7 +293,9 @@ def test_zero_length_file_is_reported(rel, run):
     target = os.path.join(ckpt(run), rel)
     size = os.path.getsize(target)
     truncate(target, 0)
-    assert only_problem(ckpt(run)) == f"{target}: size 0 bytes, manifest says {size} (truncated or overwritten)"
+    assert (
+        only_problem(ckpt(run)) == f"{target}: size 0 bytes, manifest says {size} (truncated or overwritten)"
+    )
     assert_falls_back(run)
 
 
@@ -325,7 +350,10 @@ def test_manifest_symlink_is_refused(run, tmp_path):
 
 def test_all_corrupt_means_no_checkpoint(run):
     for name in (STEP1, STEP2):
-        flip(os.path.join(ckpt(run, name), TENSORS_FILE), os.path.getsize(os.path.join(ckpt(run, name), TENSORS_FILE)) - 1)
+        flip(
+            os.path.join(ckpt(run, name), TENSORS_FILE),
+            os.path.getsize(os.path.join(ckpt(run, name), TENSORS_FILE)) - 1,
+        )
     assert newest_valid(run) is None
     assert [i.valid for i in list_checkpoints(run, verify=True)] == [False, False]
 

@@ -60,8 +60,13 @@ def test_sigkill_twice_restarts_and_finishes_exactly(home, tmp_path, reference_d
     d = Daemon(home).start()
     try:
         for attempt, at_step in ((1, 30), (2, 90)):
-            wait_for(lambda n=attempt, k=at_step: status(home, "twice")["attempts"] == n
-                     and step_of(home, "twice") >= k, 90, f"attempt {attempt} to pass step {at_step}")
+            wait_for(
+                lambda n=attempt, k=at_step: (
+                    status(home, "twice")["attempts"] == n and step_of(home, "twice") >= k
+                ),
+                90,
+                f"attempt {attempt} to pass step {at_step}",
+            )
             os.kill(status(home, "twice")["pid"], signal.SIGKILL)
         final = wait_for(lambda: (s := status(home, "twice"))["state"] == "done" and s, 120, "done")
     finally:
@@ -83,7 +88,9 @@ def test_hang_is_detected_stacks_logged_killed_and_resumed(home, tmp_path, refer
     # after the first checkpoint and writes no more heartbeats (reported to the lead).
     d = Daemon(home, GUARDIAN_DAEMON_SAVE_TIMEOUT="10").start()
     try:
-        final = wait_for(lambda: (s := status(home, "hangs"))["state"] in ("done", "failed") and s, 150, "end")
+        final = wait_for(
+            lambda: (s := status(home, "hangs"))["state"] in ("done", "failed") and s, 150, "end"
+        )
     finally:
         d.stop()
     assert final["state"] == "done", final
@@ -127,8 +134,11 @@ def test_power_loss_same_boot_counts_one_crash(home, tmp_path):
     kill_job_session(home, "cut")
     d2 = Daemon(home).start()
     try:
-        wait_for(lambda: status(home, "cut")["attempts"] == 2 and status(home, "cut")["state"] == "running",
-                 30, "restart")
+        wait_for(
+            lambda: status(home, "cut")["attempts"] == 2 and status(home, "cut")["state"] == "running",
+            30,
+            "restart",
+        )
         cli(home, "stop", "cut", "--wait", "--timeout", "30", "--grace", "1")
     finally:
         d2.stop()
@@ -241,8 +251,13 @@ def test_stop_asks_the_library_for_a_checkpoint(home, tmp_path):
 def test_only_one_daemon_per_home(home):
     d = Daemon(home).start()
     try:
-        r = subprocess.run([d.env and os.path.join(os.path.dirname(sys.executable), "guardian"), "watch",
-                            "--home", home], env=d.env, capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [d.env and os.path.join(os.path.dirname(sys.executable), "guardian"), "watch", "--home", home],
+            env=d.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert r.returncode != 0 and "already supervises" in r.stderr
     finally:
         d.stop()

@@ -22,8 +22,17 @@ from guardian.daemon.gpu import Gpus
 from guardian.daemon.heartbeat import HangClock
 from guardian.daemon.registry import Attempt
 
-K = knobs.Knobs(backoff_base=10, backoff_max=600, max_failures=3, thrash_count=4, thrash_window=600,
-                hang_min=300, hang_factor=5, startup=900, save_timeout=1800)
+K = knobs.Knobs(
+    backoff_base=10,
+    backoff_max=600,
+    max_failures=3,
+    thrash_count=4,
+    thrash_window=600,
+    hang_min=300,
+    hang_factor=5,
+    startup=900,
+    save_timeout=1800,
+)
 
 
 def facts(**kw):
@@ -31,19 +40,22 @@ def facts(**kw):
     return policy.ExitFacts(**{**base, **kw})
 
 
-@pytest.mark.parametrize("kw, expected", [
-    (dict(exit_code=0, run_state="finished"), "done"),
-    (dict(exit_code=0, run_state="running"), "incomplete"),
-    (dict(exit_code=75), "requeue"),
-    (dict(exit_code=78), "permanent"),
-    (dict(exit_code=1, error_type="NameError"), "permanent"),
-    (dict(exit_code=1, error_type="NameError", made_progress=True), "crash"),
-    (dict(exit_code=1, error_type="RuntimeError"), "crash"),
-    (dict(exit_code=-9, signal="SIGKILL"), "crash"),
-    (dict(exit_code=-9, hung=True), "hang"),
-    (dict(exit_code=None, run_state="finished"), "done"),
-    (dict(exit_code=75, stop_requested=True), "stopped"),
-])
+@pytest.mark.parametrize(
+    "kw, expected",
+    [
+        (dict(exit_code=0, run_state="finished"), "done"),
+        (dict(exit_code=0, run_state="running"), "incomplete"),
+        (dict(exit_code=75), "requeue"),
+        (dict(exit_code=78), "permanent"),
+        (dict(exit_code=1, error_type="NameError"), "permanent"),
+        (dict(exit_code=1, error_type="NameError", made_progress=True), "crash"),
+        (dict(exit_code=1, error_type="RuntimeError"), "crash"),
+        (dict(exit_code=-9, signal="SIGKILL"), "crash"),
+        (dict(exit_code=-9, hung=True), "hang"),
+        (dict(exit_code=None, run_state="finished"), "done"),
+        (dict(exit_code=75, stop_requested=True), "stopped"),
+    ],
+)
 def test_classify(kw, expected):
     assert policy.classify(facts(**kw)).classification == expected
 
@@ -54,8 +66,12 @@ def test_budget_only_for_crashes_and_hangs():
 
 
 def test_error_type_from_stderr():
-    lines = ["Traceback (most recent call last):", '  File "x.py", line 1', "    foo()",
-             "NameError: name 'foo' is not defined"]
+    lines = [
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1',
+        "    foo()",
+        "NameError: name 'foo' is not defined",
+    ]
     assert policy.error_type_from_stderr(lines) == "NameError"
     assert policy.error_type_from_stderr(["torch.OutOfMemoryError: CUDA out of memory"]) == "OutOfMemoryError"
     assert policy.error_type_from_stderr(["just a log line"]) is None
@@ -161,8 +177,9 @@ def test_hostile_job_names_are_rejected(bad):
 def test_state_round_trip_and_events(tmp_path):
     h = reg.Home(str(tmp_path / "h")).ensure()
     spec(h)
-    st = reg.JobState(name="j", attempts=[Attempt(n=1, boot_id="b", started=1.0, shim={"pid": 1,
-                                                                                       "create_time": 2.0})])
+    st = reg.JobState(
+        name="j", attempts=[Attempt(n=1, boot_id="b", started=1.0, shim={"pid": 1, "create_time": 2.0})]
+    )
     reg.save_state(h, st)
     assert reg.load_state(h, "j").current.shim == {"pid": 1, "create_time": 2.0}
     reg.append_event(h, "j", "start", "because", attempt=1)
@@ -189,9 +206,11 @@ def test_identity_survives_only_with_matching_create_time():
 def test_shim_records_exit_and_kill_tree_reaches_grandchildren(tmp_path):
     adir = str(tmp_path / "a")
     os.makedirs(adir)
-    code = ("import subprocess, sys, time; "
-            "[subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']) for _ in range(2)]; "
-            "print('ready', flush=True); time.sleep(60)")
+    code = (
+        "import subprocess, sys, time; "
+        "[subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']) for _ in range(2)]; "
+        "print('ready', flush=True); time.sleep(60)"
+    )
     shim = procs.spawn_shim(adir, [sys.executable, "-c", code], str(tmp_path), dict(os.environ))
     from guardian.daemon.shim import CHILD_FILE, EXIT_FILE
 
@@ -257,8 +276,9 @@ def fake_pynvml(used_by: dict[int, int]) -> types.ModuleType:
     m.nvmlDeviceGetCount = lambda: 1
     m.nvmlDeviceGetHandleByIndex = lambda i: "h0"
     m.nvmlDeviceGetUUID = lambda h: b"GPU-0000"
-    m.nvmlDeviceGetComputeRunningProcesses = lambda h: [types.SimpleNamespace(pid=p, usedGpuMemory=b)
-                                                        for p, b in used_by.items()]
+    m.nvmlDeviceGetComputeRunningProcesses = lambda h: [
+        types.SimpleNamespace(pid=p, usedGpuMemory=b) for p, b in used_by.items()
+    ]
     m.nvmlDeviceGetGraphicsRunningProcesses = lambda h: []
     return m
 
@@ -296,18 +316,31 @@ def test_service_install_writes_unit(tmp_path):
 
     from guardian.cli import main
 
-    r = CliRunner().invoke(main, ["service", "install", "--home", str(tmp_path / "h"), "--user",
-                                  "--unit-dir", str(tmp_path / "units"), "--json"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "service",
+            "install",
+            "--home",
+            str(tmp_path / "h"),
+            "--user",
+            "--unit-dir",
+            str(tmp_path / "units"),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "Restart=always" in (tmp_path / "units" / "guardian.service").read_text()
 
 
 def test_daemon_and_status_help_never_import_torch():
-    code = ("import sys, guardian.daemon.supervisor, guardian.cli.daemon; "
-            "from click.testing import CliRunner; from guardian.cli import main; "
-            "r = CliRunner().invoke(main, ['status', '--help']); assert r.exit_code == 0, r.output; "
-            "r = CliRunner().invoke(main, ['watch', '--help']); assert r.exit_code == 0, r.output; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, guardian.daemon.supervisor, guardian.cli.daemon; "
+        "from click.testing import CliRunner; from guardian.cli import main; "
+        "r = CliRunner().invoke(main, ['status', '--help']); assert r.exit_code == 0, r.output; "
+        "r = CliRunner().invoke(main, ['watch', '--help']); assert r.exit_code == 0, r.output; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

@@ -48,8 +48,9 @@ def small_disk(tmp_path):
         pytest.skip("mounting a size-limited tmpfs needs root")
     mnt = str(tmp_path / "small")
     os.mkdir(mnt)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,nr_inodes=64", "tmpfs", mnt],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,nr_inodes=64", "tmpfs", mnt], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount tmpfs: {r.stderr.strip()}")
     try:

@@ -13,16 +13,26 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import ROOT
 
 
 @pytest.mark.slow
 def test_drill_small(tmp_path):
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "drill.py"), "--trials", "2", "--seed", "5",
-         "--ballast", "1024", "--json"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "drill.py"),
+            "--trials",
+            "2",
+            "--seed",
+            "5",
+            "--ballast",
+            "1024",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["trials"] == 2

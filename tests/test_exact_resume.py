@@ -15,7 +15,6 @@ import random
 import numpy as np
 import pytest
 import torch
-
 import trainlib
 from helpers import final_digest
 
@@ -45,7 +44,9 @@ def _check_exact(tmp_path, cfg: dict, crash_at: int, **protect_kw) -> None:
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_optimizer_scheduler_matrix(tmp_path, optimizer, scheduler):
-    crash_at = random.Random(f"{optimizer}-{scheduler}").randint(3, 23)  # from the first save on; before it a restart is a fresh start
+    crash_at = random.Random(f"{optimizer}-{scheduler}").randint(
+        3, 23
+    )  # from the first save on; before it a restart is a fresh start
     _check_exact(tmp_path, {"optimizer": optimizer, "scheduler": scheduler}, crash_at)
 
 

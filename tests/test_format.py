@@ -62,11 +62,17 @@ def test_unsupported_object_names_its_path():
         Encoder(is_tensor, lambda p, t: "k", encode_ext).encode({"fn": Opaque()}, (), "sched")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool, torch.uint8])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool, torch.uint8]
+)
 def test_our_files_are_standard_safetensors(tmp_path, dtype):
     from guardian.commit import CheckpointTxn
 
-    tensors = {"a": (torch.randn(3, 5) * 10).to(dtype), "b": torch.zeros(0, dtype=dtype), "c": torch.tensor(7).to(dtype)}
+    tensors = {
+        "a": (torch.randn(3, 5) * 10).to(dtype),
+        "b": torch.zeros(0, dtype=dtype),
+        "c": torch.tensor(7).to(dtype),
+    }
     snap = snapshot.capture({"model": ("module", tensors)})
     with CheckpointTxn(str(tmp_path), "x") as txn:
         snapshot.write_files(txn, snap)
@@ -101,7 +107,10 @@ def test_header_parser_rejects_holes_and_overlaps(tmp_path):
     import json
     import struct
 
-    hdr = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
+    hdr = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }
     body = json.dumps(hdr).encode()
     p.write_bytes(struct.pack("<Q", len(body)) + body + b"\0" * 12)
     with pytest.raises(UnsafeCheckpointError, match="no holes or overlaps"):

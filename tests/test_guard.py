@@ -9,10 +9,11 @@ import sys
 
 import pytest
 import torch
+import trainlib
+from helpers import ROOT, final_digest
 from torch import nn
 
 import guardian
-import trainlib
 from guardian.errors import (
     CheckpointWriteError,
     FormatVersionError,
@@ -23,7 +24,6 @@ from guardian.errors import (
     UnsupportedStateError,
 )
 from guardian.format import reader
-from helpers import ROOT, final_digest
 
 
 def _tiny():
@@ -64,7 +64,9 @@ def test_shape_mismatch_names_the_keys(tmp_path):
         _train_steps(g, model, opt, 2)
     bigger = nn.Linear(3, 5)
     with pytest.raises(StateMismatchError) as e:
-        with guardian.protect(model=bigger, optimizer=torch.optim.SGD(bigger.parameters(), lr=0.1), dir=str(tmp_path)):
+        with guardian.protect(
+            model=bigger, optimizer=torch.optim.SGD(bigger.parameters(), lr=0.1), dir=str(tmp_path)
+        ):
             pass
     assert "weight: checkpoint (2, 3) vs model (5, 3)" in str(e.value)
     assert "guardian migrate" in str(e.value)
@@ -160,7 +162,7 @@ def test_exception_in_loop_writes_no_checkpoint_and_marks_failed(tmp_path):
         with guardian.protect(model=model, optimizer=opt, dir=str(tmp_path), every_steps=2) as g:
             _train_steps(g, model, opt, 3)  # saves at step 2
             model.weight.data.add_(1.0)  # a half-updated state...
-            1 / 0  # ...must not be saved
+            1 / 0  # noqa: B018 — ...must not be saved
     names = [i.name for i in reader.list_checkpoints(str(tmp_path))]
     assert names == ["step-000000002"]
     status = json.load(open(tmp_path / "run.json"))
@@ -205,8 +207,18 @@ def test_corrupt_newest_is_set_aside_and_previous_used(tmp_path):
 def test_retention_keeps_last_best_and_resume_source(tmp_path):
     model, opt = _tiny()
     values = iter([5.0, 3.0, 4.0, 4.5, 6.0, 7.0])
-    with guardian.protect(model=model, optimizer=opt, dir=str(tmp_path), every_steps=1, every_epochs=None,
-                          keep_last=2, keep_best=1, monitor="loss", save_best=True, save_on_exit=False) as g:
+    with guardian.protect(
+        model=model,
+        optimizer=opt,
+        dir=str(tmp_path),
+        every_steps=1,
+        every_epochs=None,
+        keep_last=2,
+        keep_best=1,
+        monitor="loss",
+        save_best=True,
+        save_on_exit=False,
+    ) as g:
         for _ in range(6):
             _train_steps(g, model, opt, 1)
             g.report(loss=next(values))
@@ -219,8 +231,15 @@ def test_retention_keeps_last_best_and_resume_source(tmp_path):
 
 def test_keep_every_keeps_forever(tmp_path):
     model, opt = _tiny()
-    with guardian.protect(model=model, optimizer=opt, dir=str(tmp_path), every_steps=1, every_epochs=None,
-                          keep_last=1, keep_every=3) as g:
+    with guardian.protect(
+        model=model,
+        optimizer=opt,
+        dir=str(tmp_path),
+        every_steps=1,
+        every_epochs=None,
+        keep_last=1,
+        keep_every=3,
+    ) as g:
         _train_steps(g, model, opt, 7)
     steps = [i.manifest.step for i in reader.list_checkpoints(str(tmp_path))]
     assert steps == [3, 6, 7]
@@ -244,8 +263,15 @@ def test_early_stopping_restores_best_weights(tmp_path):
 
 def test_nan_is_never_best(tmp_path):
     model, opt = _tiny()
-    with guardian.protect(model=model, optimizer=opt, dir=str(tmp_path), monitor="val", mode="max",
-                          every_epochs=None, save_on_exit=False) as g:
+    with guardian.protect(
+        model=model,
+        optimizer=opt,
+        dir=str(tmp_path),
+        monitor="val",
+        mode="max",
+        every_epochs=None,
+        save_on_exit=False,
+    ) as g:
         g.report(val=float("nan"))
         g.report(val=0.5)
         g.report(val=float("nan"))
@@ -258,8 +284,15 @@ def test_every_seconds(tmp_path):
     import time
 
     model, opt = _tiny()
-    with guardian.protect(model=model, optimizer=opt, dir=str(tmp_path), every_seconds=0.05,
-                          every_epochs=None, save_on_exit=False, keep_last=None) as g:
+    with guardian.protect(
+        model=model,
+        optimizer=opt,
+        dir=str(tmp_path),
+        every_seconds=0.05,
+        every_epochs=None,
+        save_on_exit=False,
+        keep_last=None,
+    ) as g:
         for _ in range(3):
             time.sleep(0.06)
             _train_steps(g, model, opt, 1)
@@ -323,8 +356,13 @@ SIGNAL_JOB = os.path.join(ROOT, "tests", "signal_job.py")
 
 @pytest.mark.parametrize("signame,code", [("SIGTERM", 75), ("SIGUSR1", 75), ("SIGUSR2", 75), ("SIGINT", 130)])
 def test_signal_saves_at_next_boundary_and_exits(tmp_path, signame, code):
-    proc = subprocess.run([sys.executable, SIGNAL_JOB, str(tmp_path), signame], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "GUARDIAN_QUIET": "1"})
+    proc = subprocess.run(
+        [sys.executable, SIGNAL_JOB, str(tmp_path), signame],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "GUARDIAN_QUIET": "1"},
+    )
     assert proc.returncode == code, proc.stderr
     newest = reader.newest_valid(str(tmp_path))
     assert newest.manifest.reason == ["preempt"]

@@ -145,8 +145,20 @@ def test_listed_pt_file_is_refused(run, tmp_path):
 
 # -------------------------------------------------------------- escaping the checkpoint
 
-TRAVERSAL = ["../x", "../step-000000001/state.json", "/etc/passwd", "a/../../x", "./state.json",
-             "a//b", "a\\b", "x\x00y", "..", "", MANIFEST_FILE, "sub/../state.json"]
+TRAVERSAL = [
+    "../x",
+    "../step-000000001/state.json",
+    "/etc/passwd",
+    "a/../../x",
+    "./state.json",
+    "a//b",
+    "a\\b",
+    "x\x00y",
+    "..",
+    "",
+    MANIFEST_FILE,
+    "sub/../state.json",
+]
 
 
 @pytest.mark.parametrize("rel", TRAVERSAL)
@@ -168,7 +180,9 @@ def test_symlink_to_outside_file_is_refused(run, tmp_path):
     os.unlink(os.path.join(ckpt, STATE_FILE))
     os.symlink(outside, os.path.join(ckpt, STATE_FILE))
     info = inspect_checkpoint(ckpt)
-    assert info.problems == [f"{os.path.join(ckpt, STATE_FILE)}: not a regular file (symlinks and devices are refused)"]
+    assert info.problems == [
+        f"{os.path.join(ckpt, STATE_FILE)}: not a regular file (symlinks and devices are refused)"
+    ]
     _falls_back(run)
 
 
@@ -206,26 +220,78 @@ ABSURD = {
     "length 101MB": (b"{}", b"", 101 * 1024 * 1024, UnsafeCheckpointError, "header claims"),
     "length 0": (b"{}", b"", 0, CorruptCheckpointError, "not valid JSON"),
     "not an object": (b"[1, 2]", b"", None, CorruptCheckpointError, "not a JSON object"),
-    "huge end offset": ({"a": _t(offsets=(0, 2**63))}, b"\0" * 8, None, CorruptCheckpointError, "needs 8 bytes"),
-    "huge shape": ({"a": _t(shape=(2**47, 2**47), offsets=(0, 2**94))}, b"", None, CorruptCheckpointError,
-                   "truncated or padded"),
-    "dim 2**48": ({"a": _t(shape=(2**48,), offsets=(0, 2**48))}, b"", None, CorruptCheckpointError,
-                  "invalid shape"),
-    "overlap": ({"a": _t(offsets=(0, 8)), "b": _t(offsets=(4, 12))}, b"\0" * 12, None, UnsafeCheckpointError,
-                "no holes or overlaps"),
-    "hole": ({"a": _t(offsets=(0, 8)), "b": _t(offsets=(16, 24))}, b"\0" * 24, None, UnsafeCheckpointError,
-             "no holes or overlaps"),
-    "does not start at 0": ({"a": _t(offsets=(8, 16))}, b"\0" * 16, None, UnsafeCheckpointError,
-                            "expected 0"),
-    "same range twice": ({"a": _t(), "b": _t()}, b"\0" * 8, None, UnsafeCheckpointError, "no holes or overlaps"),
+    "huge end offset": (
+        {"a": _t(offsets=(0, 2**63))},
+        b"\0" * 8,
+        None,
+        CorruptCheckpointError,
+        "needs 8 bytes",
+    ),
+    "huge shape": (
+        {"a": _t(shape=(2**47, 2**47), offsets=(0, 2**94))},
+        b"",
+        None,
+        CorruptCheckpointError,
+        "truncated or padded",
+    ),
+    "dim 2**48": (
+        {"a": _t(shape=(2**48,), offsets=(0, 2**48))},
+        b"",
+        None,
+        CorruptCheckpointError,
+        "invalid shape",
+    ),
+    "overlap": (
+        {"a": _t(offsets=(0, 8)), "b": _t(offsets=(4, 12))},
+        b"\0" * 12,
+        None,
+        UnsafeCheckpointError,
+        "no holes or overlaps",
+    ),
+    "hole": (
+        {"a": _t(offsets=(0, 8)), "b": _t(offsets=(16, 24))},
+        b"\0" * 24,
+        None,
+        UnsafeCheckpointError,
+        "no holes or overlaps",
+    ),
+    "does not start at 0": (
+        {"a": _t(offsets=(8, 16))},
+        b"\0" * 16,
+        None,
+        UnsafeCheckpointError,
+        "expected 0",
+    ),
+    "same range twice": (
+        {"a": _t(), "b": _t()},
+        b"\0" * 8,
+        None,
+        UnsafeCheckpointError,
+        "no holes or overlaps",
+    ),
     "negative offset": ({"a": _t(offsets=(-8, 0))}, b"", None, UnsafeCheckpointError, "invalid data_offsets"),
     "reversed offsets": ({"a": _t(offsets=(8, 0))}, b"", None, UnsafeCheckpointError, "invalid data_offsets"),
-    "float offsets": ({"a": _t(offsets=(0.0, 8.0))}, b"\0" * 8, None, UnsafeCheckpointError,
-                      "invalid data_offsets"),
-    "bool offsets": ({"a": _t(shape=(1,), offsets=(False, True))}, b"\0", None, UnsafeCheckpointError,
-                     "invalid data_offsets"),
-    "three offsets": ({"a": _t(offsets=(0, 4, 8))}, b"\0" * 8, None, UnsafeCheckpointError,
-                      "invalid data_offsets"),
+    "float offsets": (
+        {"a": _t(offsets=(0.0, 8.0))},
+        b"\0" * 8,
+        None,
+        UnsafeCheckpointError,
+        "invalid data_offsets",
+    ),
+    "bool offsets": (
+        {"a": _t(shape=(1,), offsets=(False, True))},
+        b"\0",
+        None,
+        UnsafeCheckpointError,
+        "invalid data_offsets",
+    ),
+    "three offsets": (
+        {"a": _t(offsets=(0, 4, 8))},
+        b"\0" * 8,
+        None,
+        UnsafeCheckpointError,
+        "invalid data_offsets",
+    ),
     "negative dim": ({"a": _t(shape=(-8,))}, b"\0" * 8, None, CorruptCheckpointError, "invalid shape"),
     "unknown dtype": ({"a": _t(dtype="PICKLE")}, b"\0" * 8, None, CorruptCheckpointError, "unknown dtype"),
     "padded data": ({"a": _t()}, b"\0" * 9, None, CorruptCheckpointError, "truncated or padded"),
@@ -235,8 +301,13 @@ ABSURD = {
     "empty key": ({"": _t()}, b"\0" * 8, None, UnsafeCheckpointError, "empty"),
     "entry not an object": ({"a": [1]}, b"", None, CorruptCheckpointError, "is not an object"),
     "metadata not strings": ({"__metadata__": {"k": 1}}, b"", None, CorruptCheckpointError, "__metadata__"),
-    "duplicate key": (b'{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"a":{}}', b"\0" * 8, None,
-                      UnsafeCheckpointError, "duplicate JSON key 'a'"),
+    "duplicate key": (
+        b'{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"a":{}}',
+        b"\0" * 8,
+        None,
+        UnsafeCheckpointError,
+        "duplicate JSON key 'a'",
+    ),
     "NaN literal": (b'{"__metadata__":{"k":NaN}}', b"", None, UnsafeCheckpointError, "NaN"),
     "invalid utf-8": (b'{"\xff":1}', b"", None, CorruptCheckpointError, "not valid JSON"),
     "pickle as header": (pickle.dumps({"a": 1}), b"", None, CorruptCheckpointError, "not valid JSON"),
@@ -342,7 +413,7 @@ def test_manifest_with_huge_number_does_not_break_recovery(run):
     with open(path, "rb") as f:
         text = f.read()
     with open(path, "wb") as f:
-        f.write(text.replace(b'"created_unix": ', b'"created_unix": 1' + b"0" * 400 + b", \"x\": ", 1))
+        f.write(text.replace(b'"created_unix": ', b'"created_unix": 1' + b"0" * 400 + b', "x": ', 1))
     info = inspect_checkpoint(ckpt)
     assert not info.valid and info.problems[0].startswith(path)
     _falls_back(run)
@@ -367,7 +438,7 @@ def test_state_keys_with_nul_newline_and_slashes_round_trip(tmp_path):
         write_files(txn, capture({"m\n/x": ("module", tree)}))
         txn.commit(Manifest(name=STEP1, step=1, epoch=0, seq=1, files={}))
     assert inspect_checkpoint(os.path.join(run, STEP1)).valid
-    (kind, back), = load(os.path.join(run, STEP1)).values()
+    ((kind, back),) = load(os.path.join(run, STEP1)).values()
     assert kind == "module" and set(back) == set(tree)
     for k in keys:
         assert torch.equal(back[k], tree[k])
@@ -418,8 +489,10 @@ def same(a, b) -> bool:
 
 
 HOSTILE_TEXT = st.one_of(
-    st.sampled_from(sorted(TAGS) + ["v", "[0]", "a/b", "../x", "%2F", "\u202e", "key\x00", "\n", "", "{}",
-                                    "__tensor__ ", "__TUPLE__"]),
+    st.sampled_from(
+        sorted(TAGS)
+        + ["v", "[0]", "a/b", "../x", "%2F", "\u202e", "key\x00", "\n", "", "{}", "__tensor__ ", "__TUPLE__"]
+    ),
     st.text(max_size=8),
 )
 KEYS = st.one_of(
@@ -511,9 +584,16 @@ def test_read_layout_on_random_bytes(tmp_path, data):
 
 
 JSONISH = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
-              st.text(max_size=6)),
-    lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(st.text(max_size=4), kids, max_size=3)),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=6),
+    ),
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=3), st.dictionaries(st.text(max_size=4), kids, max_size=3)
+    ),
     max_leaves=12,
 )
 
@@ -521,9 +601,15 @@ JSONISH = st.recursive(
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.dictionaries(st.text(max_size=3), JSONISH, max_size=3),
-    st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(["U8", "F32", "BOOL", "X"]),
-                       st.lists(st.integers(-1, 4), max_size=3), st.lists(st.integers(-2, 40), max_size=3)),
-             max_size=4),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c"]),
+            st.sampled_from(["U8", "F32", "BOOL", "X"]),
+            st.lists(st.integers(-1, 4), max_size=3),
+            st.lists(st.integers(-2, 40), max_size=3),
+        ),
+        max_size=4,
+    ),
     st.integers(0, 64),
 )
 def test_read_layout_on_structured_garbage(tmp_path, extra, tensors, data_len):
@@ -547,16 +633,40 @@ def test_manifest_parse_on_random_bytes(data):
         pass
 
 
-MANIFEST_FIELDS = ["format", "version", "name", "step", "epoch", "seq", "files", "reason", "metrics",
-                   "components", "world_size", "batch_in_epoch", "created_unix", "guardian_version", "extra"]
+MANIFEST_FIELDS = [
+    "format",
+    "version",
+    "name",
+    "step",
+    "epoch",
+    "seq",
+    "files",
+    "reason",
+    "metrics",
+    "components",
+    "world_size",
+    "batch_in_epoch",
+    "created_unix",
+    "guardian_version",
+    "extra",
+]
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.dictionaries(st.sampled_from(MANIFEST_FIELDS), JSONISH, max_size=15),
-       st.dictionaries(st.text(max_size=6), JSONISH, max_size=3))
+@given(
+    st.dictionaries(st.sampled_from(MANIFEST_FIELDS), JSONISH, max_size=15),
+    st.dictionaries(st.text(max_size=6), JSONISH, max_size=3),
+)
 def test_manifest_parse_on_structured_garbage(fields, files):
-    obj = {"format": "guardian.checkpoint", "version": 1, "name": "n", "step": 1, "epoch": 0, "seq": 1,
-           "files": files}
+    obj = {
+        "format": "guardian.checkpoint",
+        "version": 1,
+        "name": "n",
+        "step": 1,
+        "epoch": 0,
+        "seq": 1,
+        "files": files,
+    }
     obj.update(fields)
     try:
         manifest_mod.parse(json.dumps(obj).encode(), "m.json")

@@ -17,11 +17,11 @@ import sys
 import time
 
 import pytest
+from helpers import ROOT, final_digest, run_trainlib
 
 from guardian.faults import FAULT_EXIT_CODE
 from guardian.format import reader
 from guardian.runfiles import read_heartbeat
-from helpers import ROOT, final_digest, run_trainlib
 
 CFG = {"optimizer": "adamw", "scheduler": "onecycle", "epochs": 3, "every_steps": 3}
 
@@ -46,9 +46,17 @@ def test_sigkill_at_random_step_resumes_exactly(tmp_path, reference, seed):
 
 
 SAVE_POINTS = [
-    "save.tmpdir_created", "save.file_written", "save.file_fsynced", "save.before_manifest",
-    "save.manifest_written", "save.manifest_fsynced", "save.tmpdir_fsynced", "save.renamed",
-    "save.parent_fsynced", "retention.renamed", "retention.deleted",
+    "save.tmpdir_created",
+    "save.file_written",
+    "save.file_fsynced",
+    "save.before_manifest",
+    "save.manifest_written",
+    "save.manifest_fsynced",
+    "save.tmpdir_fsynced",
+    "save.renamed",
+    "save.parent_fsynced",
+    "retention.renamed",
+    "retention.deleted",
 ]
 
 
@@ -76,8 +84,13 @@ def test_external_sigkill_of_process_group_with_workers(tmp_path, seed):
     assert run_trainlib(ref, cfg).returncode == 0
     run = str(tmp_path / "run")
     env = {**os.environ, "GUARDIAN_QUIET": "1", "GUARDIAN_HEARTBEAT_INTERVAL": "0"}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "trainlib.py"), run, json.dumps(cfg)],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "tests", "trainlib.py"), run, json.dumps(cfg)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     _kill_group_at_step(proc, run, random.Random(seed).randint(2, 100))
     assert run_trainlib(run, cfg).returncode == 0
     assert final_digest(run) == final_digest(ref)
@@ -98,8 +111,12 @@ def _kill_group_at_step(proc: subprocess.Popen, run: str, step: int) -> None:
 
 
 def _inspect_digest(run: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "guardian.cli", "inspect", run, "--json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "guardian.cli", "inspect", run, "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)["digest"]
 
 
@@ -112,8 +129,13 @@ def test_mnist_example_killed_and_resumed_matches_uninterrupted(tmp_path):
     ref = str(tmp_path / "ref")
     subprocess.run([sys.executable, script, "--dir", ref, *args], env=env, check=True, capture_output=True)
     run = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, script, "--dir", run, *args], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, script, "--dir", run, *args],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     _kill_group_at_step(proc, run, 9)  # mid-epoch 1 of 2 (6 steps per epoch)
     subprocess.run([sys.executable, script, "--dir", run, *args], env=env, check=True, capture_output=True)
     assert _inspect_digest(run) == _inspect_digest(ref)

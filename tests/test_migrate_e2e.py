@@ -16,19 +16,29 @@ from guardian.state.snapshot import load
 
 try:
     from guardian import protect
+
     protect.__name__  # noqa: B018 (the lazy attribute may point at a module not written yet)
 except (ImportError, AttributeError, ModuleNotFoundError):
     from guardian.guard import protect
 
 FACTORY_NEW = "test_migrate_support:NewNet"
 FACTORY_OLD = "test_migrate_support:OldNet"
-SEED_TOML = '[[rules]]\nfrom = "conv1.{p}"\nto = "embed_1.{p}"\n\n[[rules]]\nfrom = "conv2.{p}"\nto = "embed_2.{p}"\n'
+SEED_TOML = (
+    '[[rules]]\nfrom = "conv1.{p}"\nto = "embed_1.{p}"\n\n[[rules]]\nfrom = "conv2.{p}"\nto = "embed_2.{p}"\n'
+)
 TOTAL_STEPS = 4
 
 
 def _protect(objects, run_dir, **kw):
-    return protect(objects, dir=str(run_dir), every_steps=2, every_epochs=None, handle_signals=False,
-                   async_save=False, **kw)
+    return protect(
+        objects,
+        dir=str(run_dir),
+        every_steps=2,
+        every_epochs=None,
+        handle_signals=False,
+        async_save=False,
+        **kw,
+    )
 
 
 def _loop(model, opt, guard):
@@ -50,15 +60,24 @@ def seed_run(tmp_path_factory):
     assert os.path.isdir(ckpt)
     rules = root / "rules.toml"
     rules.write_text(SEED_TOML)
-    return {"root": root, "ckpt": ckpt, "final": {k: v.clone() for k, v in model.state_dict().items()},
-            "rules": str(rules)}
+    return {
+        "root": root,
+        "ckpt": ckpt,
+        "final": {k: v.clone() for k, v in model.state_dict().items()},
+        "rules": str(rules),
+    }
 
 
 def test_seed_case_end_to_end(seed_run, tmp_path):
     before = sorted(os.listdir(seed_run["ckpt"]))
     out = str(tmp_path / "migrated")
-    result = M.migrate(seed_run["ckpt"], out, FACTORY_NEW, seed_run["rules"],
-                       numeric={"old": FACTORY_OLD, "input_shape": (2, 1, 28, 28)})
+    result = M.migrate(
+        seed_run["ckpt"],
+        out,
+        FACTORY_NEW,
+        seed_run["rules"],
+        numeric={"old": FACTORY_OLD, "input_shape": (2, 1, 28, 28)},
+    )
     assert result.numeric_diff == 0.0
     assert sorted(os.listdir(seed_run["ckpt"])) == before  # the input is untouched
 
@@ -90,8 +109,10 @@ def test_training_resumed_from_migrated_checkpoint_continues_exactly(seed_run, t
         assert g.global_step == 2
         _loop(model, opt, g)
     rename = {"embed_1": "conv1", "embed_2": "conv2"}
-    final = {rename.get(k.split(".")[0], k.split(".")[0]) + "." + k.split(".", 1)[1]: v
-             for k, v in model.state_dict().items()}
+    final = {
+        rename.get(k.split(".")[0], k.split(".")[0]) + "." + k.split(".", 1)[1]: v
+        for k, v in model.state_dict().items()
+    }
     assert final.keys() == seed_run["final"].keys()
     for k, v in seed_run["final"].items():
         assert torch.equal(final[k], v), k
@@ -106,8 +127,10 @@ def test_cli_seed_case_with_auto(seed_run, tmp_path):
     assert sorted(s["from"] for s in report["suggestions"]) == ["conv1.{p}", "conv2.{p}"]
     assert all(s["confidence"] >= 0.99 for s in report["suggestions"])
     out = str(tmp_path / "auto")
-    res = runner.invoke(main, ["migrate", seed_run["ckpt"], "-o", out, "--to", FACTORY_NEW, "--auto",
-                               "--numeric", FACTORY_OLD])
+    res = runner.invoke(
+        main,
+        ["migrate", seed_run["ckpt"], "-o", out, "--to", FACTORY_NEW, "--auto", "--numeric", FACTORY_OLD],
+    )
     assert res.exit_code == 0, res.output
     assert "numeric check: max |old - new| = 0" in res.output
     NewNet().load_state_dict(load(out)["model"][1], strict=True)
@@ -116,8 +139,20 @@ def test_cli_seed_case_with_auto(seed_run, tmp_path):
 def test_cli_plan_review_apply_revert(seed_run, tmp_path):
     runner = CliRunner()
     plan_file = str(tmp_path / "plan.json")
-    res = runner.invoke(main, ["migrate", "plan", seed_run["ckpt"], "--to", FACTORY_NEW, "--rules",
-                               seed_run["rules"], "-o", plan_file])
+    res = runner.invoke(
+        main,
+        [
+            "migrate",
+            "plan",
+            seed_run["ckpt"],
+            "--to",
+            FACTORY_NEW,
+            "--rules",
+            seed_run["rules"],
+            "-o",
+            plan_file,
+        ],
+    )
     assert res.exit_code == 0 and "CLEAN" in res.output
     out = str(tmp_path / "dst")
     res = runner.invoke(main, ["migrate", "apply", seed_run["ckpt"], "--plan", plan_file, "-o", out])
@@ -129,11 +164,14 @@ def test_cli_plan_review_apply_revert(seed_run, tmp_path):
 
     def digest(p):
         return reader.checkpoint_digest(reader.component_summaries(p, reader.inspect_checkpoint(p).manifest))
+
     assert digest(back) == digest(seed_run["ckpt"])  # every component, byte for byte
     # destination exists → refused with exit 12
     res = runner.invoke(main, ["migrate", "apply", seed_run["ckpt"], "--plan", plan_file, "-o", out])
     assert res.exit_code == M.EXIT_REJECTED and "already exists" in res.output
-    res = runner.invoke(main, ["migrate", "apply", seed_run["ckpt"], "--plan", plan_file, "-o", out, "--force"])
+    res = runner.invoke(
+        main, ["migrate", "apply", seed_run["ckpt"], "--plan", plan_file, "-o", out, "--force"]
+    )
     assert res.exit_code == 0
 
 
@@ -167,7 +205,9 @@ def test_multi_model_checkpoint_migrates_one_and_keeps_the_other(tmp_path):
     opt = torch.optim.SGD(list(a.parameters()) + list(b.parameters()), lr=0.1, momentum=0.9)
     train_steps(a, opt, 1)
     src = write_ckpt(str(tmp_path / "src"), {"student": a, "teacher": b, "optimizer": opt})
-    rules = {"rules": [{"from": "conv1.{p}", "to": "embed_1.{p}"}, {"from": "conv2.{p}", "to": "embed_2.{p}"}]}
+    rules = {
+        "rules": [{"from": "conv1.{p}", "to": "embed_1.{p}"}, {"from": "conv2.{p}", "to": "embed_2.{p}"}]
+    }
     out = str(tmp_path / "out")
     M.migrate(src, out, FACTORY_NEW, rules, component="student")
     loaded = load(out)
@@ -204,11 +244,16 @@ def test_real_seed_net_from_the_example(tmp_path):
         target = M.from_module(Renamed())
     assert len(target.specs) == 8 and "embed_1.weight" in target.specs
     p = M.plan(src, target, auto=True)
-    assert [(a["from"], a["to"]) for a in p.applied] == [("conv1.{p}", "embed_1.{p}"), ("conv2.{p}", "embed_2.{p}")]
+    assert [(a["from"], a["to"]) for a in p.applied] == [
+        ("conv1.{p}", "embed_1.{p}"),
+        ("conv2.{p}", "embed_2.{p}"),
+    ]
     M.apply(src, p, str(tmp_path / "out"))
     loaded = load(str(tmp_path / "out"))
     new = Renamed()
     new.load_state_dict(loaded["model"][1], strict=True)
     assert torch.equal(new.eval()(x), net.eval()(x))
-    assert torch.equal(loaded["optimizer"][1]["state"]["embed_2.weight"]["square_avg"],
-                       opt.state[net.conv2.weight]["square_avg"])
+    assert torch.equal(
+        loaded["optimizer"][1]["state"]["embed_2.weight"]["square_avg"],
+        opt.state[net.conv2.weight]["square_avg"],
+    )

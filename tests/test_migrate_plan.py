@@ -12,7 +12,9 @@ from guardian.migrate.rules import parse_rules
 from guardian.migrate.sources import tensor_spec
 from guardian.migrate.targets import from_module
 
-SEED_RULES = {"rules": [{"from": "conv1.{p}", "to": "embed_1.{p}"}, {"from": "conv2.{p}", "to": "embed_2.{p}"}]}
+SEED_RULES = {
+    "rules": [{"from": "conv1.{p}", "to": "embed_1.{p}"}, {"from": "conv2.{p}", "to": "embed_2.{p}"}]
+}
 
 
 def specs(sd):
@@ -72,8 +74,12 @@ def test_low_confidence_is_never_applied():
 
 
 def test_layer_templates_collapse_to_one_rule_per_template():
-    old = nn.ModuleDict({"layers": nn.ModuleList([nn.Linear(3, 3) for _ in range(6)]), "head": nn.Linear(3, 2)})
-    new = nn.ModuleDict({"blocks": nn.ModuleList([nn.Linear(3, 3) for _ in range(6)]), "head": nn.Linear(3, 2)})
+    old = nn.ModuleDict(
+        {"layers": nn.ModuleList([nn.Linear(3, 3) for _ in range(6)]), "head": nn.Linear(3, 2)}
+    )
+    new = nn.ModuleDict(
+        {"blocks": nn.ModuleList([nn.Linear(3, 3) for _ in range(6)]), "head": nn.Linear(3, 2)}
+    )
     p = plan_for(old.state_dict(), new, auto=True)
     assert not p.blocked
     assert [(a["from"], a["to"]) for a in p.applied] == [("layers.{i:int}.{p}", "blocks.{i}.{p}")]
@@ -84,7 +90,9 @@ def test_common_prefix_change_becomes_one_rule():
         return nn.ModuleDict({name: nn.ModuleDict({"a": nn.Linear(2, 3), "b": nn.Linear(3, 4)})})
 
     p = plan_for(tower("encoder").state_dict(), tower("backbone"), auto=True)
-    assert [(a["from"], a["to"], a["kind"]) for a in p.applied] == [("encoder.{rest:*}", "backbone.{rest:*}", "prefix")]
+    assert [(a["from"], a["to"], a["kind"]) for a in p.applied] == [
+        ("encoder.{rest:*}", "backbone.{rest:*}", "prefix")
+    ]
 
 
 def test_wrapper_prefixes_need_no_rules():
@@ -99,7 +107,9 @@ def test_wrapper_prefixes_need_no_rules():
 
 
 def test_typo_in_rule_is_unexpected_with_did_you_mean():
-    rules = {"rules": [{"from": "conv1.{p}", "to": "embbed_1.{p}"}, {"from": "conv2.{p}", "to": "embed_2.{p}"}]}
+    rules = {
+        "rules": [{"from": "conv1.{p}", "to": "embbed_1.{p}"}, {"from": "conv2.{p}", "to": "embed_2.{p}"}]
+    }
     p = plan_for(OldNet().state_dict(), NewNet(), rules)
     assert p.blocked
     bad = [i for i in p.issues if i.status == "UNEXPECTED"]
@@ -114,14 +124,18 @@ def test_dead_rule_blocks():
 
 
 def test_non_injective_mapping_blocks():
-    rules = {"rules": [{"from": "conv1.{p}", "to": "embed_1.{p}"}, {"from": "conv2.{p}", "to": "embed_1.{p}"}]}
+    rules = {
+        "rules": [{"from": "conv1.{p}", "to": "embed_1.{p}"}, {"from": "conv2.{p}", "to": "embed_1.{p}"}]
+    }
     p = plan_for(OldNet().state_dict(), NewNet(), rules)
     assert any(x.startswith("not injective: 'embed_1.") for x in p.problems)
 
 
 def test_drop_and_expect_missing():
-    rules = {"rules": SEED_RULES["rules"] + [{"from": "fc2.{p}", "drop": "new head"}],
-             "expect_missing": [{"pattern": "fc2.{p}", "why": "fresh head"}]}
+    rules = {
+        "rules": SEED_RULES["rules"] + [{"from": "fc2.{p}", "drop": "new head"}],
+        "expect_missing": [{"pattern": "fc2.{p}", "why": "fresh head"}],
+    }
     p = plan_for(OldNet().state_dict(), NewNet(), rules)
     assert not p.blocked and p.lossy  # a drop cannot be reverted
     assert {e.status for e in p.entries} >= {"DROPPED", "MISSING-EXPECTED"}
@@ -137,10 +151,21 @@ def test_config_differs_is_diagnosed_once():
 
 def test_undeclared_lossy_op_blocks_and_declared_passes():
     rule = {"from": "fc2.weight", "to": "fc2.weight", "ops": [{"op": "cast", "dtype": "F16"}]}
-    p = plan_for(NewNet().state_dict(), NewNet().half(), {"rules": [dict(rule, **{"from": "{x}.{p}", "to": "{x}.{p}"})]})
+    p = plan_for(
+        NewNet().state_dict(),
+        NewNet().half(),
+        {"rules": [dict(rule, **{"from": "{x}.{p}", "to": "{x}.{p}"})]},
+    )
     assert any("loses information" in x and "lossy = true" in x for x in p.problems)
-    ok = plan_for(NewNet().state_dict(), NewNet().half(),
-                  {"rules": [{"from": "{x}.{p}", "to": "{x}.{p}", "ops": [{"op": "cast", "dtype": "F16"}], "lossy": True}]})
+    ok = plan_for(
+        NewNet().state_dict(),
+        NewNet().half(),
+        {
+            "rules": [
+                {"from": "{x}.{p}", "to": "{x}.{p}", "ops": [{"op": "cast", "dtype": "F16"}], "lossy": True}
+            ]
+        },
+    )
     assert not ok.blocked and ok.lossy
 
 
@@ -164,8 +189,16 @@ def test_tied_weights_must_stay_tied():
 
 
 def test_regex_escape_hatch_is_checked_for_invertibility():
-    good = {"rules": [{"regex": r"conv(\d)\.(.*)", "to": r"embed_\1.\2",
-                       "inverse_regex": r"embed_(\d)\.(.*)", "inverse_to": r"conv\1.\2"}]}
+    good = {
+        "rules": [
+            {
+                "regex": r"conv(\d)\.(.*)",
+                "to": r"embed_\1.\2",
+                "inverse_regex": r"embed_(\d)\.(.*)",
+                "inverse_to": r"conv\1.\2",
+            }
+        ]
+    }
     assert not plan_for(OldNet().state_dict(), NewNet(), good).blocked
     bad = {"rules": [dict(good["rules"][0], inverse_to=r"conv\1.x")]}
     p = plan_for(OldNet().state_dict(), NewNet(), bad)
@@ -184,7 +217,11 @@ def test_split_and_concat_rules():
             for n in "qkv":
                 self.register_buffer(n, torch.zeros(2, 2))
 
-    rules = {"rules": [{"from": "qkv", "to": ["q", "k", "v"], "ops": [{"op": "split", "dim": 0, "sizes": [2, 2, 2]}]}]}
+    rules = {
+        "rules": [
+            {"from": "qkv", "to": ["q", "k", "v"], "ops": [{"op": "split", "dim": 0, "sizes": [2, 2, 2]}]}
+        ]
+    }
     p = plan_for(Fused().state_dict(), Split(), rules)
     assert not p.blocked and p.entries[0].status == "TRANSFORMED"
     back = {"rules": [{"from": ["q", "k", "v"], "to": "qkv", "ops": [{"op": "concat", "dim": 0}]}]}

@@ -34,10 +34,14 @@ def cases(draw):
         b = torch.randn(rows, generator=gen)
         sd[f"{old}.weight"], sd[f"{old}.bias"] = w, b
         op = draw(st.sampled_from(OPS))
-        wop = {"none": [], "transpose": [{"op": "transpose", "dims": [0, 1]}],
-               "reshape": [{"op": "reshape", "shape": [rows * cols]}], "cast": [{"op": "cast", "dtype": "F64"}],
-               "pad_rows": [{"op": "pad_rows", "rows": 2}],
-               "split": [{"op": "split", "dim": 0, "sizes": [rows // 2, rows // 2]}]}[op]
+        wop = {
+            "none": [],
+            "transpose": [{"op": "transpose", "dims": [0, 1]}],
+            "reshape": [{"op": "reshape", "shape": [rows * cols]}],
+            "cast": [{"op": "cast", "dtype": "F64"}],
+            "pad_rows": [{"op": "pad_rows", "rows": 2}],
+            "split": [{"op": "split", "dim": 0, "sizes": [rows // 2, rows // 2]}],
+        }[op]
         wdst = [f"{new}.w1", f"{new}.w2"] if op == "split" else f"{new}.weight"
         rules.append({"from": f"{old}.weight", "to": wdst, "ops": wop})
         rules.append({"from": f"{old}.{{p}}", "to": f"{new}.{{p}}"})
@@ -49,7 +53,10 @@ def cases(draw):
 
 
 def optimizer_tree(sd):
-    state = {k: {"step": torch.tensor(3.0), "exp_avg": torch.randn_like(v), "momentum_buffer": None} for k, v in sd.items()}
+    state = {
+        k: {"step": torch.tensor(3.0), "exp_avg": torch.randn_like(v), "momentum_buffer": None}
+        for k, v in sd.items()
+    }
     return {"state": state, "param_groups": [{"lr": 0.1, "params": list(sd)}]}
 
 
@@ -69,7 +76,9 @@ def assert_same(a, b):
 def test_revert_of_apply_is_identity(case):
     sd, rules, tspecs = case
     target = Target("generated", tspecs, params=list(tspecs))
-    plan = make_plan({k: tensor_spec(v) for k, v in sd.items()}, target, parse_rules({"rules": rules}), values=sd)
+    plan = make_plan(
+        {k: tensor_spec(v) for k, v in sd.items()}, target, parse_rules({"rules": rules}), values=sd
+    )
     assert not plan.blocked, (plan.problems, plan.issues)
     assert not plan.lossy
     notes: list[str] = []
@@ -91,8 +100,16 @@ def test_revert_of_apply_is_identity(case):
 @given(st.integers(1, 4), st.integers(1, 4))
 def test_lossy_rows_reset_optimizer_state_and_say_so(rows, cols):
     sd = {"e.weight": torch.randn(rows + 1, cols)}
-    rules = {"rules": [{"from": "e.weight", "to": "e.weight", "lossy": True,
-                        "ops": [{"op": "slice_rows", "start": 0, "stop": rows}]}]}
+    rules = {
+        "rules": [
+            {
+                "from": "e.weight",
+                "to": "e.weight",
+                "lossy": True,
+                "ops": [{"op": "slice_rows", "start": 0, "stop": rows}],
+            }
+        ]
+    }
     target = Target("t", {"e.weight": ((rows, cols), "F32")}, params=["e.weight"])
     plan = make_plan({k: tensor_spec(v) for k, v in sd.items()}, target, parse_rules(rules))
     assert plan.lossy and not plan.blocked

@@ -18,7 +18,9 @@ import guardian.migrate as M
 from guardian.cli import main
 
 NEW, OLD = "test_migrate_support:NewNet", "test_migrate_support:OldNet"
-SEED_TOML = '[[rules]]\nfrom = "conv1.{p}"\nto = "embed_1.{p}"\n[[rules]]\nfrom = "conv2.{p}"\nto = "embed_2.{p}"\n'
+SEED_TOML = (
+    '[[rules]]\nfrom = "conv1.{p}"\nto = "embed_1.{p}"\n[[rules]]\nfrom = "conv2.{p}"\nto = "embed_2.{p}"\n'
+)
 
 
 def run(*args):
@@ -143,13 +145,19 @@ def test_existing_destination_refused(ckpt, tmp_path):
 
 def test_lossy_revert_refused_unless_forced(ckpt, tmp_path):
     rules = tmp_path / "lossy.toml"
-    rules.write_text(SEED_TOML + '[[rules]]\nfrom = "fc2.{p}"\ndrop = "replaced head"\n'
-                     '[[expect_missing]]\npattern = "fc2.{p}"\n')
+    rules.write_text(
+        SEED_TOML + '[[rules]]\nfrom = "fc2.{p}"\ndrop = "replaced head"\n'
+        '[[expect_missing]]\npattern = "fc2.{p}"\n'
+    )
     out = str(tmp_path / "out")
     res = run(ckpt["path"], "-o", out, "--to", NEW, "--rules", str(rules))
     assert res.exit_code == 0, res.output
     res = run("revert", out, "-o", str(tmp_path / "back"))
-    assert res.exit_code == M.EXIT_REJECTED and "the migration was lossy" in res.output and "--force-lossy" in res.output
+    assert (
+        res.exit_code == M.EXIT_REJECTED
+        and "the migration was lossy" in res.output
+        and "--force-lossy" in res.output
+    )
     res = run("revert", out, "-o", str(tmp_path / "back"), "--force-lossy")
     assert res.exit_code == 0, res.output
 
@@ -160,8 +168,18 @@ def test_revert_of_unmigrated_checkpoint_refused(ckpt, tmp_path):
 
 
 def test_numeric_verification_failure(ckpt, tmp_path):
-    res = run(ckpt["path"], "-o", str(tmp_path / "out"), "--to", NEW, "--rules", ckpt["rules"],
-              "--numeric", "test_migrate_support:DoubledOldNet", "--json")
+    res = run(
+        ckpt["path"],
+        "-o",
+        str(tmp_path / "out"),
+        "--to",
+        NEW,
+        "--rules",
+        ckpt["rules"],
+        "--numeric",
+        "test_migrate_support:DoubledOldNet",
+        "--json",
+    )
     assert res.exit_code == M.EXIT_VERIFY_FAILED
     assert "numeric check failed" in res.output
 
@@ -190,10 +208,12 @@ def test_corrupt_source_checkpoint_refused(ckpt, tmp_path):
 
 
 def test_migrate_cli_import_stays_torch_free():
-    code = ("import sys; from guardian.cli import main\n"
-            "try:\n    main(['migrate', '--help'])\nexcept SystemExit:\n    pass\n"
-            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys; from guardian.cli import main\n"
+        "try:\n    main(['migrate', '--help'])\nexcept SystemExit:\n    pass\n"
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
+        "assert not bad, bad\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "plan" in res.stdout and "revert" in res.stdout

@@ -24,20 +24,26 @@ def test_placeholders_full_match_and_invert():
     assert compile_pattern("conv1.{p}", "t").match("conv1.sub.weight") is None  # {p} is one segment
 
 
-@pytest.mark.parametrize("doc, message", [
-    ({"rules": [{"from": "a.{p}", "to": "b.{q}"}]}, "must use the same placeholders"),
-    ({"rules": [{"from": "a.{p}.{p}", "to": "b.{p}"}]}, "appears twice"),
-    ({"rules": [{"from": "a.{p", "to": "b"}]}, "malformed placeholder"),
-    ({"rules": [{"from": "a", "drop": ""}]}, "drop needs a reason"),
-    ({"rules": [{"regex": "a(.*)", "to": "b\\1"}]}, "must state its inverse"),
-    ({"rules": [{"from": "a", "to": "b", "form": 1}]}, "unknown fields ['form']"),
-    ({"rules": [{"from": "a", "to": "b", "ops": [{"op": "rotate"}]}]}, "unknown op"),
-    ({"rules": [{"from": "a", "to": "b", "ops": [{"op": "cast", "dtype": "F17"}]}]}, "cast to unknown dtype"),
-    ({"rules": [{"from": "a.{i:int}", "to": ["b.{i}", "c.{i}"]}]}, "several 'to' keys need a split op"),
-    ({"expect_missing": [{"pattern": "x", "init": "random"}]}, "init must be one of"),
-    ({"version": 2}, "rules version 2 is not supported"),
-    ({"renames": []}, "unknown top-level keys"),
-])
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"rules": [{"from": "a.{p}", "to": "b.{q}"}]}, "must use the same placeholders"),
+        ({"rules": [{"from": "a.{p}.{p}", "to": "b.{p}"}]}, "appears twice"),
+        ({"rules": [{"from": "a.{p", "to": "b"}]}, "malformed placeholder"),
+        ({"rules": [{"from": "a", "drop": ""}]}, "drop needs a reason"),
+        ({"rules": [{"regex": "a(.*)", "to": "b\\1"}]}, "must state its inverse"),
+        ({"rules": [{"from": "a", "to": "b", "form": 1}]}, "unknown fields ['form']"),
+        ({"rules": [{"from": "a", "to": "b", "ops": [{"op": "rotate"}]}]}, "unknown op"),
+        (
+            {"rules": [{"from": "a", "to": "b", "ops": [{"op": "cast", "dtype": "F17"}]}]},
+            "cast to unknown dtype",
+        ),
+        ({"rules": [{"from": "a.{i:int}", "to": ["b.{i}", "c.{i}"]}]}, "several 'to' keys need a split op"),
+        ({"expect_missing": [{"pattern": "x", "init": "random"}]}, "init must be one of"),
+        ({"version": 2}, "rules version 2 is not supported"),
+        ({"renames": []}, "unknown top-level keys"),
+    ],
+)
 def test_bad_rules_are_rejected_with_a_message(doc, message):
     with pytest.raises(RulesError) as e:
         parse_rules(doc, "r.toml")
@@ -72,7 +78,9 @@ def test_ops_shapes_and_inverses():
     assert out == [((8, 4), "F32")] and inv == [{"op": "slice_rows", "start": 0, "stop": 6}]
     assert ops.chain([{"op": "cast", "dtype": "F16"}], spec, "t")[1] is None  # narrowing: lossy
     assert ops.chain([{"op": "slice_rows", "start": 0, "stop": 3}], spec, "t")[1] is None
-    assert ops.chain([{"op": "cast", "dtype": "F32"}], [((2,), "F16")], "t")[1] == [{"op": "cast", "dtype": "F16"}]
+    assert ops.chain([{"op": "cast", "dtype": "F32"}], [((2,), "F16")], "t")[1] == [
+        {"op": "cast", "dtype": "F16"}
+    ]
     with pytest.raises(RulesError, match="reshape must keep the element count"):
         ops.chain([{"op": "reshape", "shape": [5, 5]}], spec, "t")
 

@@ -102,8 +102,15 @@ def write_ckpt(path: str, objects: dict[str, Any], step: int = 3) -> str:
     os.makedirs(parent, exist_ok=True)
     with CheckpointTxn(parent, name) as txn:
         write_files(txn, snap)
-        man = Manifest(name=name, step=step, epoch=0, seq=1, files={}, reason=["test"],
-                       components={n: {"kind": c["kind"]} for n, c in snap.components.items()})
+        man = Manifest(
+            name=name,
+            step=step,
+            epoch=0,
+            seq=1,
+            files={},
+            reason=["test"],
+            components={n: {"kind": c["kind"]} for n, c in snap.components.items()},
+        )
         return txn.commit(man)
 
 

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from guardian.errors import MetricError
-from guardian.policies import BestMetric, EarlyStopping, PolicyState, Retention, SaveSchedule, early_stopping_update, to_float
+from guardian.policies import (
+    BestMetric,
+    EarlyStopping,
+    PolicyState,
+    Retention,
+    SaveSchedule,
+    early_stopping_update,
+    to_float,
+)
 
 
 def test_schedule_combines_triggers():
@@ -20,10 +28,13 @@ def test_schedule_combines_triggers():
         SaveSchedule(every_steps=0)
 
 
-@pytest.mark.parametrize("mode,values,expected", [
-    ("min", [3, 2.5, 2.49, 1.0], [True, True, False, True]),
-    ("max", [0.5, 0.55, 0.56, 0.7], [True, True, False, True]),
-])
+@pytest.mark.parametrize(
+    "mode,values,expected",
+    [
+        ("min", [3, 2.5, 2.49, 1.0], [True, True, False, True]),
+        ("max", [0.5, 0.55, 0.56, 0.7], [True, True, False, True]),
+    ],
+)
 def test_best_with_min_delta(mode, values, expected):
     rule = BestMetric("m", mode, min_delta=0.02)
     best, got = None, []
@@ -60,8 +71,16 @@ def test_early_stopping_patience():
 
 
 def _ckpts(n, best_at=()):
-    return [{"name": f"c{i}", "step": i, "seq": i, "reason": ["best"] if i in best_at else ["steps"],
-             "metrics": {"loss": 10 - i if i in best_at else 99}} for i in range(1, n + 1)]
+    return [
+        {
+            "name": f"c{i}",
+            "step": i,
+            "seq": i,
+            "reason": ["best"] if i in best_at else ["steps"],
+            "metrics": {"loss": 10 - i if i in best_at else 99},
+        }
+        for i in range(1, n + 1)
+    ]
 
 
 def test_retention_never_deletes_newest_best_or_protected():

@@ -144,8 +144,16 @@ for step in range(start, start + count):
 
 def run_writer(run: str, start: int, count: int, *, keep: int = 2, broken: bool = False, timeout: float = 30):
     proc = subprocess.Popen(
-        [PYTHON, "-c", WRITER.format(tests=os.path.join(REPO, "tests")), run, str(start), str(count),
-         str(keep), "1" if broken else "0"],
+        [
+            PYTHON,
+            "-c",
+            WRITER.format(tests=os.path.join(REPO, "tests")),
+            run,
+            str(start),
+            str(count),
+            str(keep),
+            "1" if broken else "0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

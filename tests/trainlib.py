@@ -73,13 +73,25 @@ def make_scheduler(name: str, opt: torch.optim.Optimizer, steps: int) -> Any:
         "step": lambda: s.StepLR(opt, step_size=2, gamma=0.5),
         "exponential": lambda: s.ExponentialLR(opt, gamma=0.9),
         "cosine": lambda: s.CosineAnnealingLR(opt, T_max=steps, eta_min=1e-4),
-        "cyclic": lambda: s.CyclicLR(opt, base_lr=1e-3, max_lr=1e-2, step_size_up=4,
-                                     cycle_momentum=isinstance(opt, torch.optim.SGD) and bool(opt.defaults.get("momentum"))),
-        "onecycle": lambda: s.OneCycleLR(opt, max_lr=1e-2, total_steps=steps,
-                                         cycle_momentum="betas" in opt.defaults or bool(opt.defaults.get("momentum"))),
+        "cyclic": lambda: s.CyclicLR(
+            opt,
+            base_lr=1e-3,
+            max_lr=1e-2,
+            step_size_up=4,
+            cycle_momentum=isinstance(opt, torch.optim.SGD) and bool(opt.defaults.get("momentum")),
+        ),
+        "onecycle": lambda: s.OneCycleLR(
+            opt,
+            max_lr=1e-2,
+            total_steps=steps,
+            cycle_momentum="betas" in opt.defaults or bool(opt.defaults.get("momentum")),
+        ),
         "plateau": lambda: s.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=0),
-        "warmup_cosine": lambda: s.SequentialLR(opt, [s.LinearLR(opt, start_factor=0.1, total_iters=3),
-                                                      s.CosineAnnealingLR(opt, T_max=steps)], milestones=[3]),
+        "warmup_cosine": lambda: s.SequentialLR(
+            opt,
+            [s.LinearLR(opt, start_factor=0.1, total_iters=3), s.CosineAnnealingLR(opt, T_max=steps)],
+            milestones=[3],
+        ),
     }[name]()
 
 
@@ -93,8 +105,13 @@ def build(cfg: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1234)
     x = torch.randn(cfg["samples"], 10, generator=gen)
     y = (x[:, 0] > 0).long()
-    loader = DataLoader(TensorDataset(x, y), batch_size=cfg["batch_size"], shuffle=True,
-                        num_workers=cfg["num_workers"], persistent_workers=False)
+    loader = DataLoader(
+        TensorDataset(x, y),
+        batch_size=cfg["batch_size"],
+        shuffle=True,
+        num_workers=cfg["num_workers"],
+        persistent_workers=False,
+    )
     model = TinyNet(cfg["ballast"])
     opt = make_optimizer(cfg["optimizer"], model.parameters())
     steps_per_epoch = len(loader) // cfg["accumulate"] + (1 if len(loader) % cfg["accumulate"] else 0)
@@ -107,8 +124,13 @@ def build(cfg: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def train(cfg: dict[str, Any], run_dir: str, kill_at: int | None = None, crash_at: int | None = None,
-          **protect_kw: Any) -> dict[str, Any]:
+def train(
+    cfg: dict[str, Any],
+    run_dir: str,
+    kill_at: int | None = None,
+    crash_at: int | None = None,
+    **protect_kw: Any,
+) -> dict[str, Any]:
     """Train to the end (resuming if checkpoints exist). ``crash_at`` raises inside the
     loop (an in-process stand-in for a crash); ``kill_at`` SIGKILLs the process."""
     cfg = {**DEFAULT, **cfg}
@@ -157,7 +179,9 @@ def train(cfg: dict[str, Any], run_dir: str, kill_at: int | None = None, crash_a
 if __name__ == "__main__":
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # drill reads "saved …" lines
+    logging.basicConfig(
+        level=logging.INFO, format="%(message)s", stream=sys.stdout
+    )  # drill reads "saved …" lines
     run, cfg_json = sys.argv[1], sys.argv[2]
     kill = os.environ.get("KILL_AT_STEP")
     train(json.loads(cfg_json), run, kill_at=int(kill) if kill else None)

@@ -74,9 +74,15 @@ def _print_table(rows: list[dict[str, Any]], verified: bool) -> None:
     now = time.time()
     table = [
         [
-            r["name"], str(r["step"] if r["step"] is not None else "?"), str(r["epoch"] if r["epoch"] is not None else "?"),
+            r["name"],
+            str(r["step"] if r["step"] is not None else "?"),
+            str(r["epoch"] if r["epoch"] is not None else "?"),
             ",".join(r["reason"]) or "-",
-            " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(r["metrics"].items())) or "-",
+            " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in sorted(r["metrics"].items())
+            )
+            or "-",
             _human_bytes(r["bytes"]) if r["bytes"] is not None else "?",
             _age(now - r["created"]) if r["created"] else "?",
             ("ok" if verified else "ok (manifest)") if r["valid"] else "INVALID",
@@ -117,8 +123,18 @@ def verify(path: str, as_json: bool) -> None:
         _fail(f"no checkpoints in {path}", EXIT_NOT_FOUND)
     bad = [i for i in infos if not i.valid]
     if as_json:
-        click.echo(json.dumps({"valid": not bad, "checkpoints": [
-            {"name": i.name, "path": i.path, "valid": i.valid, "problems": i.problems} for i in infos]}, indent=1))
+        click.echo(
+            json.dumps(
+                {
+                    "valid": not bad,
+                    "checkpoints": [
+                        {"name": i.name, "path": i.path, "valid": i.valid, "problems": i.problems}
+                        for i in infos
+                    ],
+                },
+                indent=1,
+            )
+        )
     else:
         for i in infos:
             click.echo(f"{'ok     ' if i.valid else 'INVALID'} {i.path}")
@@ -150,16 +166,28 @@ def inspect_cmd(path: str, as_json: bool) -> None:
         _fail(str(e), e.exit_code)
     m = info.manifest
     out = {
-        "name": info.name, "path": os.path.abspath(info.path), "step": m.step, "epoch": m.epoch,
-        "batch_in_epoch": m.batch_in_epoch, "reason": m.reason, "metrics": m.metrics, "bytes": m.total_bytes,
-        "format_version": 1, "guardian_version": m.guardian_version,
+        "name": info.name,
+        "path": os.path.abspath(info.path),
+        "step": m.step,
+        "epoch": m.epoch,
+        "batch_in_epoch": m.batch_in_epoch,
+        "reason": m.reason,
+        "metrics": m.metrics,
+        "bytes": m.total_bytes,
+        "format_version": 1,
+        "guardian_version": m.guardian_version,
         "tensors": sum(c["tensors"] for c in components.values()),
-        "digest": reader.checkpoint_digest(components), "components": components,
+        "digest": reader.checkpoint_digest(components),
+        "components": components,
     }
     if as_json:
         click.echo(json.dumps(out, indent=1))
         return
-    click.echo(f"{out['path']}\n  step {m.step}, epoch {m.epoch}, reason {'+'.join(m.reason)}, "
-               f"{_human_bytes(m.total_bytes)}, digest {out['digest']}")
+    click.echo(
+        f"{out['path']}\n  step {m.step}, epoch {m.epoch}, reason {'+'.join(m.reason)}, "
+        f"{_human_bytes(m.total_bytes)}, digest {out['digest']}"
+    )
     for name, c in components.items():
-        click.echo(f"  {name:<24} {c['kind']:<10} {c['tensors']:>5} tensors {_human_bytes(c['bytes']):>10}  {c['digest']}")
+        click.echo(
+            f"  {name:<24} {c['kind']:<10} {c['tensors']:>5} tensors {_human_bytes(c['bytes']):>10}  {c['digest']}"
+        )

@@ -22,9 +22,13 @@ from ..daemon import DaemonError
 from ..daemon import knobs as knobs_mod
 from ..daemon import registry as reg
 
-home_option = click.option("--home", envvar="GUARDIAN_HOME", type=click.Path(file_okay=False),
-                           default=None, help="The daemon's state directory (default: per user; "
-                           "env GUARDIAN_HOME).")
+home_option = click.option(
+    "--home",
+    envvar="GUARDIAN_HOME",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="The daemon's state directory (default: per user; env GUARDIAN_HOME).",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
@@ -62,8 +66,15 @@ def daemon_pid(home: reg.Home) -> int | None:
 @click.option("--hang-min", type=float, help="Minimum heartbeat silence (s) before a job counts as hung.")
 @click.option("--startup", type=float, help="Allowance (s) before a job's first heartbeat.")
 @click.option("-v", "--verbose", is_flag=True)
-def watch(home: str | None, poll: float | None, backoff_base: float | None, max_failures: int | None,
-          hang_min: float | None, startup: float | None, verbose: bool) -> None:
+def watch(
+    home: str | None,
+    poll: float | None,
+    backoff_base: float | None,
+    max_failures: int | None,
+    hang_min: float | None,
+    startup: float | None,
+    verbose: bool,
+) -> None:
     """Run the supervisor in the foreground (systemd runs this as a service).
 
     Stopping the daemon (SIGTERM, Ctrl-C) never stops the jobs; the next daemon adopts them.
@@ -72,8 +83,15 @@ def watch(home: str | None, poll: float | None, backoff_base: float | None, max_
 
     h = _home(home)
     try:
-        k = knobs_mod.load({"poll": poll, "backoff_base": backoff_base, "max_failures": max_failures,
-                            "hang_min": hang_min, "startup": startup})
+        k = knobs_mod.load(
+            {
+                "poll": poll,
+                "backoff_base": backoff_base,
+                "max_failures": max_failures,
+                "hang_min": hang_min,
+                "startup": startup,
+            }
+        )
         h.ensure()
     except (ValueError, DaemonError) as e:
         _fail(e)
@@ -102,13 +120,23 @@ def _setup_logging(h: reg.Home, verbose: bool) -> None:
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @home_option
 @click.option("--name", help="Job name (default: from --dir or the command).")
-@click.option("--dir", "run_dir", type=click.Path(file_okay=False),
-              help="The run's checkpoint directory (given to the job as GUARDIAN_RUN_DIR).")
+@click.option(
+    "--dir",
+    "run_dir",
+    type=click.Path(file_okay=False),
+    help="The run's checkpoint directory (given to the job as GUARDIAN_RUN_DIR).",
+)
 @click.option("--replace", is_flag=True, help="Re-register a finished, failed, stopped or held job.")
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(home: str | None, name: str | None, run_dir: str | None, replace: bool, as_json: bool,
-        command: tuple[str, ...]) -> None:
+def run(
+    home: str | None,
+    name: str | None,
+    run_dir: str | None,
+    replace: bool,
+    as_json: bool,
+    command: tuple[str, ...],
+) -> None:
     """Register a job with the daemon, which starts it:  guardian run --dir RUN -- python train.py"""
     h = _home(home)
     try:
@@ -116,16 +144,28 @@ def run(home: str | None, name: str | None, run_dir: str | None, replace: bool, 
         name = reg.check_name(name or _default_name(run_dir, command))
         _check_replace(h, name, replace)
         rd = os.path.abspath(run_dir) if run_dir else os.path.join(h.job_dir(name), "run")
-        spec = reg.JobSpec(name=name, argv=list(command), cwd=os.getcwd(), run_dir=rd,
-                           env=dict(os.environ), owner_uid=os.getuid())
+        spec = reg.JobSpec(
+            name=name,
+            argv=list(command),
+            cwd=os.getcwd(),
+            run_dir=rd,
+            env=dict(os.environ),
+            owner_uid=os.getuid(),
+        )
         reg.save_spec(h, spec)
     except DaemonError as e:
         _fail(e)
     pid = daemon_pid(h)
-    note = (f"the daemon (pid {pid}) will start it" if pid else
-            "no daemon is running for this home; it will start when `guardian watch` runs")
-    _emit(as_json, {"name": name, "run_dir": rd, "argv": list(command), "daemon_pid": pid},
-          f"registered job {name!r} (run dir {rd}); {note}")
+    note = (
+        f"the daemon (pid {pid}) will start it"
+        if pid
+        else "no daemon is running for this home; it will start when `guardian watch` runs"
+    )
+    _emit(
+        as_json,
+        {"name": name, "run_dir": rd, "argv": list(command), "daemon_pid": pid},
+        f"registered job {name!r} (run dir {rd}); {note}",
+    )
 
 
 def _default_name(run_dir: str | None, command: tuple[str, ...]) -> str:
@@ -140,8 +180,10 @@ def _check_replace(h: reg.Home, name: str, replace: bool) -> None:
     st = reg.load_state(h, name)
     state = st.state if st else reg.PENDING
     if not replace:
-        raise DaemonError(f"job {name!r} already exists (state {state}); choose another --name, or "
-                          "--replace it once it is done, failed, stopped or held")
+        raise DaemonError(
+            f"job {name!r} already exists (state {state}); choose another --name, or "
+            "--replace it once it is done, failed, stopped or held"
+        )
     if state not in (*reg.TERMINAL, reg.HELD):
         raise DaemonError(f"job {name!r} is {state}; `guardian stop {name}` it before --replace")
 
@@ -159,17 +201,25 @@ def job_summary(h: reg.Home, name: str) -> dict[str, Any]:
     hb = read_heartbeat(spec.run_dir) if spec else None
     running = st.state in (reg.RUNNING, reg.STOPPING) and cur is not None
     return {
-        "name": name, "state": st.state, "reason": st.reason, "attempts": len(st.attempts),
-        "restarts": st.restarts, "failures_without_progress": st.failures,
+        "name": name,
+        "state": st.state,
+        "reason": st.reason,
+        "attempts": len(st.attempts),
+        "restarts": st.restarts,
+        "failures_without_progress": st.failures,
         "pid": (cur.child or {}).get("pid") if running else None,
         "last_checkpoint": st.last_checkpoint,
         "resume_from": cur.resume_from if cur else None,
-        "exit_code": cur.exit_code if cur else None, "signal": cur.signal if cur else None,
+        "exit_code": cur.exit_code if cur else None,
+        "signal": cur.signal if cur else None,
         "classification": cur.classification if cur else None,
         "heartbeat_age": round(time.time() - float(hb["time"]), 1) if hb and "time" in hb else None,
-        "step": hb.get("step") if hb else None, "phase": hb.get("phase") if hb else None,
-        "gpus": cur.gpus if cur else [], "next_start_at": st.next_start_at,
-        "stderr_tail": st.stderr_tail, "run_dir": spec.run_dir if spec else None,
+        "step": hb.get("step") if hb else None,
+        "phase": hb.get("phase") if hb else None,
+        "gpus": cur.gpus if cur else [],
+        "next_start_at": st.next_start_at,
+        "stderr_tail": st.stderr_tail,
+        "run_dir": spec.run_dir if spec else None,
         "argv": spec.argv if spec else None,
     }
 
@@ -203,9 +253,11 @@ def status(home: str | None, name: str | None, as_json: bool) -> None:
 
 def _print_job(j: dict[str, Any], detail: bool) -> None:
     hb = f"{j['heartbeat_age']:.0f}s ago" if j["heartbeat_age"] is not None else "-"
-    click.echo(f"{j['name']:<20} {j['state']:<10} attempts={j['attempts']} pid={j['pid'] or '-'} "
-               f"step={j['step'] if j['step'] is not None else '-'} heartbeat={hb} "
-               f"checkpoint={j['last_checkpoint'] or '-'} gpus={','.join(j['gpus']) or '-'}")
+    click.echo(
+        f"{j['name']:<20} {j['state']:<10} attempts={j['attempts']} pid={j['pid'] or '-'} "
+        f"step={j['step'] if j['step'] is not None else '-'} heartbeat={hb} "
+        f"checkpoint={j['last_checkpoint'] or '-'} gpus={','.join(j['gpus']) or '-'}"
+    )
     click.echo(f"    {j['reason']}")
     if j["stderr_tail"] and (detail or j["state"] in (reg.FAILED, reg.HELD, reg.INCOMPLETE)):
         click.echo("    last lines of stderr:")
@@ -272,16 +324,22 @@ def stop(home: str | None, name: str, grace: float | None, wait: bool, timeout: 
         _wait_stopped(h, name, timeout)
     st = reg.load_state(h, name)
     note = "" if pid else "; no daemon is running — the job stops when `guardian watch` next runs"
-    _emit(as_json, {"name": name, "requested": True, "state": st.state if st else None, "daemon_pid": pid},
-          f"stop requested for {name!r} (state {st.state if st else 'pending'}){note}")
+    _emit(
+        as_json,
+        {"name": name, "requested": True, "state": st.state if st else None, "daemon_pid": pid},
+        f"stop requested for {name!r} (state {st.state if st else 'pending'}){note}",
+    )
 
 
 def _wait_stopped(h: reg.Home, name: str, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         st = reg.load_state(h, name)
-        if st and st.state not in (reg.RUNNING, reg.STOPPING) and not os.path.exists(
-                h.job_file(name, "stop.request")):
+        if (
+            st
+            and st.state not in (reg.RUNNING, reg.STOPPING)
+            and not os.path.exists(h.job_file(name, "stop.request"))
+        ):
             return
         time.sleep(0.2)
     _fail(DaemonError(f"job {name!r} did not stop within {timeout:.0f} s"))
@@ -297,7 +355,9 @@ def service() -> None:
 
 @service.command("install")
 @home_option
-@click.option("--user", "user_mode", is_flag=True, help="A user unit (~/.config/systemd/user) with lingering.")
+@click.option(
+    "--user", "user_mode", is_flag=True, help="A user unit (~/.config/systemd/user) with lingering."
+)
 @click.option("--unit-dir", type=click.Path(file_okay=False), help="Write the unit here instead.")
 @click.option("--print", "print_only", is_flag=True, help="Print the unit; write nothing.")
 @json_option
@@ -314,8 +374,11 @@ def install(home: str | None, user_mode: bool, unit_dir: str | None, print_only:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
-    _emit(as_json, {"unit": path, "home": h.root, "next": svc.next_steps(user_mode)},
-          f"wrote {path}\nnext:\n  " + "\n  ".join(svc.next_steps(user_mode)))
+    _emit(
+        as_json,
+        {"unit": path, "home": h.root, "next": svc.next_steps(user_mode)},
+        f"wrote {path}\nnext:\n  " + "\n  ".join(svc.next_steps(user_mode)),
+    )
 
 
 def _emit(as_json: bool, record: dict[str, Any], text: str) -> None:

@@ -54,8 +54,19 @@ def _guarded(as_json: bool, fn: Callable[[], int]) -> None:
         if isinstance(e, (ValueError, FileExistsError)) and code not in (EXIT_BLOCKED, EXIT_VERIFY_FAILED):
             code = EXIT_REJECTED  # corrupt/unsafe inputs from format/ are rejections here
         if as_json:
-            click.echo(json.dumps({"schema": report.REPORT_SCHEMA, "status": "error", "exit_code": code,
-                                   "error": str(e), "type": type(e).__name__}, indent=1, sort_keys=True))
+            click.echo(
+                json.dumps(
+                    {
+                        "schema": report.REPORT_SCHEMA,
+                        "status": "error",
+                        "exit_code": code,
+                        "error": str(e),
+                        "type": type(e).__name__,
+                    },
+                    indent=1,
+                    sort_keys=True,
+                )
+            )
         click.echo(f"error: {e}", err=True)
         sys.exit(code)
     sys.exit(code)
@@ -78,11 +89,14 @@ def migrate() -> None:
     """
 
 
-_to = click.option("--to", "target", required=True, help="package.module:factory, signature .json, or checkpoint")
+_to = click.option(
+    "--to", "target", required=True, help="package.module:factory, signature .json, or checkpoint"
+)
 _rules = click.option("--rules", "rules", type=click.Path(dir_okay=False), help="rules file (TOML or JSON)")
 _auto = click.option("--auto", is_flag=True, help="apply suggestions at or above --threshold")
-_threshold = click.option("--threshold", type=float, default=0.8, show_default=True,
-                          help="minimum confidence for --auto")
+_threshold = click.option(
+    "--threshold", type=float, default=0.8, show_default=True, help="minimum confidence for --auto"
+)
 _component = click.option("--component", help="which model of a multi-model checkpoint to migrate")
 _json = click.option("--json", "as_json", is_flag=True, help="machine-readable output (versioned schema)")
 
@@ -96,8 +110,16 @@ _json = click.option("--json", "as_json", is_flag=True, help="machine-readable o
 @_component
 @click.option("-o", "--output", "plan_out", type=click.Path(dir_okay=False), help="write the plan file here")
 @_json
-def plan_cmd(src: str, target: str, rules: str | None, auto: bool, threshold: float, component: str | None,
-             plan_out: str | None, as_json: bool) -> None:
+def plan_cmd(
+    src: str,
+    target: str,
+    rules: str | None,
+    auto: bool,
+    threshold: float,
+    component: str | None,
+    plan_out: str | None,
+    as_json: bool,
+) -> None:
     """Report what a migration would do; writes nothing but the optional plan file."""
 
     def body() -> int:
@@ -114,7 +136,9 @@ def plan_cmd(src: str, target: str, rules: str | None, auto: bool, threshold: fl
 
 @migrate.command("apply")
 @click.argument("src")
-@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="plan file from `plan -o`")
+@click.option(
+    "--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="plan file from `plan -o`"
+)
 @click.option("-o", "--output", "dst", required=True, help="output checkpoint directory")
 @click.option("--force", is_flag=True, help="replace an existing output")
 @_json
@@ -125,8 +149,11 @@ def apply_cmd(src: str, plan_path: str, dst: str, force: bool, as_json: bool) ->
         from guardian.migrate import api
 
         result = api.apply(src, plan_path, dst, force=force)
-        _emit({"status": "applied", "path": result.path, "notes": result.notes, "exit_code": EXIT_CLEAN},
-              _done_text(result), as_json)
+        _emit(
+            {"status": "applied", "path": result.path, "notes": result.notes, "exit_code": EXIT_CLEAN},
+            _done_text(result),
+            as_json,
+        )
         return EXIT_CLEAN
 
     _guarded(as_json, body)
@@ -142,12 +169,25 @@ def apply_cmd(src: str, plan_path: str, dst: str, force: bool, as_json: bool) ->
 @_component
 @click.option("--force", is_flag=True, help="replace an existing output")
 @click.option("--numeric", "old_factory", help="also compare outputs: the OLD model's package.module:factory")
-@click.option("--input-shape", default="1,1,28,28", show_default=True, help="seeded input shape for --numeric")
+@click.option(
+    "--input-shape", default="1,1,28,28", show_default=True, help="seeded input shape for --numeric"
+)
 @click.option("--atol", type=float, default=1e-6, show_default=True)
 @_json
-def run_cmd(src: str, dst: str, target: str, rules: str | None, auto: bool, threshold: float,
-            component: str | None, force: bool, old_factory: str | None, input_shape: str, atol: float,
-            as_json: bool) -> None:
+def run_cmd(
+    src: str,
+    dst: str,
+    target: str,
+    rules: str | None,
+    auto: bool,
+    threshold: float,
+    component: str | None,
+    force: bool,
+    old_factory: str | None,
+    input_shape: str,
+    atol: float,
+    as_json: bool,
+) -> None:
     """Plan, apply and verify in one go; refuses when anything is unresolved."""
 
     def body() -> int:
@@ -155,11 +195,27 @@ def run_cmd(src: str, dst: str, target: str, rules: str | None, auto: bool, thre
 
         numeric = None
         if old_factory:
-            numeric = {"old": old_factory, "input_shape": [int(d) for d in input_shape.split(",")], "atol": atol}
-        result = api.migrate(src, dst, target, rules, auto=auto, threshold=threshold, force=force,
-                             component=component, numeric=numeric)
-        payload = report.to_json(result.plan) | {"path": result.path, "notes": result.notes,
-                                                 "numeric_diff": result.numeric_diff}
+            numeric = {
+                "old": old_factory,
+                "input_shape": [int(d) for d in input_shape.split(",")],
+                "atol": atol,
+            }
+        result = api.migrate(
+            src,
+            dst,
+            target,
+            rules,
+            auto=auto,
+            threshold=threshold,
+            force=force,
+            component=component,
+            numeric=numeric,
+        )
+        payload = report.to_json(result.plan) | {
+            "path": result.path,
+            "notes": result.notes,
+            "numeric_diff": result.numeric_diff,
+        }
         _emit(payload, report.render(result.plan) + "\n" + _done_text(result), as_json)
         return EXIT_CLEAN
 
@@ -179,8 +235,11 @@ def revert_cmd(migrated: str, dst: str, force: bool, force_lossy: bool, as_json:
         from guardian.migrate import api
 
         result = api.revert(migrated, dst, force=force, force_lossy=force_lossy)
-        _emit({"status": "reverted", "path": result.path, "notes": result.notes, "exit_code": EXIT_CLEAN},
-              _done_text(result), as_json)
+        _emit(
+            {"status": "reverted", "path": result.path, "notes": result.notes, "exit_code": EXIT_CLEAN},
+            _done_text(result),
+            as_json,
+        )
         return EXIT_CLEAN
 
     _guarded(as_json, body)
@@ -197,8 +256,11 @@ def signature_cmd(target: str, out: str, as_json: bool) -> None:
         from guardian.migrate import api
 
         t = api.signature(target, out)
-        _emit({"status": "written", "path": out, "tensors": len(t.specs), "exit_code": EXIT_CLEAN},
-              f"wrote {out}: {len(t.specs)} tensors of {t.description}", as_json)
+        _emit(
+            {"status": "written", "path": out, "tensors": len(t.specs), "exit_code": EXIT_CLEAN},
+            f"wrote {out}: {len(t.specs)} tensors of {t.description}",
+            as_json,
+        )
         return EXIT_CLEAN
 
     _guarded(as_json, body)

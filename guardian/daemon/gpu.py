@@ -13,8 +13,11 @@ from typing import Any
 
 log = logging.getLogger("guardian.daemon")
 
-XID_EVENT_NAMES = ("nvmlEventTypeXidCriticalError", "nvmlEventTypeDoubleBitEccError",
-                   "nvmlEventTypeSingleBitEccError")
+XID_EVENT_NAMES = (
+    "nvmlEventTypeXidCriticalError",
+    "nvmlEventTypeDoubleBitEccError",
+    "nvmlEventTypeSingleBitEccError",
+)
 
 
 class Gpus:

@@ -56,8 +56,12 @@ class HangClock:
             # the start time is all that tells a killed attempt's last beat from ours.
             return self.last
         try:
-            beat = Beat(int(hb.get("step", 0)), str(hb.get("phase", "train")), float(hb["time"]),
-                        float(hb["step_interval_p99"]) if hb.get("step_interval_p99") else None)
+            beat = Beat(
+                int(hb.get("step", 0)),
+                str(hb.get("phase", "train")),
+                float(hb["time"]),
+                float(hb["step_interval_p99"]) if hb.get("step_interval_p99") else None,
+            )
         except (KeyError, TypeError, ValueError):
             return self.last
         self._learn(beat)
@@ -97,7 +101,9 @@ class HangClock:
         quiet = self.silence(now)
         if limit is None or quiet <= limit:
             return None
-        where = f"step {self.last.step}, phase {self.last.phase}" if self.last else "before its first heartbeat"
+        where = (
+            f"step {self.last.step}, phase {self.last.phase}" if self.last else "before its first heartbeat"
+        )
         return f"no heartbeat for {quiet:.1f} s (limit {limit:.1f} s; {where})"
 
 

@@ -24,12 +24,24 @@ from dataclasses import dataclass
 from ..errors import EXIT_NEVER_RETRY, EXIT_OK, EXIT_REQUEUE
 from .knobs import Knobs
 
-DETERMINISTIC_ERRORS = frozenset({
-    "SyntaxError", "IndentationError", "TabError", "ImportError", "ModuleNotFoundError",
-    "NameError", "UnboundLocalError", "TypeError", "AttributeError", "NotImplementedError",
-    "StateMismatchError",
-    "NothingToProtectError", "UnsupportedStateError", "RunLockedError",
-})
+DETERMINISTIC_ERRORS = frozenset(
+    {
+        "SyntaxError",
+        "IndentationError",
+        "TabError",
+        "ImportError",
+        "ModuleNotFoundError",
+        "NameError",
+        "UnboundLocalError",
+        "TypeError",
+        "AttributeError",
+        "NotImplementedError",
+        "StateMismatchError",
+        "NothingToProtectError",
+        "UnsupportedStateError",
+        "RunLockedError",
+    }
+)
 # "Traceback ...\n  ...\nsome.module.NameError: message" — the last such line of stderr.
 _EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Exit|Interrupt))(?::|$)")
 
@@ -70,8 +82,11 @@ def classify(f: ExitFacts) -> Verdict:
     if f.exit_code == EXIT_OK:
         if f.run_state == "finished":
             return Verdict("done", "exited 0 and run.json says finished")
-        return Verdict("incomplete", f"exited 0 but run.json says {f.run_state or 'nothing'} "
-                       "(no 'finished' marker); not restarting — check the script")
+        return Verdict(
+            "incomplete",
+            f"exited 0 but run.json says {f.run_state or 'nothing'} "
+            "(no 'finished' marker); not restarting — check the script",
+        )
     if f.exit_code == EXIT_REQUEUE:
         return Verdict("requeue", "exit 75: checkpointed on request; restarting now", restart=True)
     if f.exit_code == EXIT_NEVER_RETRY:
@@ -79,8 +94,10 @@ def classify(f: ExitFacts) -> Verdict:
     if f.hung:
         return Verdict("hang", "killed after its heartbeat stopped", uses_budget=True, restart=True)
     if f.error_type in DETERMINISTIC_ERRORS and not f.made_progress:
-        return Verdict("permanent", f"{f.error_type} before any new checkpoint: deterministic, "
-                       "a restart would fail the same way")
+        return Verdict(
+            "permanent",
+            f"{f.error_type} before any new checkpoint: deterministic, a restart would fail the same way",
+        )
     if f.exit_code is None and f.run_state == "finished":
         return Verdict("done", "exit status unknown (shim gone) but run.json says finished")
     if f.exit_code is None and f.run_state == "preempted":
@@ -89,14 +106,18 @@ def classify(f: ExitFacts) -> Verdict:
 
 
 def _crash_reason(f: ExitFacts) -> str:
-    how = f"killed by {f.signal}" if f.signal else (
-        "exit status unknown" if f.exit_code is None else f"exit code {f.exit_code}")
+    how = (
+        f"killed by {f.signal}"
+        if f.signal
+        else ("exit status unknown" if f.exit_code is None else f"exit code {f.exit_code}")
+    )
     what = f" ({f.error_type})" if f.error_type else ""
     return f"{how}{what}"
 
 
-def give_up_reason(failures: int, failure_times: list[float], attempts: int, now: float,
-                   k: Knobs) -> str | None:
+def give_up_reason(
+    failures: int, failure_times: list[float], attempts: int, now: float, k: Knobs
+) -> str | None:
     """Why not to restart after a budget-using failure, or None to go on."""
     if failures >= k.max_failures:
         return f"{failures} failures without a newer valid checkpoint (limit {k.max_failures})"

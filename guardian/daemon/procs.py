@@ -82,8 +82,14 @@ def spawn_shim(attempt_dir: str, argv: list[str], cwd: str, env: dict[str, str])
     """
     cmd = [sys.executable, "-m", "guardian.daemon.shim", attempt_dir, "--", *argv]
     return subprocess.Popen(
-        cmd, cwd=cwd, env=env, start_new_session=True, close_fds=True,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cmd,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+        close_fds=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -175,8 +181,9 @@ def dump_stacks(child: ProcId, stderr_path: str, wait: float) -> list[str]:
 
 def _run_py_spy(py_spy: str, pid: int, wait: float) -> str:
     try:
-        r = subprocess.run([py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True,
-                           timeout=max(10.0, wait * 5))
+        r = subprocess.run(
+            [py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=max(10.0, wait * 5)
+        )
         return f"--- py-spy dump ---\n{r.stdout}{r.stderr}"
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"--- py-spy dump failed: {e} ---\n"

@@ -40,19 +40,26 @@ def decide(a: Attempt, boot: str, attempt_dir: str) -> Decision:
     if os.path.exists(os.path.join(attempt_dir, EXIT_FILE)):
         return Decision("finished", f"attempt {a.n} ended while the daemon was away; its exit was recorded")
     if a.boot_id != boot:
-        return Decision("reboot", f"host rebooted while attempt {a.n} was running "
-                        f"(boot {a.boot_id[:8]} → {boot[:8]}); resuming without using the crash budget")
+        return Decision(
+            "reboot",
+            f"host rebooted while attempt {a.n} was running "
+            f"(boot {a.boot_id[:8]} → {boot[:8]}); resuming without using the crash budget",
+        )
     shim, child = ProcId.from_dict(a.shim), ProcId.from_dict(a.child)
     try:
         if is_alive(shim) or is_alive(child):
             who = shim or child
-            return Decision("adopt", f"attempt {a.n} still running (pid {who.pid}, create time matches); "
-                            "adopted", shim)
+            return Decision(
+                "adopt", f"attempt {a.n} still running (pid {who.pid}, create time matches); adopted", shim
+            )
         if shim is None and child is None:
             return _find_unrecorded(a, attempt_dir)
     except Unknowable as e:
-        return Decision("hold", f"cannot tell whether attempt {a.n} still runs ({e}); held — "
-                        "check with ps, then `guardian stop` or `guardian run --replace`")
+        return Decision(
+            "hold",
+            f"cannot tell whether attempt {a.n} still runs ({e}); held — "
+            "check with ps, then `guardian stop` or `guardian run --replace`",
+        )
     return Decision("finished", f"attempt {a.n}'s processes are gone and left no exit record: a crash")
 
 
@@ -61,10 +68,16 @@ def _find_unrecorded(a: Attempt, attempt_dir: str) -> Decision:
     for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
         cmd = p.info.get("cmdline") or []
         if "guardian.daemon.shim" in cmd and attempt_dir in cmd:
-            return Decision("adopt", f"attempt {a.n} found running as pid {p.pid} (its pid had not been "
-                            "recorded); adopted", ProcId(p.pid, p.info["create_time"]))
-    return Decision("reboot", f"attempt {a.n} was being started when the daemon stopped and never ran; "
-                    "starting it (no crash budget used)")
+            return Decision(
+                "adopt",
+                f"attempt {a.n} found running as pid {p.pid} (its pid had not been recorded); adopted",
+                ProcId(p.pid, p.info["create_time"]),
+            )
+    return Decision(
+        "reboot",
+        f"attempt {a.n} was being started when the daemon stopped and never ran; "
+        "starting it (no crash budget used)",
+    )
 
 
 def run_dir_owner(run_dir: str, ours: list[dict]) -> str | None:
@@ -87,5 +100,7 @@ def run_dir_owner(run_dir: str, ours: list[dict]) -> str | None:
         return None
     except psutil.AccessDenied:
         pass
-    return (f"{run_dir}: run.json says pid {pid} is training into this directory and that process is "
-            "alive; not starting a second copy. Stop it, then `guardian run --replace`.")
+    return (
+        f"{run_dir}: run.json says pid {pid} is training into this directory and that process is "
+        "alive; not starting a second copy. Stop it, then `guardian run --replace`."
+    )

@@ -44,8 +44,9 @@ TERMINAL = (DONE, FAILED, STOPPED, INCOMPLETE)
 
 def check_name(name: str) -> str:
     if not NAME_RE.match(name):
-        raise DaemonError(f"job name {name!r}: use 1-64 letters, digits, '.', '_' or '-' "
-                          "(it becomes a directory name)")
+        raise DaemonError(
+            f"job name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (it becomes a directory name)"
+        )
     return name
 
 
@@ -136,8 +137,7 @@ class Home:
             os.makedirs(d, mode=0o700, exist_ok=True)
             st = os.lstat(d)
             if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():
-                raise DaemonError(f"{d}: not a directory owned by uid {os.getuid()}; "
-                                  "choose another --home")
+                raise DaemonError(f"{d}: not a directory owned by uid {os.getuid()}; choose another --home")
             if stat.S_IMODE(st.st_mode) != 0o700:
                 os.chmod(d, 0o700)
         return self
@@ -187,8 +187,10 @@ def check_owned(path: str) -> None:
     if st.st_uid != os.getuid():
         raise UnsafeJobError(f"{path}: owned by uid {st.st_uid}, not by the daemon's uid {os.getuid()}")
     if st.st_mode & 0o022:
-        raise UnsafeJobError(f"{path}: writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
-                             "refusing to run a command others could have changed")
+        raise UnsafeJobError(
+            f"{path}: writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+            "refusing to run a command others could have changed"
+        )
 
 
 def save_spec(home: Home, spec: JobSpec) -> None:
@@ -225,8 +227,9 @@ def append_event(home: Home, name: str, event: str, reason: str, **evidence: Any
     """One line per decision. O_APPEND + a single write keeps lines whole."""
     record = {"time": time.time(), "job": name, "event": event, "reason": reason, **evidence}
     line = strictjson.dumps(record) + b"\n"
-    fd = os.open(home.job_file(name, "events.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                 0o600)
+    fd = os.open(
+        home.job_file(name, "events.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
     try:
         os.write(fd, line)
         os.fsync(fd)

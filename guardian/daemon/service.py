@@ -59,6 +59,9 @@ def unit_path(user_mode: bool, unit_dir: str | None = None) -> str:
 def next_steps(user_mode: bool) -> list[str]:
     if user_mode:
         user = os.environ.get("USER", "$USER")
-        return ["systemctl --user daemon-reload", "systemctl --user enable --now guardian",
-                f"loginctl enable-linger {user}   # start at boot, without a login"]
+        return [
+            "systemctl --user daemon-reload",
+            "systemctl --user enable --now guardian",
+            f"loginctl enable-linger {user}   # start at boot, without a login",
+        ]
     return ["systemctl daemon-reload", "systemctl enable --now guardian"]

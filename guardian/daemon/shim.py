@@ -70,8 +70,12 @@ class _Forwarder:
 
 def _exit_record(returncode: int) -> dict:
     sig = -returncode if returncode < 0 else None
-    return {"returncode": returncode, "signal": sig,
-            "signal_name": signal.Signals(sig).name if sig else None, "ended": time.time()}
+    return {
+        "returncode": returncode,
+        "signal": sig,
+        "signal_name": signal.Signals(sig).name if sig else None,
+        "ended": time.time(),
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -84,8 +88,9 @@ def main(argv: list[str]) -> int:
     err = open(os.path.join(attempt_dir, STDERR_LOG), "ab")
     forwarder = _Forwarder()
     try:
-        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                 process_group=0, close_fds=True)
+        child = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, process_group=0, close_fds=True
+        )
     except OSError as e:
         err.write(f"guardian shim: cannot start {cmd[0]!r}: {e}\n".encode())
         err.flush()

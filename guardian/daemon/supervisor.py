@@ -88,12 +88,16 @@ class Supervisor:
         except BlockingIOError as e:
             os.close(fd)
             other = reg.read_json(self.home.path("daemon.json")) or {}
-            raise DaemonError(f"{self.home.root}: another guardian daemon (pid {other.get('pid')}) "
-                              "already supervises this state directory") from e
+            raise DaemonError(
+                f"{self.home.root}: another guardian daemon (pid {other.get('pid')}) "
+                "already supervises this state directory"
+            ) from e
         self._lock_fd = fd
         me = psutil.Process()
-        reg.write_json(self.home.path("daemon.json"), {"pid": me.pid, "create_time": me.create_time(),
-                                                       "boot_id": self.boot, "started": time.time()})
+        reg.write_json(
+            self.home.path("daemon.json"),
+            {"pid": me.pid, "create_time": me.create_time(), "boot_id": self.boot, "started": time.time()},
+        )
         log.info("guardian watch: supervising %s (pid %d, boot %s)", self.home.root, me.pid, self.boot)
 
     def release(self) -> None:
@@ -144,8 +148,13 @@ class Supervisor:
         if spec.created > st.spec_created and st.state in (*reg.TERMINAL, reg.HELD):
             st = self.reset(st, spec)
         if name not in self.jobs:
-            self.event(st, "registered" if not st.attempts else "loaded", f"state {st.state}",
-                       argv=spec.argv, run_dir=spec.run_dir)
+            self.event(
+                st,
+                "registered" if not st.attempts else "loaded",
+                f"state {st.state}",
+                argv=spec.argv,
+                run_dir=spec.run_dir,
+            )
         self.jobs[name] = st
         self.save(st)
         self.waker.watch(spec.run_dir)
@@ -300,8 +309,12 @@ class Supervisor:
             st.progress_mark = list(newest.mark)
             st.last_checkpoint = newest.name
             if st.failures:
-                self.event(st, "progress", f"new valid checkpoint {newest.name}: failure counter "
-                           f"{st.failures} → 0", checkpoint=newest.name)
+                self.event(
+                    st,
+                    "progress",
+                    f"new valid checkpoint {newest.name}: failure counter {st.failures} → 0",
+                    checkpoint=newest.name,
+                )
             st.failures = 0
             st.resume_override = None
             self.save(st)
@@ -327,8 +340,12 @@ class Supervisor:
         self.event(st, "hang", why, step=beat.step if beat else None)
         if child is not None:
             done = procs.dump_stacks(child, self.attempt_file(st, STDERR_LOG), self.k.stack_dump_wait)
-            self.event(st, "stacks", "collected evidence before killing: " + "; ".join(done),
-                       log=self.attempt_file(st, STDERR_LOG))
+            self.event(
+                st,
+                "stacks",
+                "collected evidence before killing: " + "; ".join(done),
+                log=self.attempt_file(st, STDERR_LOG),
+            )
         self.begin_stop(st, "hang", "term", self.k.kill_grace)
 
     # ------------------------------------------------------------------ stopping
@@ -338,8 +355,11 @@ class Supervisor:
         sig = signal.SIGUSR2 if stage == "usr2" else signal.SIGTERM
         sent = procs.signal_process(child, sig)
         st.stop = {"why": why, "stage": stage, "deadline": time.time() + grace}
-        reason = (f"sent {sig.name} to pid {child.pid if child else '?'}; waiting {grace:.0f} s"
-                  if sent else "the job's process is not running yet; killing its session")
+        reason = (
+            f"sent {sig.name} to pid {child.pid if child else '?'}; waiting {grace:.0f} s"
+            if sent
+            else "the job's process is not running yet; killing its session"
+        )
         self.set_state(st, reg.STOPPING, reason, "stopping", why=why)
         if not sent:
             self.escalate(st, force=True)
@@ -392,26 +412,42 @@ class Supervisor:
         made_progress = a.newest_checkpoint is not None and a.newest_checkpoint != a.resume_from
         stop = st.stop or {}
         return policy.ExitFacts(
-            exit_code=a.exit_code, signal=a.signal, run_state=(status or {}).get("state"),
+            exit_code=a.exit_code,
+            signal=a.signal,
+            run_state=(status or {}).get("state"),
             error_type=error_type or policy.error_type_from_stderr(st.stderr_tail),
-            made_progress=made_progress, hung=stop.get("why") == "hang",
-            stop_requested=stop.get("why") == "request")
+            made_progress=made_progress,
+            hung=stop.get("why") == "hang",
+            stop_requested=stop.get("why") == "request",
+        )
 
-    def close_attempt(self, st: JobState, classification: str, reason: str,
-                      facts: policy.ExitFacts | None = None) -> None:
+    def close_attempt(
+        self, st: JobState, classification: str, reason: str, facts: policy.ExitFacts | None = None
+    ) -> None:
         a = st.current
         a.ended = a.ended or time.time()
         a.classification, a.reason = classification, reason
         st.stop = None
         how = f"exit {a.exit_code}" if a.exit_code is not None else (a.signal or "exit unknown")
-        self.event(st, "exit", f"attempt {a.n}: {how} → {classification}: {reason}", attempt=a.n,
-                   exit_code=a.exit_code, signal=a.signal, classification=classification,
-                   stderr_tail=st.stderr_tail[-5:] if classification not in ("done", "requeue") else [])
+        self.event(
+            st,
+            "exit",
+            f"attempt {a.n}: {how} → {classification}: {reason}",
+            attempt=a.n,
+            exit_code=a.exit_code,
+            signal=a.signal,
+            classification=classification,
+            stderr_tail=st.stderr_tail[-5:] if classification not in ("done", "requeue") else [],
+        )
         self.save(st)
 
     def apply(self, st: JobState, v: policy.Verdict, facts: policy.ExitFacts) -> None:
-        terminal = {"done": reg.DONE, "incomplete": reg.INCOMPLETE, "permanent": reg.FAILED,
-                    "stopped": reg.STOPPED}
+        terminal = {
+            "done": reg.DONE,
+            "incomplete": reg.INCOMPLETE,
+            "permanent": reg.FAILED,
+            "stopped": reg.STOPPED,
+        }
         if v.classification in terminal:
             self.set_state(st, terminal[v.classification], v.reason, "decision")
             return
@@ -426,23 +462,35 @@ class Supervisor:
         if v.uses_budget:
             self.maybe_step_back(st)
         delay = policy.backoff(st.failures, self.k) if v.uses_budget else 0.0
-        self.schedule(st, delay, f"{v.reason}; failure {st.failures}/{self.k.max_failures} without progress"
-                      if v.uses_budget else v.reason)
+        self.schedule(
+            st,
+            delay,
+            f"{v.reason}; failure {st.failures}/{self.k.max_failures} without progress"
+            if v.uses_budget
+            else v.reason,
+        )
 
     def repeated_hang(self, st: JobState) -> bool:
         step = st.current.last_step
         if step is not None and step in st.hang_steps:
-            self.set_state(st, reg.FAILED, f"hung twice at step {step}; a third try would hang too",
-                           "decision")
+            self.set_state(
+                st, reg.FAILED, f"hung twice at step {step}; a third try would hang too", "decision"
+            )
             return True
         if step is not None:
             st.hang_steps.append(step)
         return False
 
     def give_up(self, st: JobState, v: policy.Verdict) -> bool:
-        why = (policy.give_up_reason(st.failures, st.failure_times, len(st.attempts), time.time(), self.k)
-               if v.uses_budget else (f"hard cap of {self.k.max_restarts} attempts reached"
-                                      if len(st.attempts) >= self.k.max_restarts else None))
+        why = (
+            policy.give_up_reason(st.failures, st.failure_times, len(st.attempts), time.time(), self.k)
+            if v.uses_budget
+            else (
+                f"hard cap of {self.k.max_restarts} attempts reached"
+                if len(st.attempts) >= self.k.max_restarts
+                else None
+            )
+        )
         if why is None:
             return False
         self.set_state(st, reg.FAILED, f"gave up: {why}; last: {v.reason}", "decision")
@@ -450,8 +498,11 @@ class Supervisor:
 
     def maybe_step_back(self, st: JobState) -> None:
         points = [a.resume_from for a in st.attempts if a.classification in ("crash", "hang")]
-        prog = [a.newest_checkpoint in (None, a.resume_from) for a in st.attempts
-                if a.classification in ("crash", "hang")]
+        prog = [
+            a.newest_checkpoint in (None, a.resume_from)
+            for a in st.attempts
+            if a.classification in ("crash", "hang")
+        ]
         spec = self.specs.get(st.name)
         if st.stepped_back or spec is None or not policy.should_step_back(points, [not p for p in prog]):
             return
@@ -459,13 +510,19 @@ class Supervisor:
         if older is None:
             return
         st.stepped_back, st.resume_override = True, older.path
-        self.event(st, "step-back", f"{points[-1]} was the resume point of two attempts that died without "
-                   f"progress; resuming once from {older.name}", checkpoint=older.name)
+        self.event(
+            st,
+            "step-back",
+            f"{points[-1]} was the resume point of two attempts that died without "
+            f"progress; resuming once from {older.name}",
+            checkpoint=older.name,
+        )
 
     def schedule(self, st: JobState, delay: float, reason: str) -> None:
         st.next_start_at = time.time() + delay
-        self.set_state(st, reg.BACKOFF, f"restart in {delay:.1f} s: {reason}", "restart-scheduled",
-                       delay=round(delay, 3))
+        self.set_state(
+            st, reg.BACKOFF, f"restart in {delay:.1f} s: {reason}", "restart-scheduled", delay=round(delay, 3)
+        )
 
     # ------------------------------------------------------------------ starting
 
@@ -495,8 +552,10 @@ class Supervisor:
             return other
         if st.current and st.current.gpus:
             prev = {st.current.child["pid"]} if st.current.child else set()
-            if self.gpus.usage(prev) and time.time() - (st.gate or {}).get("since", time.time()) \
-                    < self.k.gpu_release_timeout:
+            if (
+                self.gpus.usage(prev)
+                and time.time() - (st.gate or {}).get("since", time.time()) < self.k.gpu_release_timeout
+            ):
                 return f"GPU memory of attempt {st.current.n} not yet released"
         return disk_gate(spec.run_dir, self.progress.newest(spec.run_dir), self.k.disk_factor)
 
@@ -506,9 +565,13 @@ class Supervisor:
         os.makedirs(adir, mode=0o700, exist_ok=True)
         resume = progress.newest_checked(spec.run_dir, deep=True)
         override = st.resume_override
-        a = Attempt(n=n, boot_id=self.boot, started=time.time(),
-                    resume_from=os.path.basename(override) if override else (resume.name if resume else None),
-                    resume_override=override)
+        a = Attempt(
+            n=n,
+            boot_id=self.boot,
+            started=time.time(),
+            resume_from=os.path.basename(override) if override else (resume.name if resume else None),
+            resume_override=override,
+        )
         st.attempts.append(a)
         st.state, st.reason, st.next_start_at, st.resume_override = reg.RUNNING, "starting", None, None
         self.save(st)  # before the spawn: a daemon killed now finds the attempt by its directory
@@ -522,9 +585,15 @@ class Supervisor:
         a.shim, a.sid = self.shim_identity(popen.pid), popen.pid
         reg.point_latest(self.home, st.name, n)
         self.start_clock(st)
-        self.set_state(st, reg.RUNNING, f"attempt {n} started (pid {popen.pid}); resuming from "
-                       f"{a.resume_from or 'scratch'}", "start", attempt=n, resume_from=a.resume_from,
-                       boot_id=self.boot)
+        self.set_state(
+            st,
+            reg.RUNNING,
+            f"attempt {n} started (pid {popen.pid}); resuming from {a.resume_from or 'scratch'}",
+            "start",
+            attempt=n,
+            resume_from=a.resume_from,
+            boot_id=self.boot,
+        )
 
     def shim_identity(self, pid: int) -> dict | None:
         try:
@@ -551,8 +620,9 @@ class Supervisor:
     def gpu_event(self, ev: dict[str, Any]) -> None:
         for st in self.jobs.values():
             if st.state in (reg.RUNNING, reg.STOPPING) and ev["gpu"] in (st.current.gpus or []):
-                self.event(st, "gpu-error", f"NVML event type {ev['type']} (Xid {ev['xid']}) on {ev['gpu']}",
-                           **ev)
+                self.event(
+                    st, "gpu-error", f"NVML event type {ev['type']} (Xid {ev['xid']}) on {ev['gpu']}", **ev
+                )
 
 
 def disk_gate(run_dir: str, newest: progress.Newest | None, factor: float) -> str | None:

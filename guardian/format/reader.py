@@ -112,8 +112,10 @@ def _check_files(path: str, man: manifest_mod.Manifest, *, deep: bool) -> list[s
 def _check_one_file(path: str, rel: str, entry: manifest_mod.FileEntry, *, deep: bool) -> list[str]:
     full = os.path.join(path, rel)
     if not rel.endswith((".safetensors", ".json")):
-        return [f"{full}: guardian checkpoints hold only .safetensors and .json files; refusing "
-                "(a pickle or a foreign file?)"]
+        return [
+            f"{full}: guardian checkpoints hold only .safetensors and .json files; refusing "
+            "(a pickle or a foreign file?)"
+        ]
     try:
         st = os.lstat(full)
     except FileNotFoundError:

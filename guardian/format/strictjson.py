@@ -48,9 +48,7 @@ def _reject_constant(name: str) -> Any:
 def loads(data: bytes | str, *, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
     """Parse untrusted JSON; ``what`` names the file for error messages."""
     if len(data) > max_bytes:
-        raise UnsafeCheckpointError(
-            f"{what}: {len(data)} bytes of JSON exceeds the {max_bytes}-byte limit"
-        )
+        raise UnsafeCheckpointError(f"{what}: {len(data)} bytes of JSON exceeds the {max_bytes}-byte limit")
     try:
         value = json.loads(
             data,

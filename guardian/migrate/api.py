@@ -56,17 +56,27 @@ def _as_rules(rules: Any) -> Rules:
     return load_rules(rules)
 
 
-def plan(src: str | os.PathLike[str], to: Any, rules: Any = None, *, auto: bool = False,
-         threshold: float = DEFAULT_THRESHOLD, component: str | None = None) -> Plan:
+def plan(
+    src: str | os.PathLike[str],
+    to: Any,
+    rules: Any = None,
+    *,
+    auto: bool = False,
+    threshold: float = DEFAULT_THRESHOLD,
+    component: str | None = None,
+) -> Plan:
     """Plan a migration; writes nothing."""
     source = load_source(src, component)
     return plan_source(source, _as_target(to), _as_rules(rules), auto=auto, threshold=threshold)
 
 
-def plan_source(source: Source, target: Target, rules: Rules, *, auto: bool = False,
-                threshold: float = DEFAULT_THRESHOLD) -> Plan:
+def plan_source(
+    source: Source, target: Target, rules: Rules, *, auto: bool = False, threshold: float = DEFAULT_THRESHOLD
+) -> Plan:
     info = source.describe() | {"model_digest": model_digest(source.model), "order": list(source.model)}
-    p = make_plan(source.specs, target, rules, source=info, auto=auto, threshold=threshold, values=source.model)
+    p = make_plan(
+        source.specs, target, rules, source=info, auto=auto, threshold=threshold, values=source.model
+    )
     p.notes.extend(source.notes)
     return p
 
@@ -90,17 +100,28 @@ def load_plan(path: str) -> Plan:
     return plan_from_json(obj, path)
 
 
-def apply(src: str | os.PathLike[str], p: Plan | str, dst: str | os.PathLike[str], *, force: bool = False,
-          target: Target | None = None) -> Result:
+def apply(
+    src: str | os.PathLike[str],
+    p: Plan | str,
+    dst: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    target: Target | None = None,
+) -> Result:
     """Execute a reviewed plan. Refuses a blocked plan and a plan made for other bytes."""
     p = load_plan(p) if isinstance(p, str) else p
     if p.blocked:
-        raise PlanBlockedError(f"the plan is blocked ({len(p.issues)} unresolved rows, {len(p.problems)} problems); "
-                               "fix the rules and plan again", p)
+        raise PlanBlockedError(
+            f"the plan is blocked ({len(p.issues)} unresolved rows, {len(p.problems)} problems); "
+            "fix the rules and plan again",
+            p,
+        )
     source = load_source(src, p.source.get("component") if p.source.get("kind") == "guardian" else None)
     if source.fingerprint != p.source.get("fingerprint"):
-        raise StalePlanError(f"{src}: its contents changed since the plan was made (fingerprint "
-                             f"{source.fingerprint} ≠ {p.source.get('fingerprint')}); plan again")
+        raise StalePlanError(
+            f"{src}: its contents changed since the plan was made (fingerprint "
+            f"{source.fingerprint} ≠ {p.source.get('fingerprint')}); plan again"
+        )
     notes: list[str] = []
     init = _init_values(p, target)
     model = migrate_model(source.model, p.entries, list(p.dst_specs), init)
@@ -133,11 +154,14 @@ def _init_values(p: Plan, target: Target | None) -> dict[str, Any] | None:
     return None
 
 
-def _migrate_components(source: Source, model: dict[str, Any], p: Plan, entries: list, notes: list[str],
-                        reverse: bool) -> dict[str, tuple[str, Any]]:
+def _migrate_components(
+    source: Source, model: dict[str, Any], p: Plan, entries: list, notes: list[str], reverse: bool
+) -> dict[str, tuple[str, Any]]:
     components = dict(source.components or {})
     components[source.component] = ("module", model)
-    new_params = [e.dsts[0] for e in entries if e.status == "MISSING-EXPECTED" and e.dsts[0] in p.target_params]
+    new_params = [
+        e.dsts[0] for e in entries if e.status == "MISSING-EXPECTED" and e.dsts[0] in p.target_params
+    ]
     for name, (kind, tree) in list(components.items()):
         if kind != "optimizer" or not isinstance(tree, dict):
             continue
@@ -150,22 +174,42 @@ def _migrate_components(source: Source, model: dict[str, Any], p: Plan, entries:
 
 
 def _record(source: Source, p: Plan) -> dict[str, Any]:
-    groups = {n: [list(g["params"]) for g in t.get("param_groups", [])]
-              for n, (k, t) in (source.components or {}).items() if k == "optimizer" and isinstance(t, dict)}
-    return {"format": RECORD_FORMAT, "source": p.source, "source_manifest": manifest_fields(source.manifest),
-            "param_groups_before": groups, "lossy": p.lossy, "plan": p.to_json()}
+    groups = {
+        n: [list(g["params"]) for g in t.get("param_groups", [])]
+        for n, (k, t) in (source.components or {}).items()
+        if k == "optimizer" and isinstance(t, dict)
+    }
+    return {
+        "format": RECORD_FORMAT,
+        "source": p.source,
+        "source_manifest": manifest_fields(source.manifest),
+        "param_groups_before": groups,
+        "lossy": p.lossy,
+        "plan": p.to_json(),
+    }
 
 
 def _check_written(path: str, component: str, model: dict[str, Any]) -> None:
     """Read the output back (hashes verified) and compare the model to what we meant."""
     src = load_source(path, component)
     if model_digest(src.model) != model_digest(model):
-        raise VerificationError(f"{path}: the written model differs from the migrated one (disk or write error)")
+        raise VerificationError(
+            f"{path}: the written model differs from the migrated one (disk or write error)"
+        )
 
 
-def migrate(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: Any, rules: Any = None, *,
-            auto: bool = False, threshold: float = DEFAULT_THRESHOLD, force: bool = False,
-            component: str | None = None, numeric: dict[str, Any] | None = None) -> Result:
+def migrate(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    to: Any,
+    rules: Any = None,
+    *,
+    auto: bool = False,
+    threshold: float = DEFAULT_THRESHOLD,
+    force: bool = False,
+    component: str | None = None,
+    numeric: dict[str, Any] | None = None,
+) -> Result:
     """One shot: plan, refuse if anything is unresolved, apply, verify.
 
     ``numeric``: {"old": factory, "input_shape": (...), "atol": 1e-6, "seed": 0}
@@ -175,32 +219,50 @@ def migrate(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: Any, r
     source = load_source(src, component)
     p = plan_source(source, target, _as_rules(rules), auto=auto, threshold=threshold)
     if p.blocked:
-        raise PlanBlockedError(f"{src}: migration blocked ({len(p.issues)} unresolved rows, "
-                               f"{len(p.problems)} problems); see the report", p)
+        raise PlanBlockedError(
+            f"{src}: migration blocked ({len(p.issues)} unresolved rows, "
+            f"{len(p.problems)} problems); see the report",
+            p,
+        )
     result = apply(src, p, dst, force=force, target=target)
     migrated = load_source(result.path, source.component).model
     from .verify import verify_numeric, verify_structure
 
     verify_structure(migrated, target)
     if numeric and target.factory:
-        result.numeric_diff = verify_numeric(numeric["old"], source.model, target.factory, migrated,
-                                             tuple(numeric["input_shape"]), seed=numeric.get("seed", 0),
-                                             atol=numeric.get("atol", 1e-6))
+        result.numeric_diff = verify_numeric(
+            numeric["old"],
+            source.model,
+            target.factory,
+            migrated,
+            tuple(numeric["input_shape"]),
+            seed=numeric.get("seed", 0),
+            atol=numeric.get("atol", 1e-6),
+        )
     return result
 
 
-def revert(migrated: str | os.PathLike[str], dst: str | os.PathLike[str], *, force: bool = False,
-           force_lossy: bool = False) -> Result:
+def revert(
+    migrated: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    force_lossy: bool = False,
+) -> Result:
     """Undo a migration recorded in ``migrated``'s manifest; exact unless the plan was lossy."""
     source = load_source(migrated, None if _single_model(migrated) else _recorded_component(migrated))
     record = (source.manifest.extra if source.manifest else {}).get("migration")
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
-        raise InputRejectedError(f"{migrated}: not written by guardian migrate (no migration record); nothing to revert")
+        raise InputRejectedError(
+            f"{migrated}: not written by guardian migrate (no migration record); nothing to revert"
+        )
     p = plan_from_json(record["plan"], f"{migrated} (recorded plan)")
     if p.lossy and not force_lossy:
         lossy = [f"{e.srcs} ({e.rule})" for e in p.entries if e.lossy]
-        raise LossyRevertError(f"{migrated}: the migration was lossy ({'; '.join(lossy[:5])}); revert cannot "
-                               "restore those tensors. Pass --force-lossy to revert the rest anyway.")
+        raise LossyRevertError(
+            f"{migrated}: the migration was lossy ({'; '.join(lossy[:5])}); revert cannot "
+            "restore those tensors. Pass --force-lossy to revert the rest anyway."
+        )
     notes: list[str] = []
     inverse = p.inverse()
     model = migrate_model(source.model, inverse, list(p.source.get("order", [])))
@@ -220,7 +282,9 @@ def _single_model(path: Any) -> bool:
     from ..format import reader
 
     state = reader.load_state_json(os.fspath(path))
-    return sum(1 for c in state["components"].values() if isinstance(c, dict) and c.get("kind") == "module") <= 1
+    return (
+        sum(1 for c in state["components"].values() if isinstance(c, dict) and c.get("kind") == "module") <= 1
+    )
 
 
 def _recorded_component(path: Any) -> str | None:

@@ -28,8 +28,9 @@ def _is_tensor(v: Any) -> bool:
     return isinstance(v, torch.Tensor)
 
 
-def migrate_model(model: dict[str, Any], entries: list[Entry], order: list[str],
-                  init_values: dict[str, Any] | None = None) -> dict[str, Any]:
+def migrate_model(
+    model: dict[str, Any], entries: list[Entry], order: list[str], init_values: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The migrated flat state dict, ordered like ``order`` (the target's key order).
 
     Rows without ops reuse the source tensor object (no copy). Non-tensor entries
@@ -73,8 +74,9 @@ def _initial_value(e: Entry, init_values: dict[str, Any] | None) -> Any:
 # ------------------------------------------------------------------ optimizer
 
 
-def migrate_optimizer(tree: dict[str, Any], entries: list[Entry], prefix: str,
-                      param_order: list[str] | None, notes: list[str]) -> dict[str, Any]:
+def migrate_optimizer(
+    tree: dict[str, Any], entries: list[Entry], prefix: str, param_order: list[str] | None, notes: list[str]
+) -> dict[str, Any]:
     """Rename/transform per-parameter state and rewrite the param-group name lists."""
     state = tree.get("state", {})
     touched = {prefix + s for e in entries for s in e.srcs}
@@ -109,7 +111,9 @@ def _move_state(states: list[Any], e: Entry, notes: list[str]) -> list[Any] | No
     for field in states[0]:
         values = _move_field([s[field] for s in states], e)
         if values is None:
-            notes.append(f"optimizer state of {who} reset: field {field!r} cannot follow {ops_mod.describe(e.ops)}")
+            notes.append(
+                f"optimizer state of {who} reset: field {field!r} cannot follow {ops_mod.describe(e.ops)}"
+            )
             return None
         for o, v in zip(out, values, strict=False):
             o[field] = v
@@ -127,15 +131,19 @@ def _move_field(values: list[Any], e: Entry) -> list[Any] | None:
         return ops_mod.run(e.ops, values)
     first = values[0]
     for v in values[1:]:
-        same = (_is_tensor(v) and _is_tensor(first) and v.shape == first.shape and bool((v == first).all())) \
-            if _is_tensor(v) else v == first
+        same = (
+            (_is_tensor(v) and _is_tensor(first) and v.shape == first.shape and bool((v == first).all()))
+            if _is_tensor(v)
+            else v == first
+        )
         if not same:
             return None
     return [first] * len(e.dsts)
 
 
-def _rewrite_groups(groups: list[dict[str, Any]], entries: list[Entry], prefix: str,
-                    notes: list[str]) -> list[dict[str, Any]]:
+def _rewrite_groups(
+    groups: list[dict[str, Any]], entries: list[Entry], prefix: str, notes: list[str]
+) -> list[dict[str, Any]]:
     rename: dict[str, list[str]] = {}
     for e in entries:
         if e.status == "MISSING-EXPECTED" or not e.srcs:
@@ -158,8 +166,10 @@ def add_new_params(tree: dict[str, Any], new: list[str], prefix: str, notes: lis
         return tree
     groups = tree.get("param_groups", [])
     if len(groups) != 1:
-        notes.append(f"new parameters {new} are in no optimizer param group ({len(groups)} groups); "
-                     "add them to the right group before resuming")
+        notes.append(
+            f"new parameters {new} are in no optimizer param group ({len(groups)} groups); "
+            "add them to the right group before resuming"
+        )
         return tree
     notes.append(f"new parameters {new} added to param group 0 with fresh optimizer state")
     g = dict(groups[0])
@@ -178,7 +188,9 @@ def _ordered(group: dict[str, Any], order: list[str]) -> dict[str, Any]:
 def restore_groups(tree: dict[str, Any], before: list[list[str]], notes: list[str]) -> dict[str, Any]:
     """Revert: put each group's names back in the recorded original order."""
     groups = tree.get("param_groups", [])
-    if len(groups) != len(before) or any(set(g["params"]) != set(b) for g, b in zip(groups, before, strict=False)):
+    if len(groups) != len(before) or any(
+        set(g["params"]) != set(b) for g, b in zip(groups, before, strict=False)
+    ):
         notes.append("optimizer param groups could not be restored to their recorded order")
         return tree
     return {**tree, "param_groups": [{**g, "params": list(b)} for g, b in zip(groups, before, strict=False)]}
@@ -193,10 +205,14 @@ def check_destination(dst: str, source_path: str, force: bool) -> tuple[str, str
     dst_abs = os.path.abspath(dst)
     src_abs = os.path.abspath(source_path)
     if dst_abs == src_abs or dst_abs.startswith(src_abs.rstrip("/") + "/"):
-        raise InputRejectedError(f"{dst}: the output must not be (or be inside) the source {source_path}; "
-                                 "the input is never modified")
+        raise InputRejectedError(
+            f"{dst}: the output must not be (or be inside) the source {source_path}; "
+            "the input is never modified"
+        )
     if os.path.lexists(dst_abs) and not force:
-        raise DestinationExistsError(f"{dst}: already exists; choose another output or pass --force to replace it")
+        raise DestinationExistsError(
+            f"{dst}: already exists; choose another output or pass --force to replace it"
+        )
     if os.path.lexists(dst_abs) and not os.path.isdir(dst_abs):
         raise InputRejectedError(f"{dst}: exists and is not a checkpoint directory; refusing to replace it")
     parent, name = os.path.split(dst_abs)
@@ -204,8 +220,14 @@ def check_destination(dst: str, source_path: str, force: bool) -> tuple[str, str
     return parent, name
 
 
-def write_checkpoint(dst: str, components: dict[str, tuple[str, Any]], fields: dict[str, Any],
-                     extra: dict[str, Any], source_path: str, force: bool) -> str:
+def write_checkpoint(
+    dst: str,
+    components: dict[str, tuple[str, Any]],
+    fields: dict[str, Any],
+    extra: dict[str, Any],
+    source_path: str,
+    force: bool,
+) -> str:
     """Write ``components`` as a checkpoint at ``dst`` through the commit protocol."""
     from ..commit import CheckpointTxn, delete_checkpoint
     from ..state import snapshot
@@ -214,10 +236,18 @@ def write_checkpoint(dst: str, components: dict[str, tuple[str, Any]], fields: d
     snap = snapshot.capture(components)
     with CheckpointTxn(parent, name) as txn:
         snapshot.write_files(txn, snap)
-        man = Manifest(name=name, step=int(fields.get("step", 0)), epoch=int(fields.get("epoch", 0)),
-                       seq=int(fields.get("seq", 0)), files={}, reason=list(fields.get("reason", ["migrate"])),
-                       metrics=dict(fields.get("metrics", {})), batch_in_epoch=int(fields.get("batch_in_epoch", 0)),
-                       components={n: {"kind": c["kind"]} for n, c in snap.components.items()}, extra=extra)
+        man = Manifest(
+            name=name,
+            step=int(fields.get("step", 0)),
+            epoch=int(fields.get("epoch", 0)),
+            seq=int(fields.get("seq", 0)),
+            files={},
+            reason=list(fields.get("reason", ["migrate"])),
+            metrics=dict(fields.get("metrics", {})),
+            batch_in_epoch=int(fields.get("batch_in_epoch", 0)),
+            components={n: {"kind": c["kind"]} for n, c in snap.components.items()},
+            extra=extra,
+        )
         if os.path.lexists(os.path.join(parent, name)):  # force: the old output goes only now
             delete_checkpoint(parent, name)
         return txn.commit(man)
@@ -226,6 +256,13 @@ def write_checkpoint(dst: str, components: dict[str, tuple[str, Any]], fields: d
 def manifest_fields(man: Manifest | None) -> dict[str, Any]:
     if man is None:
         return {"reason": ["migrate"]}
-    return {"step": man.step, "epoch": man.epoch, "seq": man.seq, "reason": list(man.reason),
-            "metrics": dict(man.metrics), "batch_in_epoch": man.batch_in_epoch, "name": man.name,
-            "extra": dict(man.extra)}
+    return {
+        "step": man.step,
+        "epoch": man.epoch,
+        "seq": man.seq,
+        "reason": list(man.reason),
+        "metrics": dict(man.metrics),
+        "batch_in_epoch": man.batch_in_epoch,
+        "name": man.name,
+        "extra": dict(man.extra),
+    }

@@ -38,13 +38,21 @@ class Suggestion:
 
     def snippet(self) -> str:
         """Ready-to-paste TOML."""
-        return (f"[[rules]]  # {self.kind}, confidence {self.confidence:.2f}\n"
-                f"from = {json.dumps(self.src_pattern)}\nto = {json.dumps(self.dst_pattern)}\n")
+        return (
+            f"[[rules]]  # {self.kind}, confidence {self.confidence:.2f}\n"
+            f"from = {json.dumps(self.src_pattern)}\nto = {json.dumps(self.dst_pattern)}\n"
+        )
 
     def to_json(self) -> dict:
-        return {"from": self.src_pattern, "to": self.dst_pattern, "kind": self.kind,
-                "confidence": round(self.confidence, 4), "pairs": [list(p) for p in self.pairs],
-                "runner_up": self.runner_up, "rule": self.snippet()}
+        return {
+            "from": self.src_pattern,
+            "to": self.dst_pattern,
+            "kind": self.kind,
+            "confidence": round(self.confidence, 4),
+            "pairs": [list(p) for p in self.pairs],
+            "runner_up": self.runner_up,
+            "rule": self.snippet(),
+        }
 
 
 @dataclass
@@ -103,8 +111,10 @@ def _template_pass(src: dict[str, Spec], dst: dict[str, Spec]):
     gs = [g for g in _groups(src).values()]
     gd = [g for g in _groups(dst).values()]
     sig_s, sig_d = [_group_sig(g) for g in gs], [_group_sig(g) for g in gd]
-    scores = [[_group_score(a, b) if sig_s[i] == sig_d[j] else None for j, b in enumerate(gd)]
-              for i, a in enumerate(gs)]
+    scores = [
+        [_group_score(a, b) if sig_s[i] == sig_d[j] else None for j, b in enumerate(gd)]
+        for i, a in enumerate(gs)
+    ]
     out, used_s, used_d = [], set(), set()
     for i, j in _assign(scores):
         conf, runner = _confidence(scores, i, j, [g.template for g in gs], [g.template for g in gd])

@@ -22,9 +22,21 @@ Spec = tuple[tuple[int, ...], str]  # (shape, safetensors dtype)
 
 # Casts that every value survives, so casting back restores the exact bytes.
 _EXACT_CASTS = {
-    ("F16", "F32"), ("BF16", "F32"), ("F16", "F64"), ("BF16", "F64"), ("F32", "F64"),
-    ("I8", "I16"), ("I8", "I32"), ("I8", "I64"), ("I16", "I32"), ("I16", "I64"), ("I32", "I64"),
-    ("U8", "I16"), ("U8", "I32"), ("U8", "I64"), ("BOOL", "U8"),
+    ("F16", "F32"),
+    ("BF16", "F32"),
+    ("F16", "F64"),
+    ("BF16", "F64"),
+    ("F32", "F64"),
+    ("I8", "I16"),
+    ("I8", "I32"),
+    ("I8", "I64"),
+    ("I16", "I32"),
+    ("I16", "I64"),
+    ("I32", "I64"),
+    ("U8", "I16"),
+    ("U8", "I32"),
+    ("U8", "I64"),
+    ("BOOL", "U8"),
 }
 _FIELDS = {
     "transpose": {"dims"},
@@ -130,8 +142,13 @@ def _concat(op: dict, specs: list[Spec]) -> list[Spec]:
 
 
 _SHAPE_RULES = {
-    "transpose": _transpose, "reshape": _reshape, "cast": _cast, "slice_rows": _slice_rows,
-    "pad_rows": _pad_rows, "split": _split, "concat": _concat,
+    "transpose": _transpose,
+    "reshape": _reshape,
+    "cast": _cast,
+    "slice_rows": _slice_rows,
+    "pad_rows": _pad_rows,
+    "split": _split,
+    "concat": _concat,
 }
 
 
@@ -144,7 +161,9 @@ def inverse(op: dict[str, Any], specs: list[Spec]) -> dict[str, Any] | None:
         return {"op": "reshape", "shape": list(specs[0][0])}
     if kind == "cast":
         src = specs[0][1]
-        return {"op": "cast", "dtype": src} if src == op["dtype"] or (src, op["dtype"]) in _EXACT_CASTS else None
+        return (
+            {"op": "cast", "dtype": src} if src == op["dtype"] or (src, op["dtype"]) in _EXACT_CASTS else None
+        )
     if kind == "pad_rows":
         return {"op": "slice_rows", "start": 0, "stop": specs[0][0][0]}
     if kind == "slice_rows":

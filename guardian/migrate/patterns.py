@@ -64,7 +64,9 @@ def compile_pattern(text: str, where: str) -> Pattern:
 def _reject_stray_braces(text: str, where: str) -> None:
     stripped = _PLACEHOLDER.sub("", text)
     if "{" in stripped or "}" in stripped:
-        raise RulesError(f"{where}: malformed placeholder in {text!r} (use {{name}}, {{name:int}} or {{name:*}})")
+        raise RulesError(
+            f"{where}: malformed placeholder in {text!r} (use {{name}}, {{name:int}} or {{name:*}})"
+        )
 
 
 def compile_pair(src: str, dst: str, where: str) -> tuple[Pattern, Pattern]:
@@ -106,6 +108,8 @@ def compile_regex(spec: dict, where: str) -> Regex:
             "(give inverse_regex and inverse_to so the migration can be reverted)"
         )
     try:
-        return Regex(re.compile(spec["regex"]), spec["to"], re.compile(spec["inverse_regex"]), spec["inverse_to"])
+        return Regex(
+            re.compile(spec["regex"]), spec["to"], re.compile(spec["inverse_regex"]), spec["inverse_to"]
+        )
     except (re.error, TypeError) as e:
         raise RulesError(f"{where}: invalid regex ({e})") from e

@@ -108,12 +108,31 @@ class Plan:
         out = []
         for e in self.entries:
             if e.status == "MISSING-EXPECTED":
-                out.append(Entry("DROPPED", e.dsts, [], f"inverse of {e.rule}", reason="added by the migration",
-                                 inverse_ops=None, src_specs=e.dst_specs))
+                out.append(
+                    Entry(
+                        "DROPPED",
+                        e.dsts,
+                        [],
+                        f"inverse of {e.rule}",
+                        reason="added by the migration",
+                        inverse_ops=None,
+                        src_specs=e.dst_specs,
+                    )
+                )
             elif not e.lossy:
                 status = "UNCHANGED" if e.status == "UNCHANGED" else e.status
-                out.append(Entry(status, e.dsts, e.srcs, f"inverse of {e.rule}", list(e.inverse_ops or []),
-                                 list(e.ops), e.dst_specs, e.src_specs))
+                out.append(
+                    Entry(
+                        status,
+                        e.dsts,
+                        e.srcs,
+                        f"inverse of {e.rule}",
+                        list(e.inverse_ops or []),
+                        list(e.ops),
+                        e.dst_specs,
+                        e.src_specs,
+                    )
+                )
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -152,8 +171,13 @@ def plan_from_json(obj: Any, what: str = "plan") -> Plan:
         raise InputRejectedError(f"{what}: not a guardian migration plan (format {PLAN_FORMAT!r} expected)")
     try:
         parse_rules(obj["rules"], what)  # a tampered rule set must still compile
-        plan = Plan(source=dict(obj["source"]), target=dict(obj["target"]), rules=obj["rules"],
-                    auto=bool(obj.get("auto")), threshold=float(obj.get("threshold", DEFAULT_THRESHOLD)))
+        plan = Plan(
+            source=dict(obj["source"]),
+            target=dict(obj["target"]),
+            rules=obj["rules"],
+            auto=bool(obj.get("auto")),
+            threshold=float(obj.get("threshold", DEFAULT_THRESHOLD)),
+        )
         plan.entries = [_entry_from(e) for e in obj["entries"]]
         plan.issues = [Issue(**i) for i in obj.get("issues", [])]
         plan.problems = [str(p) for p in obj.get("problems", [])]
@@ -260,13 +284,23 @@ class _Planner:
         self.claimed.update(srcs)
         label = " + ".join(x for x in (self.wrapper_label(k), rule.describe()) if x)
         if rule.drop is not None:
-            self.entries.append(Entry("DROPPED", srcs, [], label, inverse_ops=None, reason=rule.drop,
-                                      src_specs=[self.src[s] for s in srcs]))
+            self.entries.append(
+                Entry(
+                    "DROPPED",
+                    srcs,
+                    [],
+                    label,
+                    inverse_ops=None,
+                    reason=rule.drop,
+                    src_specs=[self.src[s] for s in srcs],
+                )
+            )
             return
         if rule.regex is not None and rule.regex.unmap(dsts[0]) != srcs_w[0]:
             self.problems.append(
                 f"{rule.describe()}: not invertible on {srcs_w[0]!r}: maps to {dsts[0]!r}, whose inverse is "
-                f"{rule.regex.unmap(dsts[0])!r}; fix inverse_regex/inverse_to")
+                f"{rule.regex.unmap(dsts[0])!r}; fix inverse_regex/inverse_to"
+            )
         self._transform_entry(rule, srcs, dsts, label)
 
     def _transform_entry(self, rule: Rule, srcs: list[str], dsts: list[str], label: str) -> None:
@@ -278,12 +312,15 @@ class _Planner:
             self.produced.update(dsts)
             return
         if len(out) != len(dsts):
-            self.problems.append(f"{rule.describe()}: ops produce {len(out)} tensors for {len(dsts)} 'to' keys")
+            self.problems.append(
+                f"{rule.describe()}: ops produce {len(out)} tensors for {len(dsts)} 'to' keys"
+            )
             return
         if inv is None and not rule.lossy:
             self.problems.append(
                 f"{rule.describe()}: op {ops_mod.describe(rule.ops)} loses information on {srcs[0]!r} "
-                "(it cannot be reverted); add `lossy = true` to the rule if that is intended")
+                "(it cannot be reverted); add `lossy = true` to the rule if that is intended"
+            )
         status = "TRANSFORMED" if rule.ops else ("UNCHANGED" if srcs == dsts else "RENAMED")
         self.entries.append(Entry(status, srcs, dsts, label, list(rule.ops), inv, specs, out))
 
@@ -298,8 +335,18 @@ class _Planner:
             if self.src[k] != self.tspecs[w]:
                 self.identity_mismatch.append((w, self.src[k], self.tspecs[w]))
             status = "UNCHANGED" if w == k else "RENAMED"
-            self.entries.append(Entry(status, [k], [w], self.wrapper_label(k) or "same name", [], [],
-                                      [self.src[k]], [self.src[k]]))
+            self.entries.append(
+                Entry(
+                    status,
+                    [k],
+                    [w],
+                    self.wrapper_label(k) or "same name",
+                    [],
+                    [],
+                    [self.src[k]],
+                    [self.src[k]],
+                )
+            )
 
     def run_expected(self) -> None:
         self.produced.update(d for e in self.entries for d in e.dsts)
@@ -310,8 +357,18 @@ class _Planner:
                 if em.pattern.match(t) is not None:
                     self.hits[em.label] += 1
                     self.produced.add(t)
-                    self.entries.append(Entry("MISSING-EXPECTED", [], [t], em.label, inverse_ops=None,
-                                              dst_specs=[spec], reason=em.why, init=em.init))
+                    self.entries.append(
+                        Entry(
+                            "MISSING-EXPECTED",
+                            [],
+                            [t],
+                            em.label,
+                            inverse_ops=None,
+                            dst_specs=[spec],
+                            reason=em.why,
+                            init=em.init,
+                        )
+                    )
                     break
 
     # ---------------------------------------------------------- auto
@@ -325,17 +382,46 @@ class _Planner:
                 applied.append(s.to_json())
                 for w, t in s.pairs:
                     k = self.orig.get(w, w)
-                    rule = " + ".join(x for x in (self.wrapper_label(k), f"auto {s.kind}: {s.src_pattern} → {s.dst_pattern}") if x)
-                    self.entries.append(Entry("RENAMED", [k], [t], rule, [], [], [self.src[k]], [self.src[k]],
-                                              confidence=s.confidence))
+                    rule = " + ".join(
+                        x
+                        for x in (self.wrapper_label(k), f"auto {s.kind}: {s.src_pattern} → {s.dst_pattern}")
+                        if x
+                    )
+                    self.entries.append(
+                        Entry(
+                            "RENAMED",
+                            [k],
+                            [t],
+                            rule,
+                            [],
+                            [],
+                            [self.src[k]],
+                            [self.src[k]],
+                            confidence=s.confidence,
+                        )
+                    )
             else:
                 status = "AMBIGUOUS" if s.confidence <= 0.0 else "SUGGESTED"
                 for w, t in s.pairs:
                     msg = f"looks like {w} → {t} (confidence {s.confidence:.2f}"
                     msg += f"; runner-up {s.runner_up})" if s.runner_up else ")"
-                    hint = s.snippet() if s.confidence > 0 else f"several targets fit equally well; write a rule:\n{rule_snippet(w, t)}"
-                    self.issues.append(Issue(status, [self.orig.get(w, w)], [t], f"auto {s.kind}", msg, hint,
-                                             s.confidence, group=f"{s.src_pattern} → {s.dst_pattern}"))
+                    hint = (
+                        s.snippet()
+                        if s.confidence > 0
+                        else f"several targets fit equally well; write a rule:\n{rule_snippet(w, t)}"
+                    )
+                    self.issues.append(
+                        Issue(
+                            status,
+                            [self.orig.get(w, w)],
+                            [t],
+                            f"auto {s.kind}",
+                            msg,
+                            hint,
+                            s.confidence,
+                            group=f"{s.src_pattern} → {s.dst_pattern}",
+                        )
+                    )
             for w, t in s.pairs:
                 self.claimed.add(self.orig.get(w, w))
                 self.produced.add(t)
@@ -348,12 +434,21 @@ class _Planner:
                 continue
             w = self.work[k]
             close = difflib.get_close_matches(w, left_t, n=1, cutoff=0.6)
-            hint = (f"map it: {rule_snippet(w, close[0]).strip()}" if close
-                    else f'drop it: [[rules]] from = "{w}" drop = "why it is no longer needed"')
-            self.issues.append(Issue("UNEXPECTED", [k], [], "", f"{k} {_fmt(self.src[k])} has no place in the target", hint))
+            hint = (
+                f"map it: {rule_snippet(w, close[0]).strip()}"
+                if close
+                else f'drop it: [[rules]] from = "{w}" drop = "why it is no longer needed"'
+            )
+            self.issues.append(
+                Issue("UNEXPECTED", [k], [], "", f"{k} {_fmt(self.src[k])} has no place in the target", hint)
+            )
         for t in left_t:
             hint = f'if the new model initialises it: [[expect_missing]] pattern = "{t}"'
-            self.issues.append(Issue("MISSING", [], [t], "", f"{t} {_fmt(self.tspecs[t])} is not provided by the source", hint))
+            self.issues.append(
+                Issue(
+                    "MISSING", [], [t], "", f"{t} {_fmt(self.tspecs[t])} is not provided by the source", hint
+                )
+            )
 
     # ---------------------------------------------------------- checks
     def check_outputs(self) -> None:
@@ -362,7 +457,9 @@ class _Planner:
         for dst, n in counts.items():
             if n > 1:
                 who = [f"{e.srcs} ({e.rule})" for e in self.entries if dst in e.dsts]
-                self.problems.append(f"not injective: {dst!r} would be written {n} times, from " + "; ".join(who))
+                self.problems.append(
+                    f"not injective: {dst!r} would be written {n} times, from " + "; ".join(who)
+                )
         self.entries = [e for e in self.entries if not self._check_entry(e)]
 
     def _check_entry(self, e: Entry) -> bool:
@@ -371,24 +468,47 @@ class _Planner:
         for dst, spec in zip(e.dsts, e.dst_specs, strict=False):
             if dst not in self.tspecs:
                 close = difflib.get_close_matches(dst, list(self.tspecs), n=1, cutoff=0.6)
-                hint = f"did you mean {close[0]!r}? fix the rule's 'to'" if close else "fix the rule's 'to' pattern"
-                self.issues.append(Issue("UNEXPECTED", e.srcs, [dst], e.rule,
-                                         f"{e.rule} writes {dst!r}, which the target does not have", hint))
+                hint = (
+                    f"did you mean {close[0]!r}? fix the rule's 'to'"
+                    if close
+                    else "fix the rule's 'to' pattern"
+                )
+                self.issues.append(
+                    Issue(
+                        "UNEXPECTED",
+                        e.srcs,
+                        [dst],
+                        e.rule,
+                        f"{e.rule} writes {dst!r}, which the target does not have",
+                        hint,
+                    )
+                )
                 return True
             if spec != self.tspecs[dst]:
-                self.issues.append(Issue("MISMATCH", e.srcs, [dst], e.rule,
-                                         f"{dst}: source gives {_fmt(spec)}, target wants {_fmt(self.tspecs[dst])}",
-                                         mismatch_hint(e.srcs[0] if e.srcs else dst, dst, spec, self.tspecs[dst])))
+                self.issues.append(
+                    Issue(
+                        "MISMATCH",
+                        e.srcs,
+                        [dst],
+                        e.rule,
+                        f"{dst}: source gives {_fmt(spec)}, target wants {_fmt(self.tspecs[dst])}",
+                        mismatch_hint(e.srcs[0] if e.srcs else dst, dst, spec, self.tspecs[dst]),
+                    )
+                )
                 return True
         return False
 
     def check_dead_rules(self) -> None:
         for rule in self.rules.rules:
             if not self.hits[rule.label]:
-                self.problems.append(f"dead rule: {rule.describe()} matched no key; a dead rule usually hides a typo — fix or remove it")
+                self.problems.append(
+                    f"dead rule: {rule.describe()} matched no key; a dead rule usually hides a typo — fix or remove it"
+                )
         for em in self.rules.expect_missing:
             if not self.hits[em.label]:
-                self.problems.append(f"dead rule: {em.label} pattern {em.pattern.text!r} matched no missing target key; remove it")
+                self.problems.append(
+                    f"dead rule: {em.label} pattern {em.pattern.text!r} matched no missing target key; remove it"
+                )
 
     def check_tied(self, values: Any) -> None:
         by_dst = {d: e for e in self.entries for d in e.dsts}
@@ -401,7 +521,8 @@ class _Planner:
                 continue
             self.problems.append(
                 f"tied weights: the target shares one tensor between {group}, but the migrated values differ "
-                f"({'; '.join(f'{d} ← {f.srcs}' for f, d in zip(feeds, group, strict=False))}); map them from the same source tensor")
+                f"({'; '.join(f'{d} ← {f.srcs}' for f, d in zip(feeds, group, strict=False))}); map them from the same source tensor"
+            )
 
     def diagnose(self) -> list[str]:
         n = len(self.identity_mismatch)
@@ -435,7 +556,9 @@ def mismatch_hint(src: str, dst: str, a: Spec, b: Spec) -> str:
     if sa == sb and da != db:
         return f'add ops = [{{op = "cast", dtype = "{db}"}}] to a rule for {src}'
     if len(sa) == 2 and tuple(reversed(sa)) == sb:
-        return f'transposed: [[rules]] from = "{src}" to = "{dst}" ops = [{{op = "transpose", dims = [0, 1]}}]'
+        return (
+            f'transposed: [[rules]] from = "{src}" to = "{dst}" ops = [{{op = "transpose", dims = [0, 1]}}]'
+        )
     if math.prod(sa) == math.prod(sb):
         return f'same element count: ops = [{{op = "reshape", shape = {list(sb)}}}]'
     if len(sa) == len(sb) and sa[1:] == sb[1:] and sa:
@@ -449,8 +572,16 @@ def _fmt(spec: Spec) -> str:
     return f"{list(spec[0])} {spec[1]}"
 
 
-def make_plan(src_specs: dict[str, Spec], target: Any, rules: Rules, *, source: dict[str, Any] | None = None,
-              auto: bool = False, threshold: float = DEFAULT_THRESHOLD, values: Any = None) -> Plan:
+def make_plan(
+    src_specs: dict[str, Spec],
+    target: Any,
+    rules: Rules,
+    *,
+    source: dict[str, Any] | None = None,
+    auto: bool = False,
+    threshold: float = DEFAULT_THRESHOLD,
+    values: Any = None,
+) -> Plan:
     """Plan a migration of ``src_specs`` (name → (shape, dtype), in order) to ``target``.
 
     ``values`` (name → tensor) lets the tied-weight check compare contents when two
@@ -465,9 +596,24 @@ def make_plan(src_specs: dict[str, Spec], target: Any, rules: Rules, *, source: 
     p.check_outputs()
     p.check_dead_rules()
     p.check_tied(values)
-    plan = Plan(source=dict(source or {}), target={"description": target.description, "factory": target.factory,
-                                                    "checkpoint": getattr(target, "checkpoint", None)},
-                rules=rules.to_json(), entries=p.entries, issues=p.issues, problems=p.problems,
-                suggestions=suggestions, applied=applied, diagnosis=p.diagnose(), src_specs=dict(src_specs),
-                dst_specs=dict(target.specs), target_params=list(target.params), auto=auto, threshold=threshold)
+    plan = Plan(
+        source=dict(source or {}),
+        target={
+            "description": target.description,
+            "factory": target.factory,
+            "checkpoint": getattr(target, "checkpoint", None),
+        },
+        rules=rules.to_json(),
+        entries=p.entries,
+        issues=p.issues,
+        problems=p.problems,
+        suggestions=suggestions,
+        applied=applied,
+        diagnosis=p.diagnose(),
+        src_specs=dict(src_specs),
+        dst_specs=dict(target.specs),
+        target_params=list(target.params),
+        auto=auto,
+        threshold=threshold,
+    )
     return plan

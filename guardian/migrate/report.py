@@ -17,8 +17,18 @@ from .errors import EXIT_BLOCKED, EXIT_CLEAN
 from .plan import Plan
 
 REPORT_SCHEMA = "guardian.migrate.report/1"
-STATUS_ORDER = ("UNCHANGED", "RENAMED", "TRANSFORMED", "DROPPED", "MISSING-EXPECTED", "MISSING",
-                "UNEXPECTED", "MISMATCH", "AMBIGUOUS", "SUGGESTED")
+STATUS_ORDER = (
+    "UNCHANGED",
+    "RENAMED",
+    "TRANSFORMED",
+    "DROPPED",
+    "MISSING-EXPECTED",
+    "MISSING",
+    "UNEXPECTED",
+    "MISMATCH",
+    "AMBIGUOUS",
+    "SUGGESTED",
+)
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
 
 
@@ -39,22 +49,53 @@ def rows(plan: Plan) -> list[dict[str, Any]]:
     groups: dict[tuple, dict[str, Any]] = {}
     for e in plan.entries:
         specs = e.src_specs or e.dst_specs
-        _add(groups, e.status, e.rule, e.srcs, e.dsts, specs, e.reason or (f"init: {e.init}" if e.init else ""),
-             e.confidence)
+        _add(
+            groups,
+            e.status,
+            e.rule,
+            e.srcs,
+            e.dsts,
+            specs,
+            e.reason or (f"init: {e.init}" if e.init else ""),
+            e.confidence,
+        )
     for i in plan.issues:
-        specs = [plan.src_specs[s] for s in i.srcs if s in plan.src_specs] or \
-                [plan.dst_specs[d] for d in i.dsts if d in plan.dst_specs]
+        specs = [plan.src_specs[s] for s in i.srcs if s in plan.src_specs] or [
+            plan.dst_specs[d] for d in i.dsts if d in plan.dst_specs
+        ]
         _add(groups, i.status, i.rule or i.group, i.srcs, i.dsts, specs, i.hint, i.confidence, i.message)
     return sorted(groups.values(), key=lambda r: (STATUS_ORDER.index(r["status"]), r["source"], r["target"]))
 
 
-def _add(groups: dict, status: str, rule: str, srcs: list[str], dsts: list[str], specs: list, hint: str,
-         confidence: float | None, message: str = "") -> None:
+def _add(
+    groups: dict,
+    status: str,
+    rule: str,
+    srcs: list[str],
+    dsts: list[str],
+    specs: list,
+    hint: str,
+    confidence: float | None,
+    message: str = "",
+) -> None:
     src_t = " + ".join(template(s) for s in srcs)
     dst_t = " + ".join(template(d) for d in dsts)
-    row = groups.setdefault((status, rule, src_t, dst_t), {
-        "status": status, "source": src_t, "target": dst_t, "rule": rule, "count": 0, "params": 0,
-        "bytes": 0, "hint": hint, "confidence": confidence, "message": message, "keys": []})
+    row = groups.setdefault(
+        (status, rule, src_t, dst_t),
+        {
+            "status": status,
+            "source": src_t,
+            "target": dst_t,
+            "rule": rule,
+            "count": 0,
+            "params": 0,
+            "bytes": 0,
+            "hint": hint,
+            "confidence": confidence,
+            "message": message,
+            "keys": [],
+        },
+    )
     row["count"] += 1
     for spec in specs:
         n, b = _size(spec)
@@ -104,10 +145,16 @@ def render(plan: Plan) -> str:
     table = [("STATUS", "SOURCE → TARGET", "N", "PARAMS", "BYTES", "RULE")]
     hints = []
     for r in rows(plan):
-        status = r["status"] + (f"({r['confidence']:.2f})" if r["status"] == "SUGGESTED" and r["confidence"] is not None else "")
+        status = r["status"] + (
+            f"({r['confidence']:.2f})" if r["status"] == "SUGGESTED" and r["confidence"] is not None else ""
+        )
         arrow = f"{r['source'] or '∅'} → {r['target'] or '∅'}"
-        table.append((status, arrow, str(r["count"]), f"{r['params']:,}", _human_bytes(r["bytes"]), r["rule"] or "-"))
-        if r["status"] in ("MISSING", "UNEXPECTED", "MISMATCH", "AMBIGUOUS", "SUGGESTED", "DROPPED") and (r["hint"] or r["message"]):
+        table.append(
+            (status, arrow, str(r["count"]), f"{r['params']:,}", _human_bytes(r["bytes"]), r["rule"] or "-")
+        )
+        if r["status"] in ("MISSING", "UNEXPECTED", "MISMATCH", "AMBIGUOUS", "SUGGESTED", "DROPPED") and (
+            r["hint"] or r["message"]
+        ):
             hints.append((r["status"], arrow, r["message"], r["hint"]))
     widths = [min(max(len(row[i]) for row in table), 60) for i in range(len(table[0]))]
     for row in table:
@@ -131,5 +178,7 @@ def render(plan: Plan) -> str:
         lines.append("\napplied suggestions (written into the plan):")
         lines.extend("  " + a["rule"].strip().replace("\n", "\n  ") for a in plan.applied)
     verdict = "BLOCKED: resolve the rows and problems above" if plan.blocked else "CLEAN: nothing unresolved"
-    lines.append(f"\n{verdict}{' (lossy: revert will need --force-lossy)' if plan.lossy and not plan.blocked else ''}")
+    lines.append(
+        f"\n{verdict}{' (lossy: revert will need --force-lossy)' if plan.lossy and not plan.blocked else ''}"
+    )
     return "\n".join(lines)

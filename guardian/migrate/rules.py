@@ -162,7 +162,9 @@ def parse_rules(obj: Any, origin: str = "<rules>") -> Rules:
         raise RulesError(f"{origin}: the rules document must be a table/object")
     unknown = set(obj) - {"version", "rules", "expect_missing"}
     if unknown:
-        raise RulesError(f"{origin}: unknown top-level keys {sorted(unknown)} (expected rules, expect_missing)")
+        raise RulesError(
+            f"{origin}: unknown top-level keys {sorted(unknown)} (expected rules, expect_missing)"
+        )
     if obj.get("version", 1) != 1:
         raise RulesError(f"{origin}: rules version {obj.get('version')!r} is not supported (1 is)")
     rules = [_compile_rule(i, r, origin) for i, r in enumerate(_list(obj, "rules", origin))]
@@ -183,7 +185,9 @@ def _compile_rule(i: int, spec: Any, origin: str) -> Rule:
         raise RulesError(f"{where}: must be a table")
     unknown = set(spec) - RULE_FIELDS
     if unknown:
-        raise RulesError(f"{where}: unknown fields {sorted(unknown)} (known: {', '.join(sorted(RULE_FIELDS))})")
+        raise RulesError(
+            f"{where}: unknown fields {sorted(unknown)} (known: {', '.join(sorted(RULE_FIELDS))})"
+        )
     rule = Rule(index=i, spec=dict(spec), lossy=bool(spec.get("lossy", False)))
     rule.ops = [ops_mod.validate(op, where) for op in spec.get("ops", [])]
     if "regex" in spec:
@@ -200,7 +204,7 @@ def _compile_rule(i: int, spec: Any, origin: str) -> Rule:
 
 def _compile_drop(rule: Rule, spec: dict, where: str) -> Rule:
     if not isinstance(spec["drop"], str) or not spec["drop"].strip():
-        raise RulesError(f"{where}: drop needs a reason, e.g. drop = \"auxiliary head removed\"")
+        raise RulesError(f'{where}: drop needs a reason, e.g. drop = "auxiliary head removed"')
     if "to" in spec or rule.ops:
         raise RulesError(f"{where}: a drop rule has no 'to' and no ops")
     if not isinstance(spec["from"], str):
@@ -245,7 +249,7 @@ def _compile_missing(i: int, spec: Any, origin: str) -> ExpectMissing:
     if isinstance(spec, str):
         spec = {"pattern": spec}
     if not isinstance(spec, dict) or "pattern" not in spec:
-        raise RulesError(f"{where}: needs pattern = \"…\"")
+        raise RulesError(f'{where}: needs pattern = "…"')
     unknown = set(spec) - MISSING_FIELDS
     if unknown:
         raise RulesError(f"{where}: unknown fields {sorted(unknown)}")

@@ -45,8 +45,13 @@ class Source:
         return {k: tensor_spec(t) for k, t in self.model.items() if _is_tensor(t)}
 
     def describe(self) -> dict[str, Any]:
-        return {"path": self.path, "kind": self.kind, "fingerprint": self.fingerprint,
-                "component": self.component, "prefix": self.prefix}
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "fingerprint": self.fingerprint,
+            "component": self.component,
+            "prefix": self.prefix,
+        }
 
 
 def _is_tensor(value: Any) -> bool:
@@ -77,9 +82,7 @@ def load_source(path: str | os.PathLike[str], component: str | None = None) -> S
         raise
     except GuardianError as e:
         raise InputRejectedError(f"{path}: refused: {e}") from e
-    raise InputRejectedError(
-        f"{path}: not a guardian checkpoint directory, .safetensors, .pt or .pth file"
-    )
+    raise InputRejectedError(f"{path}: not a guardian checkpoint directory, .safetensors, .pt or .pth file")
 
 
 def _load_guardian(path: str, component: str | None) -> Source:
@@ -90,7 +93,9 @@ def _load_guardian(path: str, component: str | None) -> Source:
         raise InputRejectedError(f"{path}: not a valid checkpoint: " + "; ".join(info.problems))
     man = info.manifest
     if man.world_size > 1:
-        raise InputRejectedError(f"{path}: multi-rank checkpoints (world_size={man.world_size}) are not supported yet")
+        raise InputRejectedError(
+            f"{path}: multi-rank checkpoints (world_size={man.world_size}) are not supported yet"
+        )
     fingerprint = reader.checkpoint_digest(reader.component_summaries(path, man))
     components = snapshot.load(path)
     name = choose_component(components, component, path)
@@ -100,8 +105,16 @@ def _load_guardian(path: str, component: str | None) -> Source:
     if not isinstance(model, dict):
         raise InputRejectedError(f"{path}: component {name!r} is not a flat state dict")
     check_keys(model, path)
-    return Source(path=path, kind="guardian", model=dict(model), fingerprint=fingerprint,
-                  component=name, prefix=prefix, components=components, manifest=man)
+    return Source(
+        path=path,
+        kind="guardian",
+        model=dict(model),
+        fingerprint=fingerprint,
+        component=name,
+        prefix=prefix,
+        components=components,
+        manifest=man,
+    )
 
 
 def choose_component(components: dict[str, tuple[str, Any]], wanted: str | None, path: str) -> str:
@@ -109,7 +122,9 @@ def choose_component(components: dict[str, tuple[str, Any]], wanted: str | None,
     modules = [n for n, (k, _) in components.items() if k == MODULE_KIND]
     if wanted is not None:
         if wanted not in modules:
-            raise InputRejectedError(f"{path}: no model component {wanted!r} (models: {', '.join(modules) or 'none'})")
+            raise InputRejectedError(
+                f"{path}: no model component {wanted!r} (models: {', '.join(modules) or 'none'})"
+            )
         return wanted
     if len(modules) == 1:
         return modules[0]
@@ -161,13 +176,16 @@ def _find_state_dict(obj: Any, path: str) -> tuple[dict[str, Any], str]:
                 others = sorted(str(k) for k in obj if k != key)
                 return dict(obj[key]), f"used {key!r} from {path}; ignored {others}" if others else ""
     raise InputRejectedError(
-        f"{path}: no state dict found (expected a dict of tensors, or one under "
-        f"{', '.join(STATE_DICT_KEYS)})"
+        f"{path}: no state dict found (expected a dict of tensors, or one under {', '.join(STATE_DICT_KEYS)})"
     )
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and _is_tensor(v) for k, v in obj.items())
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and _is_tensor(v) for k, v in obj.items())
+    )
 
 
 def check_keys(state: dict[str, Any], path: str) -> None:

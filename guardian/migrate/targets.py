@@ -58,9 +58,7 @@ def load_target(spec: str) -> Target:
         raise
     except GuardianError as e:
         raise InputRejectedError(f"target {spec}: refused: {e}") from e
-    raise InputRejectedError(
-        f"target {spec!r}: not a file, checkpoint directory or package.module:factory"
-    )
+    raise InputRejectedError(f"target {spec!r}: not a file, checkpoint directory or package.module:factory")
 
 
 def resolve_factory(spec: str) -> Any:
@@ -91,7 +89,9 @@ def build_meta(spec: str) -> Any:
         with torch.device("meta"):
             model = factory()
     except Exception as e:  # the user's constructor: report whatever it raised
-        raise InputRejectedError(f"target {spec!r}: calling it on the meta device failed ({type(e).__name__}: {e})") from e
+        raise InputRejectedError(
+            f"target {spec!r}: calling it on the meta device failed ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(model, torch.nn.Module):
         raise InputRejectedError(f"target {spec!r}: returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -136,16 +136,21 @@ def read_signature(path: str) -> Target:
         data = f.read(MAX_SIGNATURE_BYTES + 1)
     obj = strictjson.loads(data, what=path, max_bytes=MAX_SIGNATURE_BYTES)
     if not isinstance(obj, dict) or obj.get("format") != SIGNATURE_FORMAT:
-        raise InputRejectedError(f"{path}: not a guardian signature file (format {SIGNATURE_FORMAT!r} expected)")
+        raise InputRejectedError(
+            f"{path}: not a guardian signature file (format {SIGNATURE_FORMAT!r} expected)"
+        )
     try:
         tensors = obj["tensors"]
         order = obj.get("order", list(tensors))
         specs = {k: (tuple(int(d) for d in tensors[k]["shape"]), str(tensors[k]["dtype"])) for k in order}
         for k in specs:
             safetensors_io.check_key(k)
-        return Target(description=str(obj.get("description", path)), specs=specs,
-                      params=[str(p) for p in obj.get("params", [])],
-                      tied=[[str(k) for k in g] for g in obj.get("tied", [])])
+        return Target(
+            description=str(obj.get("description", path)),
+            specs=specs,
+            params=[str(p) for p in obj.get("params", [])],
+            tied=[[str(k) for k in g] for g in obj.get("tied", [])],
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise InputRejectedError(f"{path}: malformed signature file ({type(e).__name__}: {e})") from e
 

@@ -24,8 +24,11 @@ def verify_structure(model_sd: dict[str, Any], target: Target) -> None:
     specs = {k: tensor_spec(v) for k, v in model_sd.items() if hasattr(v, "shape")}
     missing = [k for k in target.specs if k not in specs]
     unexpected = [k for k in specs if k not in target.specs]
-    wrong = [f"{k}: {list(specs[k][0])} {specs[k][1]} vs {list(s)} {d}"
-             for k, (s, d) in target.specs.items() if k in specs and specs[k] != (s, d)]
+    wrong = [
+        f"{k}: {list(specs[k][0])} {specs[k][1]} vs {list(s)} {d}"
+        for k, (s, d) in target.specs.items()
+        if k in specs and specs[k] != (s, d)
+    ]
     if missing or unexpected or wrong:
         raise VerificationError(
             f"the migrated state does not fit {target.description}: missing {missing[:10]}, "
@@ -39,11 +42,21 @@ def _load_meta(model_sd: dict[str, Any], factory: str) -> None:
     try:
         model.load_state_dict(meta_sd, strict=True)
     except RuntimeError as e:
-        raise VerificationError(f"the migrated state does not load into {factory} with strict=True: {e}") from e
+        raise VerificationError(
+            f"the migrated state does not load into {factory} with strict=True: {e}"
+        ) from e
 
 
-def verify_numeric(old_factory: Any, old_sd: dict[str, Any], new_factory: Any, new_sd: dict[str, Any],
-                   input_shape: tuple[int, ...], *, seed: int = 0, atol: float = 1e-6) -> float:
+def verify_numeric(
+    old_factory: Any,
+    old_sd: dict[str, Any],
+    new_factory: Any,
+    new_sd: dict[str, Any],
+    input_shape: tuple[int, ...],
+    *,
+    seed: int = 0,
+    atol: float = 1e-6,
+) -> float:
     """Run old model + old weights and new model + migrated weights on one seeded input;
     return the largest absolute difference, raising if it exceeds ``atol``."""
     import torch

@@ -89,7 +89,9 @@ class OptimizerState:
     def param_names(self) -> list[list[str]]:
         out = []
         for gi, group in enumerate(self.optimizer.param_groups):
-            out.append([self._names.get(id(p), f"<unnamed:{gi}:{pi}>") for pi, p in enumerate(group["params"])])
+            out.append(
+                [self._names.get(id(p), f"<unnamed:{gi}:{pi}>") for pi, p in enumerate(group["params"])]
+            )
         return out
 
     def state_dict(self) -> dict[str, Any]:

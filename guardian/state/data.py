@@ -35,7 +35,11 @@ log = logging.getLogger("guardian")
 def loader_generators(loader: Any) -> list[torch.Generator]:
     """The explicit generators an iteration of ``loader`` draws from."""
     gens = []
-    for owner in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+    for owner in (
+        loader,
+        getattr(loader, "sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ):
         gen = getattr(owner, "generator", None)
         if isinstance(gen, torch.Generator) and all(gen is not g for g in gens):
             gens.append(gen)
@@ -56,7 +60,7 @@ def restore_epoch_start(loader: Any, state: dict[str, Any]) -> None:
             f"the DataLoader had {len(state['generators'])} explicit generator(s) when the checkpoint "
             f"was taken and has {len(gens)} now; build it the same way to resume mid-epoch"
         )
-    for g, s in zip(gens, state["generators"]):
+    for g, s in zip(gens, state["generators"], strict=True):
         g.set_state(s)
 
 
@@ -110,7 +114,9 @@ def _iterate_by_reading(loader: Any, skip: int, on_skipped: Callable[[], None]) 
     if skip:
         log.warning(
             "guardian: %s has no sampler to skip with; reading and discarding %d batch(es) to "
-            "reach the resume position", type(loader).__name__, skip,
+            "reach the resume position",
+            type(loader).__name__,
+            skip,
         )
     it = iter(loader)
     for _ in range(skip):

@@ -130,8 +130,12 @@ def param_name_map(modules: dict[str, nn.Module]) -> dict[int, str]:
 def describe(components: dict[str, Any], loaders: list[Any]) -> str:
     parts = []
     for name, adapter in components.items():
-        detail = type(getattr(adapter, "obj", None) or getattr(adapter, "module", None) or
-                      getattr(adapter, "optimizer", None) or getattr(adapter, "gen", None)).__name__
+        detail = type(
+            getattr(adapter, "obj", None)
+            or getattr(adapter, "module", None)
+            or getattr(adapter, "optimizer", None)
+            or getattr(adapter, "gen", None)
+        ).__name__
         parts.append(f"{name} ({adapter.kind}: {detail})")
     if loaders:
         parts.append(f"{len(loaders)} DataLoader(s)")

@@ -62,7 +62,9 @@ def _restore_cuda(states: list[torch.Tensor]) -> None:
         log.warning(
             "guardian: checkpoint has CUDA RNG state for %d device(s), this machine has %d; "
             "restoring the first %d — the run is no longer bit-exact",
-            len(states), count, min(count, len(states)),
+            len(states),
+            count,
+            min(count, len(states)),
         )
     for device, s in enumerate(states[:count]):
         torch.cuda.set_rng_state(s, device)

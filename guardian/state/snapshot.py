@@ -27,7 +27,13 @@ from . import tensors as T
 
 
 def _escape(part: str) -> str:
-    return part.replace("%", "%25").replace("/", "%2F").replace("\x00", "%00").replace("\n", "%0A").replace("\r", "%0D")
+    return (
+        part.replace("%", "%25")
+        .replace("/", "%2F")
+        .replace("\x00", "%00")
+        .replace("\n", "%0A")
+        .replace("\r", "%0D")
+    )
 
 
 @dataclass
@@ -44,7 +50,9 @@ class Snapshot:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def state_json(self) -> bytes:
-        return strictjson.dumps({"format": FORMAT_ID, "version": FORMAT_VERSION, "components": self.components})
+        return strictjson.dumps(
+            {"format": FORMAT_ID, "version": FORMAT_VERSION, "components": self.components}
+        )
 
     def layout(self) -> safetensors_io.Layout:
         specs = [(k, T.st_dtype(t), tuple(t.shape)) for k, t in self.tensors.items()]
@@ -109,7 +117,9 @@ def read_tensors(path: str, into: dict[str, torch.Tensor] | None = None) -> dict
             raise CorruptCheckpointError(f"{path}: dtype {e.dtype} is not supported by this torch")
         t = _destination((into or {}).get(e.key), dtype, e.shape)
         if e.nbytes:
-            targets.append((layout.data_start + e.begin, memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")))
+            targets.append(
+                (layout.data_start + e.begin, memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
+            )
         out[e.key] = t
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -193,7 +203,9 @@ def load_meta(ckpt_dir: str, prefix: str = "") -> dict[str, tuple[str, Any]]:
     return _decode(ckpt_dir, prefix, tensors_path, meta)
 
 
-def _decode(ckpt_dir: str, prefix: str, tensors_path: str, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, Any]]:
+def _decode(
+    ckpt_dir: str, prefix: str, tensors_path: str, tensors: dict[str, torch.Tensor]
+) -> dict[str, tuple[str, Any]]:
     state = load_state_json(ckpt_dir, prefix + STATE_FILE)
 
     def get(key: str) -> torch.Tensor:

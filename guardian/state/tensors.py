@@ -60,7 +60,11 @@ def encode_ext(value: Any) -> tuple[str, Any] | None:
     if isinstance(value, torch.device):
         return "torch.device", str(value)
     if isinstance(value, np.ndarray):
-        return "numpy.ndarray", {"dtype": value.dtype.str, "shape": list(value.shape), "data": value.ravel().tolist()}
+        return "numpy.ndarray", {
+            "dtype": value.dtype.str,
+            "shape": list(value.shape),
+            "data": value.ravel().tolist(),
+        }
     if isinstance(value, np.generic):
         return "numpy.scalar", {"dtype": value.dtype.str, "value": value.item()}
     return None

@@ -18,7 +18,6 @@ import random
 import sys
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.set_num_threads(1)  # bit-exactness does not depend on it, but 2 workers + threads oversubscribe 2 cores
+    torch.set_num_threads(
+        1
+    )  # bit-exactness does not depend on it, but 2 workers + threads oversubscribe 2 cores
     train_set = synthetic_mnist(args.samples, args.seed)
     val_set = synthetic_mnist(max(args.samples // 4, 64), args.seed, split=1)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
@@ -98,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
 
     trainer = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    with guardian.protect(trainer, dir=args.dir, every_steps=args.every_steps, monitor="val_loss",
-                          mode="min", keep_last=3) as g:
+    with guardian.protect(
+        trainer, dir=args.dir, every_steps=args.every_steps, monitor="val_loss", mode="min", keep_last=3
+    ) as g:
         for epoch in g.epochs(args.epochs):
             model.train()
             for x, y in g.batches(train_loader):

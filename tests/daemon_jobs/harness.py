@@ -43,9 +43,16 @@ def env_with(**extra: str) -> dict[str, str]:
     return env
 
 
-def cli(home: str, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([GUARDIAN, *args[:1], "--home", home, *args[1:]], env=env or env_with(),
-                       capture_output=True, text=True, timeout=60)
+def cli(
+    home: str, *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        [GUARDIAN, *args[:1], "--home", home, *args[1:]],
+        env=env or env_with(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"guardian {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
@@ -81,9 +88,18 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Daemon:
-        log = open(os.path.join(self.home, "watch.out"), "ab") if os.path.isdir(self.home) else subprocess.DEVNULL
-        self.proc = subprocess.Popen([GUARDIAN, "watch", "--home", self.home], env=self.env,
-                                     stdout=log, stderr=log, start_new_session=True)
+        log = (
+            open(os.path.join(self.home, "watch.out"), "ab")
+            if os.path.isdir(self.home)
+            else subprocess.DEVNULL
+        )
+        self.proc = subprocess.Popen(
+            [GUARDIAN, "watch", "--home", self.home],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
         wait_for(lambda: status(self.home)["daemon_pid"] == self.proc.pid, 30, "the daemon to start")
         return self
 
@@ -111,7 +127,12 @@ def kill_job_session(home: str, name: str) -> None:
 
 
 def digest(run_dir: str, env: dict[str, str] | None = None) -> str:
-    r = subprocess.run([GUARDIAN, "inspect", run_dir, "--json"], capture_output=True, text=True,
-                       env=env or env_with(), timeout=60)
+    r = subprocess.run(
+        [GUARDIAN, "inspect", run_dir, "--json"],
+        capture_output=True,
+        text=True,
+        env=env or env_with(),
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["digest"]

@@ -50,8 +50,12 @@ def main() -> None:
     sleep = float(os.environ.get("TINY_SLEEP", "0.01"))
     hang_at, exit0_at = env_int("TINY_HANG_AT"), env_int("TINY_EXIT0_EARLY")
     marker = os.path.join(run_dir, "hung-once")
-    with guardian.protect({"model": model, "optimizer": opt, "loader": loader}, dir=run_dir,
-                          every_steps=int(os.environ.get("TINY_EVERY", "10")), every_epochs=None) as g:
+    with guardian.protect(
+        {"model": model, "optimizer": opt, "loader": loader},
+        dir=run_dir,
+        every_steps=int(os.environ.get("TINY_EVERY", "10")),
+        every_epochs=None,
+    ) as g:
         for _ in g.epochs(int(os.environ.get("TINY_EPOCHS", "6"))):
             for xb, yb in g.batches(loader):
                 loss = nn.functional.mse_loss(model(xb), yb)
