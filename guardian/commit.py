@@ -40,6 +40,8 @@ def _write_error(what: str, e: OSError) -> CheckpointWriteError:
         hint = "the disk is full; free space or point guardian at another directory"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         hint = "the directory is not writable; fix its permissions or choose another one"
+    elif e.errno == errno.ENOENT:
+        hint = "the run directory was removed while training; recreate it or point guardian elsewhere"
     else:
         hint = "check the disk and the file system"
     return CheckpointWriteError(

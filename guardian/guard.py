@@ -225,7 +225,16 @@ class Guard:
         _ensure_visible_logging()
         self._prepare_run_dir()
         self._lock = RunLock(self.run_dir)
-        self._lock.acquire()
+        try:
+            self._lock.acquire()
+        except OSError as e:
+            if isinstance(e, GuardianError):
+                raise
+            raise CheckpointWriteError(
+                f"cannot use checkpoint directory {self.run_dir}: {e.strerror} — it is not writable by this "
+                "process; fix its permissions or choose another dir=.",
+                e.errno,
+            ) from e
         try:
             self._entered = True
             commit.clean_stale(self.run_dir)
@@ -283,8 +292,7 @@ class Guard:
         except GuardianError as e:
             log.error("guardian: the checkpoint in flight failed too: %s", e)
         if self._preempting and isinstance(exc, SystemExit):
-            runfiles.write_status(
-                self.run_dir,
+            self._write_status_best_effort(
                 "preempted",
                 step=self.global_step,
                 epoch=self.epoch,
@@ -292,8 +300,7 @@ class Guard:
                 exit_code=exc.code,
             )
             return
-        runfiles.write_status(
-            self.run_dir,
+        self._write_status_best_effort(
             "failed",
             step=self.global_step,
             epoch=self.epoch,
@@ -305,6 +312,14 @@ class Guard:
             exc_type.__name__,
             self.last_checkpoint or "none",
         )
+
+    def _write_status_best_effort(self, state: str, **fields: Any) -> None:
+        """On the way out after a failure, a status file that cannot be written (the
+        disk that failed, a removed directory) must not mask the original exception."""
+        try:
+            runfiles.write_status(self.run_dir, state, **fields)
+        except OSError as e:
+            log.error("guardian: could not record run state %r in %s: %s", state, self.run_dir, e)
 
     def _cleanup(self) -> None:
         for h in self._hooks:

@@ -20,7 +20,9 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # The lock is held on a read-only descriptor: a long-lived writable fd would keep
+        # the file system "busy" (no read-only remount, no clean unmount) for no reason.
+        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -31,8 +33,8 @@ class RunLock:
                 "Two runs must not write into one checkpoint directory: stop the other one, or give "
                 "this run its own dir=."
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with open(self.path, "w") as f:  # who holds it, for the message above
+            f.write(f"{os.getpid()}\n")
         self._fd = fd
 
     def release(self) -> None:
