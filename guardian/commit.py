@@ -57,24 +57,33 @@ class CheckpointTxn:
     failed save (ENOSPC, EIO, an exception while serializing) leaves nothing behind.
     """
 
-    def __init__(self, run_dir: str, name: str) -> None:
+    def __init__(self, run_dir: str, name: str, *, tmp_name: str | None = None, owner: bool = True) -> None:
+        """``tmp_name`` fixes the temp directory's name, so the ranks of a distributed
+        save can all write into it; only its ``owner`` (rank 0) creates, commits or
+        removes it — a participant only adds files."""
         self.run_dir = run_dir
         self.name = name
-        self.tmp_dir = os.path.join(run_dir, f"{TMP_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp_name = tmp_name or f"{TMP_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.tmp_dir = os.path.join(run_dir, tmp_name)
+        self.owner = owner
         self.files: dict[str, FileEntry] = {}
         self._subdirs: list[str] = []
         self._committed = False
 
     def __enter__(self) -> CheckpointTxn:
+        if self.owner:
+            self.create()
+        return self
+
+    def create(self) -> None:
         try:
             fsops.fs.mkdir(self.tmp_dir)
         except OSError as e:
             raise _write_error(f"{self.name} (creating {self.tmp_dir})", e) from e
         fault_point("save.tmpdir_created")
-        return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if not self._committed:
+        if self.owner and not self._committed:
             self.abort()
 
     def abort(self) -> None:
@@ -112,6 +121,19 @@ class CheckpointTxn:
         entry = FileEntry(bytes=size, hash=hasher.hexdigest())
         self.files[rel] = entry
         return entry
+
+    def fsync_subdirs(self) -> None:
+        """A participant makes its own directory entries durable (the owner's commit
+        fsyncs only the directories it created)."""
+        try:
+            for sub in reversed(self._subdirs):
+                fsops.fs.fsync_dir(os.path.join(self.tmp_dir, sub))
+        except OSError as e:
+            raise _write_error(f"{self.name} (fsync of {self._subdirs})", e) from e
+
+    def adopt(self, rel: str, entry: FileEntry) -> None:
+        """Record a file another rank wrote (and fsynced) into this temp directory."""
+        self.files[rel] = entry
 
     def commit(self, manifest: Manifest) -> str:
         """Write the manifest, make everything durable and publish the checkpoint."""

@@ -29,7 +29,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import commit, knobs, runfiles
+from .distributed import World
 from .errors import (
+    EXIT_REQUEUE,
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
@@ -37,7 +39,7 @@ from .errors import (
     StateMismatchError,
 )
 from .format import reader
-from .format.layout import checkpoint_name
+from .format.layout import checkpoint_name, rank_prefix
 from .format.manifest import Manifest
 from .locking import RunLock
 from .policies import (
@@ -69,6 +71,24 @@ def _ensure_visible_logging() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+
+
+def _holds_dtensor(state: Any) -> bool:
+    """Sharded (DTensor) state is per rank by nature."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    stack = [state]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, DTensor):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
 
 
 def protect(
@@ -189,6 +209,7 @@ class Guard:
         self._optimizers = [a.optimizer for a in self.components.values() if isinstance(a, OptimizerState)]
         self._preempt = PreemptionFlag() if handle_signals else None
         self._lock: RunLock | None = None  # created in __enter__ once the dir exists
+        self.world = World()  # detected in __enter__: the process group may be set up after protect()
 
         self.epoch = 0
         self.global_step = 0
@@ -223,10 +244,12 @@ class Guard:
 
     def __enter__(self) -> Guard:
         _ensure_visible_logging()
+        self.world = World.detect()
         self._prepare_run_dir()
-        self._lock = RunLock(self.run_dir)
         try:
-            self._lock.acquire()
+            if self.world.is_leader:  # one lock per run directory, held by rank 0
+                self._lock = RunLock(self.run_dir)
+                self._lock.acquire()
         except OSError as e:
             if isinstance(e, GuardianError):
                 raise
@@ -237,16 +260,19 @@ class Guard:
             ) from e
         try:
             self._entered = True
-            commit.clean_stale(self.run_dir)
-            runfiles.write_heartbeat(self.run_dir, 0, 0, "init")
+            if self.world.is_leader:
+                commit.clean_stale(self.run_dir)
+            self._beat(0, 0, "init")
+            if self.world.distributed and self._writer.mode != "sync":
+                self._writer.close()
+                self._writer = SyncWriter()  # the distributed commit is collective and synchronous
             log.info("guardian: protecting %s → %s", describe(self.components, self._loaders), self.run_dir)
             for opt in self._optimizers:
                 self._hooks.append(opt.register_step_post_hook(self._on_optimizer_step))
             self._resume()
             if self._preempt:
                 self._preempt.install()
-            runfiles.write_status(
-                self.run_dir,
+            self._status(
                 "running",
                 step=self.global_step,
                 epoch=self.epoch,
@@ -273,9 +299,8 @@ class Guard:
         self._writer.wait()
         if self.policy.stopped and self.early and self.early.restore_best:
             self.load_best_weights()
-        runfiles.write_heartbeat(self.run_dir, self.global_step, self.epoch, "done")
-        runfiles.write_status(
-            self.run_dir,
+        self._beat(self.global_step, self.epoch, "done")
+        self._status(
             "finished",
             step=self.global_step,
             epoch=self.epoch,
@@ -313,11 +338,20 @@ class Guard:
             self.last_checkpoint or "none",
         )
 
+    def _status(self, state: str, **fields: Any) -> None:
+        """run.json is the run's single voice: rank 0 writes it."""
+        if self.world.is_leader:
+            runfiles.write_status(self.run_dir, state, world_size=self.world.world_size, **fields)
+
+    def _beat(self, step: int, epoch: int, phase: str, p99: float | None = None) -> None:
+        if self.world.is_leader:
+            runfiles.write_heartbeat(self.run_dir, step, epoch, phase, p99)
+
     def _write_status_best_effort(self, state: str, **fields: Any) -> None:
         """On the way out after a failure, a status file that cannot be written (the
         disk that failed, a removed directory) must not mask the original exception."""
         try:
-            runfiles.write_status(self.run_dir, state, **fields)
+            self._status(state, **fields)
         except OSError as e:
             log.error("guardian: could not record run state %r in %s: %s", state, self.run_dir, e)
 
@@ -391,13 +425,23 @@ class Guard:
         self._check_writer()
         if not boundary:
             return
-        if self._preempt and self._preempt.requested:
+        steps_due = self.schedule.step_reason(self.global_step - self._last_save_step, 0.0) == "steps"
+        seconds_due = self.schedule.step_reason(0, now - self._last_save_time) == "seconds"
+        preempt, seconds_due = self._agree_flags(self._preempt_requested(), seconds_due)
+        if preempt:
             self._preempt_now()
-        reason = self.schedule.step_reason(
-            self.global_step - self._last_save_step, now - self._last_save_time
-        )
-        if reason:
-            self._save([reason])
+        if steps_due or seconds_due:
+            self._save(["steps" if steps_due else "seconds"])
+
+    def _preempt_requested(self) -> bool:
+        return bool(self._preempt and self._preempt.requested)
+
+    def _agree_flags(self, *flags: bool) -> list[bool]:
+        """Rank-local facts (a signal, a wall clock) become one decision for all ranks:
+        if any rank saw it, every rank acts on it at this same step."""
+        if not self.world.distributed:
+            return list(flags)
+        return [bool(v) for v in self.world.all_max([int(f) for f in flags])]
 
     def _check_writer(self) -> None:
         """Surface a background save's failure here, at a step boundary, per on_save_error."""
@@ -416,6 +460,8 @@ class Guard:
         If the monitored metric improved, the best checkpoint is saved right now — so
         it holds exactly the weights that produced the value."""
         values = {k: to_float(v, k) for k, v in metrics.items()}
+        if self.world.distributed:  # one decision for all ranks: rank 0's values count
+            values = {k: self.world.broadcast_float(v) for k, v in sorted(values.items())}
         self.metrics.update(values)
         self._heartbeat("eval", time.monotonic())
         if self.best and self.best.monitor in values:
@@ -425,7 +471,7 @@ class Guard:
                 self.policy.best, self.policy.best_step = value, self.global_step
                 if self.save_best:
                     self._save(["best"])
-        if self._preempt and self._preempt.requested:
+        if self._agree_flags(self._preempt_requested())[0]:
             self._preempt_now()
 
     def save(self, reason: str = "manual") -> str | None:
@@ -460,22 +506,32 @@ class Guard:
         self.batch_in_epoch = 0
         self._epoch_start = None
         self._pending_position = None
-        if self._preempt and self._preempt.requested:
+        if self._agree_flags(self._preempt_requested())[0]:
             self._preempt_now()
         if self.schedule.epoch_due(self.epoch) or self.policy.stopped:
             self._save(["epoch"] if not self.policy.stopped else ["epoch", "early_stop"])
 
     def _preempt_now(self) -> None:
-        assert self._preempt is not None
-        log.warning(
-            "guardian: signal %d received; checkpointing at step %d and exiting",
-            self._preempt.signum,
-            self.global_step,
-        )
+        signum = self._preempt.signum if self._preempt else None
+        why = f"signal {signum} received" if signum else "another rank received a stop signal"
+        log.warning("guardian: %s; checkpointing at step %d and exiting", why, self.global_step)
         self._save(["preempt"])
         self._writer.wait()
         self._preempting = True
-        raise SystemExit(self._preempt.exit_code)
+        if self.world.distributed:
+            self._leave_process_group()
+        raise SystemExit(self._preempt.exit_code if (self._preempt and signum) else EXIT_REQUEUE)
+
+    def _leave_process_group(self) -> None:
+        """Every rank has saved; the process is about to exit. Tear the process group
+        down in step on all ranks: a rank that exits while a peer's communication
+        threads still hold connections to it makes that peer abort (SIGABRT) instead of
+        exiting with the requeue code."""
+        import torch.distributed as dist
+
+        self.world.barrier()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def _heartbeat(self, phase: str, now: float, force: bool = False) -> None:
         if force or now - self._last_heartbeat >= knobs.heartbeat_interval():
@@ -485,7 +541,7 @@ class Guard:
                 ordered = sorted(self._step_intervals)
                 p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
             try:
-                runfiles.write_heartbeat(self.run_dir, self.global_step, self.epoch, phase, p99)
+                self._beat(self.global_step, self.epoch, phase, p99)
             except OSError as e:  # liveness only; never worth stopping training for
                 log.warning("guardian: could not write heartbeat: %s", e)
 
@@ -519,12 +575,16 @@ class Guard:
         if not force and self._last_saved_position == self._position() and "best" not in reasons:
             return None
         self._heartbeat("save", time.monotonic(), force=True)
-        snap = snap_mod.capture(self._collect())
+        states = self._collect()
+        snap = snap_mod.capture(states)
         manifest = self._manifest(reasons, snap)
         self._last_saved_position = self._position()
         self._last_save_step, self._last_save_time = self.global_step, time.monotonic()
         try:
-            path = self._writer.submit(self.run_dir, snap, manifest, self._on_committed)
+            if self.world.distributed:
+                path = self._save_distributed(states, manifest)
+            else:
+                path = self._writer.submit(self.run_dir, snap, manifest, self._on_committed)
             self._heartbeat("train", time.monotonic(), force=True)  # the phase is no longer "save"
             return path
         except CheckpointWriteError as e:
@@ -537,11 +597,36 @@ class Guard:
             )
             return None
 
+    def _save_distributed(self, states: dict[str, tuple[str, Any]], manifest: Manifest) -> str | None:
+        """Replicated components go to the top level (rank 0 writes them), per-rank ones
+        (RNG, data position, anything sharded) to rank-NNNNN/ on every rank."""
+        from .dist_commit import save_distributed
+
+        own = {n: v for n, v in states.items() if self._per_rank(n, v[1])}
+        replicated = {n: v for n, v in states.items() if n not in own}
+        snap_rep = snap_mod.capture(replicated) if self.world.is_leader else None
+        path = save_distributed(self.world, self.run_dir, manifest, snap_rep, snap_mod.capture(own))
+        if path is not None:
+            if self.world.is_leader:
+                self._on_committed(path, manifest)
+            else:
+                self.last_checkpoint = path
+        return path
+
+    def _per_rank(self, name: str, state: Any) -> bool:
+        return (
+            name in ("rng", "progress")
+            or self.components.get(name) is not None
+            and (self.components[name].kind == "generator" or _holds_dtensor(state))
+        )
+
     def _manifest(self, reasons: list[str], snap: snap_mod.Snapshot) -> Manifest:
         self._seq += 1
         dup = 0
         while os.path.lexists(os.path.join(self.run_dir, checkpoint_name(self.global_step, dup))):
             dup += 1
+        if self.world.distributed:  # rank 0 sees the directory as it is: its answer counts
+            dup = self.world.broadcast_ints([dup])[0]
         extra: dict[str, Any] = {"monitor": self.best.monitor if self.best else None}
         if knobs.attempt() is not None:
             extra["attempt"] = knobs.attempt()
@@ -556,6 +641,7 @@ class Guard:
             reason=reasons,
             metrics=dict(self.metrics),
             batch_in_epoch=self.batch_in_epoch,
+            world_size=self.world.world_size,
             extra=extra,
             components={n: {"kind": c["kind"]} for n, c in snap.components.items()},
         )
@@ -592,22 +678,70 @@ class Guard:
     # ------------------------------------------------------------------ resuming
 
     def _resume(self) -> None:
+        chosen, error = None, None
+        if self.world.is_leader:
+            try:
+                chosen = self._choose_checkpoint()
+            except GuardianError as e:
+                if not self.world.distributed:
+                    raise
+                error = e
+        if self.world.distributed:
+            chosen = self._follow_leader(chosen, failed=error is not None)
+            if error is not None:
+                raise error
+        if chosen is None:
+            log.info("guardian: no checkpoint in %s; starting fresh", self.run_dir)
+            return
+        self._beat(0, 0, "load")
+        if not self.world.distributed:
+            self._load(chosen)
+            return
+        error = None
+        try:
+            self._load(chosen)
+        except GuardianError as e:
+            error = e
+        if not self.world.agree_ok(error is None):
+            if error is not None:
+                raise error
+            raise StateMismatchError(
+                f"rank {self.world.rank}: another rank could not resume from {chosen}; see its log"
+            )
+
+    def _choose_checkpoint(self) -> str | None:
         request = knobs.resume_from() or self._resume_request
         existing = reader.list_checkpoints(self.run_dir)
         self._seq = max((i.manifest.seq for i in existing if i.manifest), default=0)
         if request is False:
             for info in existing:
                 commit.set_aside(self.run_dir, info.name, "protect(resume=False): starting fresh")
-            return
+            return None
         if request is True:
-            chosen = self._newest_verified(existing)
-        else:
-            chosen = self._named_checkpoint(str(request), existing)
-        if chosen is None:
-            log.info("guardian: no checkpoint in %s; starting fresh", self.run_dir)
-            return
-        runfiles.write_heartbeat(self.run_dir, 0, 0, "load")
-        self._load(chosen)
+            return self._newest_verified(existing)
+        return self._named_checkpoint(str(request), existing)
+
+    def _follow_leader(self, chosen: str | None, failed: bool) -> str | None:
+        """Rank 0 chose (and verified, and set aside what was corrupt); the others take
+        its answer by name, so every rank resumes from the same checkpoint."""
+        code = 1 if failed else 0
+        name = os.path.basename(chosen.rstrip("/")) if chosen else ""
+        encoded = list(name.encode()[:255].ljust(256, b"\0")) if self.world.is_leader else [0] * 256
+        outside = int(
+            bool(chosen) and os.path.dirname(os.path.realpath(chosen)) != os.path.realpath(self.run_dir)
+        )
+        code, self._seq, outside, *encoded = self.world.broadcast_ints([code, self._seq, outside, *encoded])
+        if code and not self.world.is_leader:
+            raise CheckpointNotFoundError(
+                f"rank {self.world.rank}: rank 0 could not choose a checkpoint to "
+                "resume from; its log says why"
+            )
+        name = bytes(b for b in encoded if b).decode()
+        if not name or code:
+            return None
+        if outside:  # an explicit path outside the run dir: every rank was given the same request
+            return chosen if self.world.is_leader else str(knobs.resume_from() or self._resume_request)
+        return os.path.join(self.run_dir, name)
 
     def _newest_verified(self, existing: list[reader.CheckpointInfo]) -> str | None:
         for info in reversed(existing):
@@ -653,7 +787,9 @@ class Guard:
         live = snap_mod.capture(
             {n: (a.kind, a.state_dict()) for n, a in self.components.items() if a.kind == "module"}
         ).tensors
-        loaded = snap_mod.load(path, into=live)
+        loaded: dict[str, Any] = {}
+        for prefix in self._parts(path):
+            loaded.update(snap_mod.load(path, prefix, into=live if not prefix else None))
         for name, adapter in self.components.items():
             if name in loaded:
                 kind, state = loaded[name]
@@ -686,7 +822,9 @@ class Guard:
     def _check_fits(self, path: str) -> None:
         """Every check a resume needs, on shapes alone (meta tensors), before any live
         tensor is touched: a refused resume leaves the model exactly as it was."""
-        meta = snap_mod.load_meta(path)
+        meta: dict[str, Any] = {}
+        for prefix in self._parts(path):
+            meta.update(snap_mod.load_meta(path, prefix))
         self._check_component_sets(meta, path)
         for name, adapter in self.components.items():
             if name not in meta:
@@ -698,6 +836,29 @@ class Guard:
                 )
             if hasattr(adapter, "check_state"):
                 adapter.check_state(state, name)
+
+    def _parts(self, path: str) -> list[str]:
+        """Which state files this rank reads: the top level, plus its own rank's part
+        of a multi-rank checkpoint."""
+        from .format import manifest as manifest_mod
+
+        saved_ws = manifest_mod.read(path).world_size
+        if saved_ws <= 1:
+            return [""]
+        if saved_ws != self.world.world_size:
+            source = self.world.rank if self.world.rank < saved_ws else 0
+            log.warning(
+                "guardian: %s was saved by %d ranks and is resumed by %d; rank %d takes rank %d's RNG and "
+                "data position — the run continues but is no longer bit-exact",
+                path,
+                saved_ws,
+                self.world.world_size,
+                self.world.rank,
+                source,
+            )
+        else:
+            source = self.world.rank
+        return ["", rank_prefix(source, saved_ws)]
 
     def _check_component_sets(self, loaded: dict[str, Any], path: str) -> None:
         saved = set(loaded) - RESERVED

@@ -20,7 +20,7 @@ from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVers
 from . import manifest as manifest_mod
 from . import safetensors_io, strictjson
 from .hashing import hash_file, new_hasher
-from .layout import MANIFEST_FILE, STATE_FILE, TENSORS_FILE, parse_checkpoint_name
+from .layout import MANIFEST_FILE, STATE_FILE, TENSORS_FILE, parse_checkpoint_name, rank_prefix
 from .tree import tensor_refs
 
 
@@ -99,7 +99,7 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> 
 
 
 def _check_files(path: str, man: manifest_mod.Manifest, *, deep: bool) -> list[str]:
-    problems = []
+    problems = _missing_rank_parts(path, man)
     for rel, entry in sorted(man.files.items()):
         problems.extend(_check_one_file(path, rel, entry, deep=deep))
     listed = set(man.files) | {MANIFEST_FILE}
@@ -107,6 +107,18 @@ def _check_files(path: str, man: manifest_mod.Manifest, *, deep: bool) -> list[s
         if rel not in listed:
             problems.append(f"{os.path.join(path, rel)}: not listed in the manifest (unexpected file)")
     return problems
+
+
+def _missing_rank_parts(path: str, man: manifest_mod.Manifest) -> list[str]:
+    """A multi-rank checkpoint is whole only with every rank's state file listed."""
+    if man.world_size <= 1:
+        return []
+    return [
+        f"{path}: rank {r}'s part ({rank_prefix(r, man.world_size)}{STATE_FILE}) is missing from the "
+        f"manifest of a {man.world_size}-rank checkpoint"
+        for r in range(man.world_size)
+        if rank_prefix(r, man.world_size) + STATE_FILE not in man.files
+    ]
 
 
 def _check_one_file(path: str, rel: str, entry: manifest_mod.FileEntry, *, deep: bool) -> list[str]:

@@ -1,0 +1,93 @@
+"""Rank awareness: who writes what, and how ranks agree without pickling anything.
+
+Under ``torch.distributed`` every rank runs the same guard. The rules:
+
+* **Decisions are collective.** Periodic saves by step or epoch are deterministic and
+  need no communication; anything that is not — a signal seen by one rank, a
+  wall-clock interval, which checkpoint to resume, a best metric — is agreed with a
+  small integer/float all-reduce or broadcast *of tensors* (``broadcast_object_list``
+  would pickle; we never do), so every rank saves at the same step.
+* **Replicated state is written once** (by rank 0): a DDP model, its optimizer,
+  schedulers, the scaler. **Per-rank state** — RNG, data position, and anything
+  sharded (DTensor/FSDP2) — is written by each rank into ``rank-NNNNN/``.
+* **Commit after every rank.** Each rank writes and fsyncs its part plus a
+  ``part.json`` listing its files' sizes and hashes; after a collective check that
+  every rank succeeded, rank 0 writes the manifest (last) and renames the checkpoint
+  into place. A checkpoint that lacks any rank's part never verifies.
+
+Supervisor-side only rank 0 writes ``run.json``/``heartbeat.json`` and holds the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("guardian")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    backend: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def detect(cls) -> World:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            log.warning(
+                "guardian: WORLD_SIZE=%s but no process group is initialized; this rank checkpoints "
+                "on its own. Call torch.distributed.init_process_group() before protect().",
+                os.environ["WORLD_SIZE"],
+            )
+        return cls()
+
+    # ------------------------------------------------------------ tensor collectives
+
+    def _device(self) -> torch.device:
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def all_max(self, values: list[int]) -> list[int]:
+        """Element-wise maximum over ranks (also a barrier). Single process: identity."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.int64, device=self._device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return [int(v) for v in t.tolist()]
+
+    def broadcast_ints(self, values: list[int], src: int = 0) -> list[int]:
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.int64, device=self._device())
+        torch.distributed.broadcast(t, src)
+        return [int(v) for v in t.tolist()]
+
+    def broadcast_float(self, value: float, src: int = 0) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self._device())
+        torch.distributed.broadcast(t, src)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        self.all_max([0])
+
+    def agree_ok(self, ok: bool) -> bool:
+        """True on every rank iff it was True on every rank."""
+        return self.all_max([0 if ok else 1])[0] == 0

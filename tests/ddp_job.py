@@ -1,0 +1,73 @@
+"""A DDP training job for the scale-out tests (CPU, gloo), run under torchrun or by hand.
+
+Each rank shards the data with a shuffling DistributedSampler, has dropout, and trains
+with AdamW + OneCycle under guardian.protect. Env knobs:
+    KILL_RANK, KILL_AT_STEP   that rank SIGKILLs itself right after that step
+    TERM_RANK, TERM_AT_STEP   that rank sends itself SIGTERM in the middle of that step
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import guardian
+
+
+def main(run_dir: str, cfg: dict) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    random.seed(rank)
+    np.random.seed(rank)
+    torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts them)
+    gen = torch.Generator().manual_seed(99)
+    x = torch.randn(cfg.get("samples", 96), 8, generator=gen)
+    y = (x.sum(1) > 0).long()
+    sampler = DistributedSampler(TensorDataset(x, y), shuffle=True, seed=3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, sampler=sampler)
+    model = DDP(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    epochs = cfg.get("epochs", 3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=len(loader) * epochs + 1)
+    kill_at = (
+        int(os.environ.get("KILL_AT_STEP", "0")) if int(os.environ.get("KILL_RANK", "-1")) == rank else 0
+    )
+    term_at = (
+        int(os.environ.get("TERM_AT_STEP", "0")) if int(os.environ.get("TERM_RANK", "-1")) == rank else 0
+    )
+    with guardian.protect(
+        {"model": model, "optimizer": opt, "scheduler": sched},
+        dir=run_dir,
+        every_steps=cfg.get("every_steps", 4),
+        keep_last=None,
+    ) as g:
+        for epoch in g.epochs(epochs):
+            sampler.set_epoch(epoch)
+            model.train()
+            for xb, yb in g.batches(loader):
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+                if term_at and g.global_step + 1 == term_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                opt.step()
+                opt.zero_grad()
+                sched.step()
+                g.step()
+                if kill_at and g.global_step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            g.report(loss=loss)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})

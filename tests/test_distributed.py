@@ -1,0 +1,157 @@
+"""guardian under torch.distributed: real ranks (gloo on CPU), real kills and signals.
+
+Every rank resumes at the same step; replicated state is written once, per-rank state
+(RNG, data position) by each rank; a checkpoint missing a rank's part is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, final_digest
+
+from guardian.format import reader
+
+JOB = os.path.join(ROOT, "tests", "ddp_job.py")
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "GUARDIAN_QUIET": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def torchrun(run_dir: str, cfg: dict, **env: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "0",
+        JOB,
+        run_dir,
+        json.dumps(cfg),
+    ]
+    return subprocess.run(
+        cmd, env=_env(**env), capture_output=True, text=True, timeout=240, start_new_session=True
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def by_hand(run_dir: str, cfg: dict, **env: str) -> list[subprocess.CompletedProcess]:
+    """Two ranks started directly (no torchrun), so each rank's own exit code is visible."""
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, JOB, run_dir, json.dumps(cfg)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(
+                RANK=str(r),
+                WORLD_SIZE="2",
+                LOCAL_RANK=str(r),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                **env,
+            ),
+        )
+        for r in range(2)
+    ]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=240)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+CFG = {"epochs": 3, "every_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("ddp") / "ref")
+    proc = torchrun(run, CFG)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def test_two_ranks_write_one_checkpoint_with_every_part(reference):
+    info = reader.newest_valid(reference)
+    m = info.manifest
+    assert m.world_size == 2
+    assert {
+        "state.json",
+        "tensors.safetensors",
+        "rank-00000/state.json",
+        "rank-00001/state.json",
+        "rank-00000/part.json",
+        "rank-00001/part.json",
+    } <= set(m.files)
+    comps = reader.component_summaries(info.path, m)
+    assert {
+        "model",
+        "optimizer",
+        "scheduler",
+        "rank-00000/rng",
+        "rank-00001/rng",
+        "rank-00000/progress",
+        "rank-00001/progress",
+    } <= set(comps)
+    assert comps["rank-00000/rng"]["digest"] != comps["rank-00001/rng"]["digest"]  # each rank's own
+
+
+def test_rank_sigkilled_mid_training_resumes_bit_exact(reference, tmp_path):
+    run = str(tmp_path / "run")
+    proc = torchrun(run, CFG, KILL_RANK="1", KILL_AT_STEP="10")
+    assert proc.returncode != 0
+    assert reader.newest_valid(run).manifest.step == 8
+    proc = torchrun(run, CFG)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert final_digest(run) == final_digest(reference)
+
+
+def test_sigterm_to_one_rank_checkpoints_every_rank_at_the_same_step(tmp_path):
+    run = str(tmp_path / "run")
+    results = by_hand(run, CFG, TERM_RANK="1", TERM_AT_STEP="6")
+    assert [r.returncode for r in results] == [75, 75], [r.stderr[-2000:] for r in results]
+    newest = reader.newest_valid(run)
+    assert newest.manifest.reason == ["preempt"] and newest.manifest.step == 6
+    assert json.load(open(os.path.join(run, "run.json")))["state"] == "preempted"
+
+
+def test_missing_or_corrupt_rank_part_is_refused_and_previous_used(reference, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(reference, run)
+    infos = reader.list_checkpoints(run, verify=True)
+    newest, previous = infos[-1], infos[-2]
+    os.remove(os.path.join(newest.path, "rank-00001", "state.json"))
+    checked = reader.inspect_checkpoint(newest.path)
+    assert not checked.valid and any("rank-00001/state.json" in p for p in checked.problems)
+    with open(os.path.join(previous.path, "rank-00001", "tensors.safetensors"), "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    assert not reader.inspect_checkpoint(previous.path).valid
+    expected = infos[-3]
+    assert reader.newest_valid(run).name == expected.name
+    # a real 2-rank resume sets both aside (never deletes them) and resumes from the third
+    os.remove(os.path.join(run, "run.json"))
+    results = by_hand(run, {**CFG, "epochs": 0})
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    aside = os.listdir(os.path.join(run, "set-aside"))
+    assert any(n.startswith(newest.name + ".") for n in aside) and any(
+        n.startswith(previous.name + ".") for n in aside
+    )
