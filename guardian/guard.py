@@ -54,6 +54,7 @@ from .policies import (
 from .preemption import PreemptionFlag
 from .state import data as data_pos
 from .state import rng as rng_mod
+from .state import sharded
 from .state import snapshot as snap_mod
 from .state.components import OptimizerState
 from .state.discover import RESERVED, describe, discover
@@ -71,24 +72,6 @@ def _ensure_visible_logging() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-
-
-def _holds_dtensor(state: Any) -> bool:
-    """Sharded (DTensor) state is per rank by nature."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    stack = [state]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, DTensor):
-            return True
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-    return False
 
 
 def protect(
@@ -617,7 +600,7 @@ class Guard:
         return (
             name in ("rng", "progress")
             or self.components.get(name) is not None
-            and (self.components[name].kind == "generator" or _holds_dtensor(state))
+            and (self.components[name].kind == "generator" or sharded.contains_dtensor(state))
         )
 
     def _manifest(self, reasons: list[str], snap: snap_mod.Snapshot) -> Manifest:
@@ -790,6 +773,7 @@ class Guard:
         loaded: dict[str, Any] = {}
         for prefix in self._parts(path):
             loaded.update(snap_mod.load(path, prefix, into=live if not prefix else None))
+        self._reshard(path, loaded)
         for name, adapter in self.components.items():
             if name in loaded:
                 kind, state = loaded[name]
@@ -824,7 +808,9 @@ class Guard:
         tensor is touched: a refused resume leaves the model exactly as it was."""
         meta: dict[str, Any] = {}
         for prefix in self._parts(path):
-            meta.update(snap_mod.load_meta(path, prefix))
+            meta.update(
+                {n: (k, sharded.global_meta(t)) for n, (k, t) in snap_mod.load_meta(path, prefix).items()}
+            )
         self._check_component_sets(meta, path)
         for name, adapter in self.components.items():
             if name not in meta:
@@ -836,6 +822,34 @@ class Guard:
                 )
             if hasattr(adapter, "check_state"):
                 adapter.check_state(state, name)
+
+    def _reshard(self, path: str, loaded: dict[str, Any]) -> None:
+        """Sharded components (saved as per-rank shards, or loaded into a live sharded
+        model) are rebuilt for this rank's placement from every saved rank's pieces —
+        so a run saved by N ranks resumes on M (reading only the regions it needs)."""
+        names = [
+            n
+            for n, (kind, tree) in loaded.items()
+            if n in self.components
+            and (sharded.contains_records(tree) or sharded.contains_dtensor(self.components[n].state_dict()))
+        ]
+        if not names:
+            return
+        from .format import manifest as manifest_mod
+
+        all_ranks = sharded.load_all_ranks(path, manifest_mod.read(path).world_size)
+        for name in names:
+            adapter = self.components[name]
+            trees = [rank_parts[name][1] for rank_parts in all_ranks if name in rank_parts]
+            if not trees:
+                raise CorruptCheckpointError(f"{path}: no rank holds component {name!r}")
+            target_for = None
+            if isinstance(adapter, OptimizerState):
+                target_for = sharded.params_as_targets(adapter.named_params())
+            state = sharded.walk_pairs(
+                trees, adapter.state_dict(), rank=self.world.rank, target_for=target_for
+            )
+            loaded[name] = (loaded[name][0], state)
 
     def _parts(self, path: str) -> list[str]:
         """Which state files this rank reads: the top level, plus its own rank's part

@@ -86,6 +86,14 @@ class OptimizerState:
         self.optimizer = optimizer
         self._names = names
 
+    def named_params(self) -> dict[str, torch.Tensor]:
+        """Parameter name → parameter, in the names this optimizer's state is saved under."""
+        return {
+            name: p
+            for group, names in zip(self.optimizer.param_groups, self.param_names())
+            for p, name in zip(group["params"], names)
+        }
+
     def param_names(self) -> list[list[str]]:
         out = []
         for gi, group in enumerate(self.optimizer.param_groups):

@@ -23,6 +23,7 @@ from ..format import safetensors_io, strictjson
 from ..format.layout import FORMAT_ID, FORMAT_VERSION, STATE_FILE, TENSORS_FILE
 from ..format.reader import load_state_json
 from ..format.tree import Decoder, Encoder
+from . import sharded
 from . import tensors as T
 
 
@@ -75,7 +76,8 @@ def capture(states: dict[str, tuple[str, Any]]) -> Snapshot:
         return _put
 
     for name, (kind, tree) in states.items():
-        encoder = Encoder(T.is_tensor, put(name), T.encode_ext)
+        # DTensors are tensors too: they must reach the sharded encoder, not put_tensor
+        encoder = Encoder(sharded.is_plain_tensor, put(name), sharded.encode_ext)
         snap.components[name] = {"kind": kind, "state": encoder.encode(tree, (), name)}
     return snap
 
@@ -214,7 +216,7 @@ def _decode(
         except (KeyError, TypeError):
             raise CorruptCheckpointError(f"{tensors_path}: state references missing tensor {key!r}") from None
 
-    decoder = Decoder(get, T.decode_ext)
+    decoder = Decoder(get, sharded.decode_ext)
     out = {}
     for name, comp in state["components"].items():
         if not isinstance(comp, dict) or "kind" not in comp or "state" not in comp:
