@@ -29,6 +29,7 @@ OPTIONAL_COMMANDS: dict[str, str] = {
     "stop": "guardian.cli.daemon:stop",
     "service": "guardian.cli.daemon:service",
     "migrate": "guardian.cli.migrate:migrate",
+    "export": "guardian.cli.export:export",
 }
 
 
@@ -72,4 +73,5 @@ def main() -> None:
     Checkpoints:  ls, verify, inspect
     Supervisor:   watch, run, status, logs, stop, service
     Migration:    migrate
+    Scale-out:    export
     """

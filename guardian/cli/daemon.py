@@ -127,6 +127,12 @@ def _setup_logging(h: reg.Home, verbose: bool) -> None:
     help="The run's checkpoint directory (given to the job as GUARDIAN_RUN_DIR).",
 )
 @click.option("--replace", is_flag=True, help="Re-register a finished, failed, stopped or held job.")
+@click.option(
+    "--nproc-per-node",
+    "nproc",
+    type=click.IntRange(min=1),
+    help="Run N ranks under torchrun (--standalone --max-restarts=0): guardian restarts the group.",
+)
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
@@ -134,10 +140,17 @@ def run(
     name: str | None,
     run_dir: str | None,
     replace: bool,
+    nproc: int | None,
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
-    """Register a job with the daemon, which starts it:  guardian run --dir RUN -- python train.py"""
+    """Register a job with the daemon, which starts it:  guardian run --dir RUN -- python train.py
+
+    With --nproc-per-node N the command is the training script (train.py ARGS) and the
+    daemon runs it as `python -m torch.distributed.run --standalone --nproc-per-node N
+    --max-restarts=0 train.py ARGS`; a rank that dies takes the group down and guardian
+    restarts all of it from the newest checkpoint every rank completed.
+    """
     h = _home(home)
     try:
         h.ensure()
@@ -146,11 +159,12 @@ def run(
         rd = os.path.abspath(run_dir) if run_dir else os.path.join(h.job_dir(name), "run")
         spec = reg.JobSpec(
             name=name,
-            argv=list(command),
+            argv=_job_argv(nproc, command),
             cwd=os.getcwd(),
             run_dir=rd,
             env=dict(os.environ),
             owner_uid=os.getuid(),
+            nproc=nproc,
         )
         reg.save_spec(h, spec)
     except DaemonError as e:
@@ -163,9 +177,21 @@ def run(
     )
     _emit(
         as_json,
-        {"name": name, "run_dir": rd, "argv": list(command), "daemon_pid": pid},
+        {"name": name, "run_dir": rd, "argv": spec.argv, "nproc": nproc, "daemon_pid": pid},
         f"registered job {name!r} (run dir {rd}); {note}",
     )
+
+
+def _job_argv(nproc: int | None, command: tuple[str, ...]) -> list[str]:
+    """The command the daemon will run: as given, or wrapped in torchrun for N ranks."""
+    if nproc is None:
+        return list(command)
+    from ..daemon import launch
+
+    try:
+        return launch.torchrun_argv(nproc, list(command))
+    except ValueError as e:
+        raise DaemonError(f"guardian run --nproc-per-node: {e}") from e
 
 
 def _default_name(run_dir: str | None, command: tuple[str, ...]) -> str:
@@ -221,6 +247,7 @@ def job_summary(h: reg.Home, name: str) -> dict[str, Any]:
         "stderr_tail": st.stderr_tail,
         "run_dir": spec.run_dir if spec else None,
         "argv": spec.argv if spec else None,
+        "nproc": spec.nproc if spec else None,
     }
 
 
@@ -255,6 +282,7 @@ def _print_job(j: dict[str, Any], detail: bool) -> None:
     hb = f"{j['heartbeat_age']:.0f}s ago" if j["heartbeat_age"] is not None else "-"
     click.echo(
         f"{j['name']:<20} {j['state']:<10} attempts={j['attempts']} pid={j['pid'] or '-'} "
+        f"{'nproc=' + str(j['nproc']) + ' ' if j.get('nproc') else ''}"
         f"step={j['step'] if j['step'] is not None else '-'} heartbeat={hb} "
         f"checkpoint={j['last_checkpoint'] or '-'} gpus={','.join(j['gpus']) or '-'}"
     )

@@ -13,15 +13,20 @@ Classifications
     hang        killed by the daemon after the heartbeat stopped.
     crash       anything else (a signal, the OOM killer, an exception after progress).
     reboot      the host went down under the job: resume; no budget used.
+
+A torchrun job (``nproc`` set) exits 1 whatever its ranks did; ``launch.classify_ranks``
+reads the ranks' own exits: all 75 → requeue, any rank killed or failing → crash.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass
 
 from ..errors import EXIT_NEVER_RETRY, EXIT_OK, EXIT_REQUEUE
+from . import launch
 from .knobs import Knobs
 
 DETERMINISTIC_ERRORS = frozenset(
@@ -42,6 +47,8 @@ DETERMINISTIC_ERRORS = frozenset(
         "RunLockedError",
     }
 )
+# torchrun's own traceback after a rank fails: the rank's error, logged above it, is the cause.
+LAUNCHER_ERRORS = frozenset({"ChildFailedError"})
 # "Traceback ...\n  ...\nsome.module.NameError: message" — the last such line of stderr.
 _EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Exit|Interrupt))(?::|$)")
 
@@ -57,6 +64,9 @@ class ExitFacts:
     made_progress: bool  # a newer valid checkpoint appeared during the attempt
     hung: bool = False
     stop_requested: bool = False
+    nproc: int | None = None  # ranks under torchrun (guardian run --nproc-per-node), else None
+    rank_exits: dict[int, int] | None = None  # torchrun's failure summary: rank → exit code
+    rank_detail: str | None = None  # filled by classify: which rank ended how
 
 
 @dataclass
@@ -68,10 +78,13 @@ class Verdict:
 
 
 def error_type_from_stderr(lines: list[str]) -> str | None:
-    """The exception class of the last traceback in ``lines`` (un-indented line)."""
+    """The exception class of the last traceback in ``lines`` (un-indented line).
+
+    torchrun's ``ChildFailedError`` is skipped: the failing rank's traceback precedes it.
+    """
     for line in reversed(lines):
         m = _EXC_LINE.match(line.strip()) if line and not line[0].isspace() else None
-        if m:
+        if m and m.group(1) not in LAUNCHER_ERRORS:
             return m.group(1)
     return None
 
@@ -93,6 +106,11 @@ def classify(f: ExitFacts) -> Verdict:
         return Verdict("permanent", "exit 78: the job asked never to be retried")
     if f.hung:
         return Verdict("hang", "killed after its heartbeat stopped", uses_budget=True, restart=True)
+    if f.nproc and f.exit_code not in (None, EXIT_OK):
+        requeue, why = launch.classify_ranks(f.rank_exits or {}, f.run_state)
+        if requeue:
+            return Verdict("requeue", f"torchrun exit {f.exit_code}: {why}", restart=True)
+        f = dataclasses.replace(f, signal=None, rank_detail=why)
     if f.error_type in DETERMINISTIC_ERRORS and not f.made_progress:
         return Verdict(
             "permanent",
@@ -106,6 +124,9 @@ def classify(f: ExitFacts) -> Verdict:
 
 
 def _crash_reason(f: ExitFacts) -> str:
+    if f.rank_detail:
+        what = f" ({f.error_type})" if f.error_type else ""
+        return f"torchrun exit {f.exit_code}: {f.rank_detail}{what}"
     how = (
         f"killed by {f.signal}"
         if f.signal

@@ -116,12 +116,91 @@ def signal_process(pid_id: ProcId | None, sig: int) -> bool:
         return False
 
 
-def kill_tree(shim: ProcId | None, child: ProcId | None, sig: int = signal.SIGKILL) -> int:
-    """Signal the job's process group and every other process of its session.
+ATTEMPT_TAG = "GUARDIAN_ATTEMPT_TAG"  # set by the shim in the job's environment: its attempt dir
+
+
+def tagged(tag: str | None) -> list[psutil.Process]:
+    """Live processes whose environment carries ``GUARDIAN_ATTEMPT_TAG=tag``.
+
+    Why: torchrun starts every rank with ``start_new_session=True``, so ranks (and their
+    DataLoader workers) are not in the shim's session, and a rank orphaned by a dead
+    torchrun has no parent link either. The environment is inherited by everything the
+    job starts and survives reparenting, so it finds them all.
+    """
+    if not tag:
+        return []
+    needle = f"{ATTEMPT_TAG}={tag}".encode()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    out.append(psutil.Process(int(name)))
+        except (OSError, psutil.Error):
+            continue
+    return out
+
+
+def descendants(pid_id: ProcId | None) -> list[psutil.Process]:
+    """Every live descendant of a recorded process (the shim is a child subreaper)."""
+    if not is_alive(pid_id):
+        return []
+    try:
+        return psutil.Process(pid_id.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def ranks(child: ProcId | None) -> list[ProcId]:
+    """The worker processes torchrun started: the launcher's direct children."""
+    if not is_alive(child):
+        return []
+    out = []
+    try:
+        for p in psutil.Process(child.pid).children():
+            try:
+                out.append(ProcId(p.pid, p.create_time()))
+            except psutil.Error:
+                continue
+    except psutil.Error:
+        return []
+    return out
+
+
+def job_processes(shim: ProcId | None, child: ProcId | None, tag: str | None = None) -> list[psutil.Process]:
+    """Everything that belongs to the attempt, except the shim itself.
+
+    The union of the shim's session, the shim's descendants and the tagged processes:
+    each alone misses something (ranks leave the session; orphans lose their parent;
+    a job may scrub its environment).
+    """
+    sid = shim.pid if shim is not None else (child.pid if child else None)
+    spare = {shim.pid} if shim is not None and is_alive(shim) else set()
+    found: dict[int, psutil.Process] = {}
+    groups = (
+        session_members(sid, exclude=spare) if sid is not None else [],
+        descendants(shim),
+        descendants(child),
+        tagged(tag),
+    )
+    for group in groups:
+        for p in group:
+            if p.pid not in spare and p.pid != os.getpid():
+                found.setdefault(p.pid, p)
+    return list(found.values())
+
+
+def kill_tree(
+    shim: ProcId | None, child: ProcId | None, sig: int = signal.SIGKILL, tag: str | None = None
+) -> int:
+    """Signal the job's process group and every other process of the attempt.
 
     The shim itself is spared (it must survive to record the exit status); DataLoader
-    workers share the job's group, and anything that called setsid/setpgid is still
-    found through the session. Returns how many processes were signalled.
+    workers share the job's group, anything that called setsid/setpgid is still found
+    through the session, and torchrun's ranks (own sessions) through the shim's
+    descendants and ``tag``. Returns how many processes were signalled.
     """
     count = 0
     if child is not None and is_alive(child):
@@ -130,17 +209,34 @@ def kill_tree(shim: ProcId | None, child: ProcId | None, sig: int = signal.SIGKI
             count += 1
         except (ProcessLookupError, PermissionError):
             pass
-    sid = shim.pid if shim is not None else (child.pid if child else None)
-    if sid is None:
-        return count
-    spare = {shim.pid} if shim is not None and is_alive(shim) else set()
-    for p in session_members(sid, exclude=spare):
+    for p in job_processes(shim, child, tag):
         try:
             p.send_signal(sig)
             count += 1
         except psutil.Error:
             continue
     return count
+
+
+def wait_gone(shim: ProcId | None, child: ProcId | None, tag: str | None, timeout: float) -> int:
+    """Wait until the attempt's killed processes are gone; returns how many remain.
+
+    A restart must not race the previous attempt's ranks still dying (they hold the
+    run lock and the rendezvous port).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in job_processes(shim, child, tag) if _running(p)]
+        if not left or time.monotonic() >= deadline:
+            return len(left)
+        time.sleep(0.05)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def catches_signal(pid: int, sig: int) -> bool:

@@ -62,6 +62,7 @@ class JobSpec:
     owner_uid: int
     created: float = field(default_factory=time.time)
     format: str = JOB_FORMAT
+    nproc: int | None = None  # ranks under torchrun (``--nproc-per-node``); argv is then the launcher
 
 
 @dataclass

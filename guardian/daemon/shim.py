@@ -7,6 +7,9 @@ Runs in its own session (the daemon starts it with setsid). It
 2. opens ``stdout.log``/``stderr.log`` in append mode — a restart never truncates a log;
 3. starts the command in a new process group (so the daemon can kill the job's whole
    group while the shim survives to report), records it in ``child.json``;
+   The job's environment gets ``GUARDIAN_ATTEMPT_TAG`` (the attempt dir) and the shim
+   is a child subreaper, so the daemon finds every process of the attempt — torchrun's
+   ranks start their own sessions;
 4. forwards SIGTERM/SIGINT/SIGHUP/SIGUSR1/SIGUSR2 to the job, waits, and writes
    ``exit.json`` atomically: ``{returncode, signal, ended}``.
 
@@ -25,7 +28,7 @@ import psutil
 
 from ..commit import write_small_file_atomically
 from ..format import strictjson
-from .procs import boot_id
+from .procs import ATTEMPT_TAG, boot_id
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 SHIM_FILE, CHILD_FILE, EXIT_FILE = "shim.json", "child.json", "exit.json"
@@ -78,6 +81,22 @@ def _exit_record(returncode: int) -> dict:
     }
 
 
+def become_subreaper() -> bool:
+    """Make orphaned descendants (ranks whose torchrun died) reparent to the shim.
+
+    Why: the daemon finds an attempt's processes through the shim's descendants; without
+    this, a rank orphaned by its launcher would be reparented to init and escape. Linux
+    only (prctl PR_SET_CHILD_SUBREAPER); elsewhere the environment tag still finds them.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
         print("usage: python -m guardian.daemon.shim ATTEMPT_DIR -- CMD ARGS...", file=sys.stderr)
@@ -87,9 +106,11 @@ def main(argv: list[str]) -> int:
     out = open(os.path.join(attempt_dir, STDOUT_LOG), "ab")
     err = open(os.path.join(attempt_dir, STDERR_LOG), "ab")
     forwarder = _Forwarder()
+    become_subreaper()
+    env = dict(os.environ, **{ATTEMPT_TAG: os.path.abspath(attempt_dir)})
     try:
         child = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, process_group=0, close_fds=True
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, process_group=0, close_fds=True, env=env
         )
     except OSError as e:
         err.write(f"guardian shim: cannot start {cmd[0]!r}: {e}\n".encode())

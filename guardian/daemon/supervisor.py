@@ -32,7 +32,7 @@ from typing import Any
 import psutil
 
 from ..runfiles import read_status
-from . import DaemonError, UnsafeJobError, policy, procs, progress, reconcile
+from . import DaemonError, UnsafeJobError, launch, policy, procs, progress, reconcile
 from . import registry as reg
 from .gpu import Gpus
 from .heartbeat import HangClock, Waker
@@ -229,7 +229,7 @@ class Supervisor:
             rec = reg.read_json(self.attempt_file(st, CHILD_FILE))
             if rec:
                 a.child = {"pid": rec["pid"], "create_time": rec["create_time"]}
-                self.clocks.get(st.name, HangClock(0, None)).pid = rec["pid"]
+                self.clocks.get(st.name, HangClock(0, None)).pid = self.beat_pid(st.name, rec["pid"])
                 self.save(st)
 
     # ------------------------------------------------------------------ per-tick state machine
@@ -321,14 +321,31 @@ class Supervisor:
 
     def start_clock(self, st: JobState) -> None:
         child = procs.ProcId.from_dict(st.current.child)
-        self.clocks[st.name] = HangClock(started=st.current.started, pid=child.pid if child else None)
+        pid = self.beat_pid(st.name, child.pid if child else None)
+        self.clocks[st.name] = HangClock(started=st.current.started, pid=pid)
+
+    def nproc(self, name: str) -> int | None:
+        spec = self.specs.get(name)
+        return spec.nproc if spec is not None else None
+
+    def beat_pid(self, name: str, child_pid: int | None) -> int | None:
+        """The pid the heartbeat must carry: the job's, or None under torchrun.
+
+        Under torchrun rank 0 writes the heartbeat, not the launcher we started; the
+        attempt's start time alone then tells its beats from an earlier attempt's.
+        """
+        return None if self.nproc(name) else child_pid
+
+    def tag(self, st: JobState) -> str:
+        """The attempt's GUARDIAN_ATTEMPT_TAG (the shim sets it to its attempt dir)."""
+        return os.path.abspath(self.home.attempt_dir(st.name, st.current.n))
 
     def check_hang(self, st: JobState) -> None:
         clock = self.clocks.get(st.name)
         spec = self.specs.get(st.name)
         if clock is None or spec is None:
             return
-        if clock.pid is None and st.current.child:
+        if clock.pid is None and st.current.child and not self.nproc(st.name):
             clock.pid = st.current.child["pid"]
         beat = poll_heartbeat(clock, spec.run_dir)
         if beat is not None:
@@ -338,8 +355,9 @@ class Supervisor:
             return
         child = procs.ProcId.from_dict(st.current.child)
         self.event(st, "hang", why, step=beat.step if beat else None)
-        if child is not None:
-            done = procs.dump_stacks(child, self.attempt_file(st, STDERR_LOG), self.k.stack_dump_wait)
+        targets = (procs.ranks(child) or [child]) if self.nproc(st.name) else [child]
+        for target in targets if child is not None else []:
+            done = procs.dump_stacks(target, self.attempt_file(st, STDERR_LOG), self.k.stack_dump_wait)
             self.event(
                 st,
                 "stacks",
@@ -353,7 +371,7 @@ class Supervisor:
     def begin_stop(self, st: JobState, why: str, stage: str, grace: float) -> None:
         child = procs.ProcId.from_dict(st.current.child)
         sig = signal.SIGUSR2 if stage == "usr2" else signal.SIGTERM
-        sent = procs.signal_process(child, sig)
+        sent = self.signal_job(st, child, sig)
         st.stop = {"why": why, "stage": stage, "deadline": time.time() + grace}
         reason = (
             f"sent {sig.name} to pid {child.pid if child else '?'}; waiting {grace:.0f} s"
@@ -363,6 +381,18 @@ class Supervisor:
         self.set_state(st, reg.STOPPING, reason, "stopping", why=why)
         if not sent:
             self.escalate(st, force=True)
+
+    def signal_job(self, st: JobState, child: procs.ProcId | None, sig: int) -> bool:
+        """SIGUSR2 goes to every rank of a torchrun job, anything else to the job itself.
+
+        torchrun has no SIGUSR2 handler (it would die and orphan the ranks); SIGTERM it
+        forwards to the ranks itself, then SIGKILLs them after its own timeout.
+        """
+        if sig == signal.SIGUSR2 and self.nproc(st.name):
+            sent = [procs.signal_process(r, sig) for r in procs.ranks(child)]
+            if any(sent):
+                return True
+        return procs.signal_process(child, sig)
 
     def escalate_stop(self, st: JobState) -> None:
         if st.stop and time.time() >= st.stop["deadline"]:
@@ -376,7 +406,7 @@ class Supervisor:
             st.stop.update(stage="term", deadline=time.time() + self.k.kill_grace)
             self.event(st, "stop-escalate", "no exit after SIGUSR2 within the grace period; sent SIGTERM")
         else:
-            n = procs.kill_tree(shim, child, signal.SIGKILL)
+            n = procs.kill_tree(shim, child, signal.SIGKILL, tag=self.tag(st))
             st.stop.update(stage="kill", deadline=time.time() + self.k.kill_grace)
             self.event(st, "stop-escalate", f"SIGKILL to the job's process group and session ({n} signalled)")
         self.save(st)
@@ -387,9 +417,16 @@ class Supervisor:
         """The attempt's processes are gone: gather the facts, classify, decide."""
         a = st.current
         spec = self.specs.get(st.name)
-        leftovers = procs.kill_tree(procs.ProcId.from_dict(a.shim), procs.ProcId.from_dict(a.child))
+        shim, child = procs.ProcId.from_dict(a.shim), procs.ProcId.from_dict(a.child)
+        leftovers = procs.kill_tree(shim, child, tag=self.tag(st))
         if leftovers:
-            self.event(st, "cleanup", f"killed {leftovers} leftover process(es) of the attempt's session")
+            left = procs.wait_gone(shim, child, self.tag(st), self.k.kill_grace)
+            self.event(
+                st,
+                "cleanup",
+                f"killed {leftovers} leftover process(es) of the attempt"
+                + (f"; {left} still not gone after {self.k.kill_grace:.0f} s" if left else ""),
+            )
         facts = self.exit_facts(st, spec)
         verdict = policy.classify(facts)
         self.close_attempt(st, verdict.classification, verdict.reason, facts)
@@ -411,14 +448,18 @@ class Supervisor:
             self.note_progress(st)
         made_progress = a.newest_checkpoint is not None and a.newest_checkpoint != a.resume_from
         stop = st.stop or {}
+        nproc = spec.nproc if spec is not None else None
+        wide = tail(self.attempt_file(st, STDERR_LOG), 400) if nproc else []
         return policy.ExitFacts(
             exit_code=a.exit_code,
             signal=a.signal,
             run_state=(status or {}).get("state"),
-            error_type=error_type or policy.error_type_from_stderr(st.stderr_tail),
+            error_type=error_type or policy.error_type_from_stderr(wide or st.stderr_tail),
             made_progress=made_progress,
             hung=stop.get("why") == "hang",
             stop_requested=stop.get("why") == "request",
+            nproc=nproc,
+            rank_exits=launch.rank_exits(wide) if nproc else None,
         )
 
     def close_attempt(
