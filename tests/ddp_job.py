@@ -3,6 +3,8 @@
 Each rank shards the data with a shuffling DistributedSampler, has dropout, and trains
 with AdamW + OneCycle under guardian.protect. Env knobs:
     KILL_RANK, KILL_AT_STEP   that rank SIGKILLs itself right after that step
+    KILL_MARKER               ...only if this file does not exist yet (it is created first),
+                              so a supervised restart is not killed again
     TERM_RANK, TERM_AT_STEP   that rank sends itself SIGTERM in the middle of that step
 """
 
@@ -22,6 +24,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import guardian
+
+
+def _first_time(marker: str | None) -> bool:
+    if not marker:
+        return True
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def main(run_dir: str, cfg: dict) -> None:
@@ -63,7 +75,7 @@ def main(run_dir: str, cfg: dict) -> None:
                 opt.zero_grad()
                 sched.step()
                 g.step()
-                if kill_at and g.global_step == kill_at:
+                if kill_at and g.global_step == kill_at and _first_time(os.environ.get("KILL_MARKER")):
                     os.kill(os.getpid(), signal.SIGKILL)
             g.report(loss=loss)
     dist.destroy_process_group()

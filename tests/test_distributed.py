@@ -155,3 +155,48 @@ def test_missing_or_corrupt_rank_part_is_refused_and_previous_used(reference, tm
     assert any(n.startswith(newest.name + ".") for n in aside) and any(
         n.startswith(previous.name + ".") for n in aside
     )
+
+
+def test_guardian_run_restarts_the_group_and_every_rank_ends_bit_exact(reference, tmp_path):
+    """The issue's acceptance check: `guardian run --nproc-per-node 2` (torchrun under the
+    daemon), one rank SIGKILLed mid-training, the daemon restarts the whole group, and
+    every rank's final state equals an uninterrupted 2-rank run."""
+    from daemon_jobs.harness import Daemon, cli, env_with, events, status, wait_for
+
+    home, run = str(tmp_path / "home"), str(tmp_path / "run")
+    env = env_with(
+        KILL_RANK="1",
+        KILL_AT_STEP="10",
+        KILL_MARKER=str(tmp_path / "killed-once"),
+        GUARDIAN_QUIET="1",
+        OMP_NUM_THREADS="1",
+    )
+    cli(
+        home,
+        "run",
+        "--name",
+        "ddp",
+        "--dir",
+        run,
+        "--nproc-per-node",
+        "2",
+        "--",
+        JOB,
+        run,
+        json.dumps(CFG),
+        env=env,
+    )
+    d = Daemon(home).start()
+    try:
+        final = wait_for(
+            lambda: (s := status(home, "ddp"))["state"] in ("done", "failed", "held") and s,
+            240,
+            "the ddp job to end",
+            interval=0.3,
+        )
+    finally:
+        d.stop()
+    assert final["state"] == "done", final
+    classes = [e["classification"] for e in events(home, "ddp") if e["event"] == "exit"]
+    assert classes == ["crash", "done"], classes
+    assert final_digest(run) == final_digest(reference)  # every component of every rank
