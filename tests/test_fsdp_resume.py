@@ -31,14 +31,27 @@ def run_ranks(world_size: int, *args: str) -> None:
     env = {**os.environ, "GUARDIAN_QUIET": "1", "OMP_NUM_THREADS": "1"}
     if world_size == 1:
         env.pop("WORLD_SIZE", None)
-        proc = subprocess.run([sys.executable, JOB, *args], env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, JOB, *args], env=env, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return
     port = str(_port())
     procs = [
-        subprocess.Popen([sys.executable, JOB, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**env, "RANK": str(r), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(r),
-                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+        subprocess.Popen(
+            [sys.executable, JOB, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **env,
+                "RANK": str(r),
+                "WORLD_SIZE": str(world_size),
+                "LOCAL_RANK": str(r),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+        )
         for r in range(world_size)
     ]
     for p in procs:
