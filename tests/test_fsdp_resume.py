@@ -12,10 +12,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 from safetensors.torch import load_file
 
 from guardian.format import reader
-from helpers import ROOT
 
 JOB = os.path.join(ROOT, "tests", "fsdp_job.py")
 pytestmark = pytest.mark.slow
