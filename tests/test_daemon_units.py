@@ -271,6 +271,7 @@ def test_run_dir_in_use_by_another_live_process_holds(tmp_path):
 
 def fake_pynvml(used_by: dict[int, int]) -> types.ModuleType:
     m = types.ModuleType("pynvml")
+    m.NVMLError = type("NVMLError", (Exception,), {})  # as in nvidia-ml-py
     m.nvmlInit = lambda: None
     m.nvmlShutdown = lambda: None
     m.nvmlDeviceGetCount = lambda: 1
@@ -291,6 +292,19 @@ def test_gpu_usage_and_release_with_fake_nvml(monkeypatch):
     assert not g.wait_released({4242}, timeout=0.2, poll=0.05)
     used.clear()
     assert g.wait_released({4242}, timeout=0.2, poll=0.05)
+
+
+def test_nvml_query_errors_are_reported_not_raised(monkeypatch, caplog):
+    m = fake_pynvml({})
+
+    def broken(h):
+        raise m.NVMLError("GPU is lost")
+
+    m.nvmlDeviceGetComputeRunningProcesses = broken
+    monkeypatch.setitem(sys.modules, "pynvml", m)
+    g = Gpus().start()
+    assert g.usage({1}) == {}
+    assert "GPU is lost" in caplog.text
 
 
 def test_gpu_degrades_without_nvml(monkeypatch):

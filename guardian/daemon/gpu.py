@@ -64,7 +64,7 @@ class Gpus:
                 used = sum(int(p.usedGpuMemory or 0) for p in procs if p.pid in pids)
                 if any(p.pid in pids for p in procs):
                     out[self._uuid(h)] = used
-        except Exception as e:
+        except self.nvml.NVMLError as e:
             log.warning("guardian watch: NVML query failed: %s", e)
         return out
 
@@ -99,13 +99,13 @@ class Gpus:
         while True:
             try:
                 ev = self.nvml.nvmlEventSetWait(self._events, 0)
-            except Exception:
-                return out  # NVML_ERROR_TIMEOUT: nothing pending
+            except self.nvml.NVMLError:
+                return out  # NVML_ERROR_TIMEOUT: nothing pending (other NVML errors: no events now)
             out.append({"gpu": self._uuid(ev.device), "type": int(ev.eventType), "xid": int(ev.eventData)})
 
     def stop(self) -> None:
         if self.available:
             try:
                 self.nvml.nvmlShutdown()
-            except Exception:
-                pass
+            except self.nvml.NVMLError as e:  # shutting down anyway; nothing is at stake
+                log.info("guardian watch: nvmlShutdown: %s", e)

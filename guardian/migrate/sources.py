@@ -145,7 +145,7 @@ def _load_safetensors(path: str) -> Source:
 
 def _load_torch(path: str) -> Source:
     """weights_only=True only (see the module docstring); refusing is the safe answer."""
-    import pickle
+    import pickle  # only for the exception class torch.load(weights_only=True) raises; nothing is unpickled here
 
     import torch
 
