@@ -31,28 +31,33 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .commit import CheckpointTxn, check_free_space
-from .direct_io import image_writer
+from .direct_io import image_writer, lower_thread_priority
 from .errors import CheckpointWriteError, GuardianError
 from .format.layout import STATE_FILE, TENSORS_FILE, checkpoint_name, parse_checkpoint_name, rank_prefix
 from .format.manifest import Manifest
-from .staging import StagingArena
+from .staging import StagedImage, StagingArena
 from .state.snapshot import Snapshot
 from .writer import SPACE_MARGIN, SPACE_SLACK, Committed
 
 log = logging.getLogger("guardian")
+
+COPY_BATCH = 64 * 1024 * 1024  # staged bytes between two wake-ups of the writer
+PARALLEL_COPY_MIN = 8 * 1024 * 1024  # smaller batches: one thread (thread hand-off costs more)
+COPY_THREADS = min(2, os.cpu_count() or 1)
 
 
 @dataclass
 class _Staged:
     """What the persist thread needs: no reference to a live tensor."""
 
-    image: memoryview  # the complete tensors.safetensors file, in the arena
+    image: StagedImage  # the tensors.safetensors file, in the arena (being filled)
     state_json: bytes
 
 
@@ -67,23 +72,38 @@ class AsyncWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._done: list[tuple[Committed, str, Manifest]] = []
+        self._copier: ThreadPoolExecutor | None = None  # second memcpy stream while staging
 
     # ------------------------------------------------------------------ interface
 
     def submit(self, run_dir: str, snap: Snapshot, manifest: Manifest, on_committed: Committed) -> None:
         """Stage ``snap`` and persist it in the background; returns once the live
-        tensors may change again. Returns None: the path is known only at commit."""
+        tensors may change again. Returns None: the path is known only at commit.
+
+        The persist thread starts *before* the copy and writes the staged prefix of
+        the image while later tensors are still being copied (``StagedImage``)."""
         self.wait()  # back-pressure (block) + report the previous save's outcome
         _settle_name(run_dir, manifest)
         check_free_space(run_dir, int(snap.tensor_bytes * SPACE_MARGIN) + SPACE_SLACK)
-        staged = self._stage(snap)
+        layout = snap.layout()
+        pinned = any(t.device.type == "cuda" for t in snap.tensors.values()) and torch.cuda.is_available()
+        buf = self._arena.acquire(layout.total_bytes, pinned=pinned)
+        image = memoryview(buf.numpy()).cast("B") if layout.total_bytes else memoryview(b"")
+        staged = StagedImage(image)
         self._thread = threading.Thread(
             target=self._persist,
-            args=(run_dir, staged, manifest, on_committed),
+            args=(run_dir, _Staged(image=staged, state_json=snap.state_json()), manifest, on_committed),
             name=f"guardian-persist-{manifest.name}",
             daemon=False,
         )
         self._thread.start()
+        try:
+            self._stage(snap, layout, buf, staged, pinned)
+        except BaseException as e:
+            staged.fail(e)  # the persist thread gives up and aborts its transaction
+            self._thread.join()
+            self._thread, self._error, self._done = None, None, []
+            raise
 
     def check(self) -> None:
         """Cheap; called every step. Reports a finished save (callback or error)."""
@@ -108,25 +128,59 @@ class AsyncWriter:
             self.wait()
         except GuardianError as e:
             log.error("guardian: the last checkpoint failed in the background: %s", e)
+        if self._copier is not None:
+            self._copier.shutdown()
+            self._copier = None
         self._arena.release()
 
     # ------------------------------------------------------------------ internals
 
-    def _stage(self, snap: Snapshot) -> _Staged:
-        """The blocking part: copy the file image into the arena."""
-        layout = snap.layout()
-        pinned = any(t.device.type == "cuda" for t in snap.tensors.values()) and torch.cuda.is_available()
-        buf = self._arena.acquire(layout.total_bytes, pinned=pinned)
-        image = memoryview(buf.numpy()).cast("B") if layout.total_bytes else memoryview(b"")
+    def _stage(self, snap: Snapshot, layout, buf: torch.Tensor, staged: StagedImage, pinned: bool) -> None:
+        """The blocking part: copy the file image into the arena, front to back,
+        telling the persist thread how far it may go."""
+        image = staged.view
         image[: layout.data_start] = layout.header
+        staged.advance(layout.data_start)
         base = layout.data_start
-        for entry in layout.entries:
-            if entry.nbytes:
-                src = _byte_view(snap.tensors[entry.key], pinned)
-                _copy_into(buf, image, base + entry.begin, base + entry.end, src, pinned)
         if pinned:
+            for entry in layout.entries:
+                if entry.nbytes:
+                    src = _byte_view(snap.tensors[entry.key], pinned)
+                    _copy_into(buf, image, base + entry.begin, base + entry.end, src, pinned)
             torch.cuda.synchronize()  # one wait for every queued device→host copy
-        return _Staged(image=image, state_json=snap.state_json())
+            staged.finish()
+            return
+        batch: list[tuple[int, int, np.ndarray]] = []
+        size = 0
+        for entry in layout.entries:
+            if not entry.nbytes:
+                continue
+            src = _byte_view(snap.tensors[entry.key], pinned).numpy()
+            batch.append((base + entry.begin, base + entry.end, src))
+            size += entry.nbytes
+            if size >= COPY_BATCH:
+                self._copy_batch(image, batch, size)
+                staged.advance(batch[-1][1])
+                batch, size = [], 0
+        if batch:
+            self._copy_batch(image, batch, size)
+        staged.finish()
+
+    def _copy_batch(self, image: memoryview, batch: list[tuple[int, int, np.ndarray]], size: int) -> None:
+        """Copy a batch of host tensors into contiguous arena slots; large batches are
+        split in two byte halves, one copied by a helper thread (numpy's memcpy
+        releases the GIL; two streams measured ~25 GB/s here against ~20 for one)."""
+        if size < PARALLEL_COPY_MIN or COPY_THREADS < 2:
+            _copy_segments(image, batch)
+            return
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(1, thread_name_prefix="guardian-copy")
+        first, second = _split_half(batch, size)
+        helper = self._copier.submit(_copy_segments, image, second)
+        try:
+            _copy_segments(image, first)
+        finally:
+            helper.result()
 
     def _persist(self, run_dir: str, staged: _Staged, manifest: Manifest, on_committed: Committed) -> None:
         """Runs in the background thread; stores its outcome for ``_reap``."""
@@ -135,7 +189,13 @@ class AsyncWriter:
             with CheckpointTxn(run_dir, manifest.name) as txn:
                 rel = prefix + TENSORS_FILE
                 writer = image_writer(f"{txn.tmp_dir}/{rel}", direct=self._direct)
-                txn.add_file(rel, [staged.image], writer=writer)
+                try:
+                    txn.add_file(rel, [staged.image], writer=writer)
+                finally:
+                    staged.image.wait_for(staged.image.total)  # never outlive the copy
+                # Staging is over and the trainer runs again: from here on it gets the
+                # CPU first (direct_io lowered its own threads already).
+                lower_thread_priority()
                 txn.add_file(prefix + STATE_FILE, [staged.state_json])
                 path = txn.commit(manifest)
             self._done.append((on_committed, path, manifest))
@@ -168,6 +228,34 @@ def _copy_into(
         buf[begin:end].copy_(src, non_blocking=pinned)
         return
     np.copyto(np.frombuffer(image[begin:end], dtype=np.uint8), src.numpy())
+
+
+def _copy_segments(image: memoryview, segments: list[tuple[int, int, np.ndarray]]) -> None:
+    """Raw bytes, whatever the dtype (bf16, bool, ...): exact by construction."""
+    for begin, end, src in segments:
+        np.copyto(np.frombuffer(image[begin:end], dtype=np.uint8), src)
+
+
+def _split_half(
+    batch: list[tuple[int, int, np.ndarray]], size: int
+) -> tuple[list[tuple[int, int, np.ndarray]], list[tuple[int, int, np.ndarray]]]:
+    """Split a batch into two lists of about ``size / 2`` bytes each (cutting one
+    segment in two at the midpoint if needed)."""
+    first: list[tuple[int, int, np.ndarray]] = []
+    second: list[tuple[int, int, np.ndarray]] = []
+    left = size // 2
+    for begin, end, src in batch:
+        n = end - begin
+        if left >= n:
+            first.append((begin, end, src))
+            left -= n
+        elif left > 0:
+            first.append((begin, begin + left, src[:left]))
+            second.append((begin + left, end, src[left:]))
+            left = 0
+        else:
+            second.append((begin, end, src))
+    return first, second
 
 
 def _settle_name(run_dir: str, manifest: Manifest) -> None:

@@ -40,3 +40,15 @@ def async_save() -> bool:
 def direct_io() -> bool:
     """``GUARDIAN_DIRECT_IO=0`` makes the async writer use buffered writes only."""
     return os.environ.get("GUARDIAN_DIRECT_IO", "1") not in ("0", "false", "no")
+
+
+def background_nice() -> int | None:
+    """``GUARDIAN_BACKGROUND_NICE`` (default 19): the nice value of a save's background
+    threads; ``off`` leaves them at the trainer's priority."""
+    value = os.environ.get("GUARDIAN_BACKGROUND_NICE", "19")
+    if value.lower() in ("off", "none", ""):
+        return None
+    try:
+        return max(-20, min(19, int(value)))
+    except ValueError:
+        return 19

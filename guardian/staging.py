@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import mmap
+import threading
 
 import torch
 
@@ -83,3 +84,59 @@ def _pinned_buffer(size: int) -> tuple[torch.Tensor, object]:
 def _prefault(buf: torch.Tensor) -> None:
     """Touch one byte per page so the first save's copy does not pay the page faults."""
     buf[::PAGE].fill_(0)
+
+
+class StagingAborted(Exception):
+    """Staging failed on the training thread; the writer must give up (the training
+    thread raises the real error)."""
+
+
+class StagedImage:
+    """A file image in the arena that is still being filled, front to back.
+
+    The training thread copies tensors in file order and calls ``advance``; the
+    persist thread calls ``wait_for(end)`` before it hashes or writes ``[.., end)``,
+    so the disk starts on the prefix while later tensors are still being copied
+    (time-to-durable ~ max(copy, write) instead of copy + write). Bytes below
+    ``staged`` never change again until the save is committed.
+    """
+
+    NOTIFY_EVERY = 4 * 1024 * 1024  # wake the writer at most once per 4 MiB staged
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.total = len(view)
+        self._staged = 0
+        self._told = 0
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+
+    @property
+    def complete(self) -> bool:
+        return self._staged >= self.total
+
+    def advance(self, upto: int) -> None:
+        """Bytes ``[0, upto)`` are final (training thread)."""
+        self._staged = upto
+        if upto - self._told >= self.NOTIFY_EVERY or upto >= self.total:
+            self._told = upto
+            with self._cond:
+                self._cond.notify_all()
+
+    def finish(self) -> None:
+        self.advance(self.total)
+
+    def fail(self, error: BaseException) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    def wait_for(self, end: int) -> None:
+        """Block until ``[0, end)`` is staged; raises ``StagingAborted`` if staging failed."""
+        if self._staged >= end:
+            return
+        with self._cond:
+            while self._staged < end and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise StagingAborted(str(self._error))

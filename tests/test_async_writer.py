@@ -325,3 +325,52 @@ def test_sigkill_during_background_persist_loses_nothing_committed(tmp_path):
 
 def _saved_names(line: str) -> list[str]:
     return [line.split("guardian: saved ")[1].split()[0]] if "guardian: saved " in line else []
+
+
+def test_staging_failure_aborts_the_pipelined_persist(tmp_path, monkeypatch):
+    """The persist thread starts before the copy; if the copy fails it must give up,
+    leave no temporary directory, and the writer must stay usable."""
+    from guardian import async_writer
+
+    states = hostile_states()
+    real = async_writer._copy_segments
+
+    def broken(image, segments):
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(async_writer, "_copy_segments", broken)
+    w = AsyncWriter()
+    snap = snap_mod.capture(states)
+    man = Manifest(
+        name="ckpt-broken",
+        step=1,
+        epoch=0,
+        seq=1,
+        files={},
+        reason=["t"],
+        metrics={},
+        batch_in_epoch=0,
+        extra={},
+        components={n: {"kind": c["kind"]} for n, c in snap.components.items()},
+    )
+    with pytest.raises(RuntimeError, match="copy failed"):
+        w.submit(str(tmp_path), snap, man, lambda *a: None)
+    assert not w.busy
+    w.wait()  # nothing left to report
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-") or n.startswith("ckpt-")]
+    monkeypatch.setattr(async_writer, "_copy_segments", real)
+    sync = save_with(SyncWriter(), str(tmp_path), "ckpt-sync", states)
+    assert_same_files(sync, save_with(w, str(tmp_path), "ckpt-async", states))
+
+
+def test_pipelined_copy_split_across_threads_is_exact(tmp_path, monkeypatch):
+    """Batches large enough for the two-thread copy, odd sizes and dtypes included."""
+    from guardian import async_writer
+
+    monkeypatch.setattr(async_writer, "PARALLEL_COPY_MIN", 1)
+    monkeypatch.setattr(async_writer, "COPY_BATCH", 10_000)
+    monkeypatch.setattr(async_writer, "COPY_THREADS", 2)
+    states = hostile_states()
+    states["odd"][1]["bf16"] = torch.randn(1001, dtype=torch.bfloat16)
+    sync = save_with(SyncWriter(), str(tmp_path), "ckpt-sync", states)
+    assert_same_files(sync, save_with(AsyncWriter(), str(tmp_path), "ckpt-async", states))
