@@ -78,6 +78,7 @@ def main(run_dir: str, cfg: dict) -> None:
                 if kill_at and g.global_step == kill_at and _first_time(os.environ.get("KILL_MARKER")):
                     os.kill(os.getpid(), signal.SIGKILL)
             g.report(loss=loss)
+    dist.barrier()  # nobody tears down while a peer is still talking (gloo aborts the peer)
     dist.destroy_process_group()
 
 
