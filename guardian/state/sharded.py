@@ -45,10 +45,7 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpointError, StateMismatchError, UnsupportedStateError
-from ..format import safetensors_io
-from ..format.layout import STATE_FILE, TENSORS_FILE, rank_prefix
-from ..format.reader import load_state_json
-from ..format.tree import Decoder
+from ..format.layout import TENSORS_FILE, rank_prefix
 from . import snapshot  # module, not names: snapshot may import this module (no cycle at import time)
 from . import tensors as T
 
@@ -585,14 +582,10 @@ def global_meta(tree: Any) -> Any:
 
 def lazy_tensors(tensors_path: str) -> dict[str, LazyTensor]:
     """key → LazyTensor for a validated safetensors file; no tensor byte is read."""
-    layout = safetensors_io.read_layout(tensors_path)
-    out = {}
-    for e in layout.entries:
-        dtype = T.ST_TO_TORCH.get(e.dtype)
-        if dtype is None:
-            raise CorruptCheckpointError(f"{tensors_path}: dtype {e.dtype} is not supported by this torch")
-        out[e.key] = LazyTensor(tensors_path, layout.data_start + e.begin, dtype, e.shape)
-    return out
+    layout, entries = snapshot.stored_tensors(tensors_path)
+    return {
+        e.key: LazyTensor(tensors_path, layout.data_start + e.begin, dtype, e.shape) for e, dtype in entries
+    }
 
 
 def load_rank(ckpt_dir: str, prefix: str = "", *, lazy: bool = True) -> dict[str, tuple[str, Any]]:
@@ -600,26 +593,10 @@ def load_rank(ckpt_dir: str, prefix: str = "", *, lazy: bool = True) -> dict[str
 
     ``lazy``: tensors stay on disk as ``LazyTensor`` until ``walk_pairs`` reads the
     regions this rank needs — foreign ranks' shards are never loaded whole.
-    (Mirrors ``snapshot.load`` with this module's ``decode_ext``; once snapshot
-    takes the decoder, this is a two-line wrapper.)
     """
     tensors_path = os.path.join(ckpt_dir, prefix + TENSORS_FILE)
     tensors: dict[str, Any] = lazy_tensors(tensors_path) if lazy else snapshot.read_tensors(tensors_path)
-    state = load_state_json(ckpt_dir, prefix + STATE_FILE)
-
-    def get(key: str) -> Any:
-        try:
-            return tensors[key]
-        except (KeyError, TypeError):
-            raise CorruptCheckpointError(f"{tensors_path}: state references missing tensor {key!r}") from None
-
-    decoder = Decoder(get, decode_ext)
-    out = {}
-    for name, comp in state["components"].items():
-        if not isinstance(comp, dict) or "kind" not in comp or "state" not in comp:
-            raise CorruptCheckpointError(f"{ckpt_dir}: malformed component {name!r}")
-        out[name] = (comp["kind"], decoder.decode(comp["state"], name))
-    return out
+    return snapshot.decode_components(ckpt_dir, prefix, tensors_path, tensors)
 
 
 def load_all_ranks(

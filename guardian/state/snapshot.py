@@ -100,6 +100,21 @@ READ_BATCH = 64 * 1024 * 1024  # bytes per preadv: large sequential reads, bound
 READ_IOVECS = 512
 
 
+def stored_tensors(
+    path: str,
+) -> tuple[safetensors_io.Layout, list[tuple[safetensors_io.TensorEntry, torch.dtype]]]:
+    """A tensor file's validated layout and each entry's torch dtype, in file order —
+    the one place that decides whether this torch can represent what was stored."""
+    layout = safetensors_io.read_layout(path)
+    out = []
+    for e in sorted(layout.entries, key=lambda e: e.begin):
+        dtype = T.ST_TO_TORCH.get(e.dtype)
+        if dtype is None:
+            raise CorruptCheckpointError(f"{path}: dtype {e.dtype} is not supported by this torch")
+        out.append((e, dtype))
+    return layout, out
+
+
 def read_tensors(path: str, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Read every tensor of a safetensors file after validating its header strictly.
 
@@ -110,13 +125,10 @@ def read_tensors(path: str, into: dict[str, torch.Tensor] | None = None) -> dict
     The destinations are overwritten before the caller's own checks run — pass only
     tensors that the caller is about to load this checkpoint into anyway.
     """
-    layout = safetensors_io.read_layout(path)
+    layout, entries = stored_tensors(path)
     out: dict[str, torch.Tensor] = {}
     targets: list[tuple[int, memoryview]] = []
-    for e in sorted(layout.entries, key=lambda e: e.begin):
-        dtype = T.ST_TO_TORCH.get(e.dtype)
-        if dtype is None:
-            raise CorruptCheckpointError(f"{path}: dtype {e.dtype} is not supported by this torch")
+    for e, dtype in entries:
         t = _destination((into or {}).get(e.key), dtype, e.shape)
         if e.nbytes:
             targets.append(
@@ -187,7 +199,7 @@ def load(
     following ``load_state_dict`` copies each onto itself (a no-op in torch).
     """
     tensors_path = os.path.join(ckpt_dir, prefix + TENSORS_FILE)
-    return _decode(ckpt_dir, prefix, tensors_path, read_tensors(tensors_path, into))
+    return decode_components(ckpt_dir, prefix, tensors_path, read_tensors(tensors_path, into))
 
 
 def load_meta(ckpt_dir: str, prefix: str = "") -> dict[str, tuple[str, Any]]:
@@ -195,17 +207,12 @@ def load_meta(ckpt_dir: str, prefix: str = "") -> dict[str, tuple[str, Any]]:
     the whole checkpoint can be checked against the live objects before one byte of
     it is read into them."""
     tensors_path = os.path.join(ckpt_dir, prefix + TENSORS_FILE)
-    layout = safetensors_io.read_layout(tensors_path)
-    meta = {}
-    for e in layout.entries:
-        dtype = T.ST_TO_TORCH.get(e.dtype)
-        if dtype is None:
-            raise CorruptCheckpointError(f"{tensors_path}: dtype {e.dtype} is not supported by this torch")
-        meta[e.key] = torch.empty(e.shape, dtype=dtype, device="meta")
-    return _decode(ckpt_dir, prefix, tensors_path, meta)
+    _, entries = stored_tensors(tensors_path)
+    meta = {e.key: torch.empty(e.shape, dtype=dtype, device="meta") for e, dtype in entries}
+    return decode_components(ckpt_dir, prefix, tensors_path, meta)
 
 
-def _decode(
+def decode_components(
     ckpt_dir: str, prefix: str, tensors_path: str, tensors: dict[str, torch.Tensor]
 ) -> dict[str, tuple[str, Any]]:
     state = load_state_json(ckpt_dir, prefix + STATE_FILE)
