@@ -23,8 +23,9 @@ from __future__ import annotations
 import collections
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

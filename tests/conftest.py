@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import threading
 
@@ -26,3 +27,27 @@ def no_thread_leaks():
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+# ---------------------------------------------------------------- damaged-checkpoint tests
+# test_corruption.py and test_hostile.py damage copies of the same small run.
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A run directory with two good checkpoints (steps 1 and 2), built once per module."""
+    from fault_helpers import save_checkpoint
+
+    run = str(tmp_path_factory.mktemp("template") / "run")
+    os.mkdir(run)
+    save_checkpoint(run, 1)
+    save_checkpoint(run, 2)
+    return run
+
+
+@pytest.fixture
+def run(template, tmp_path):
+    """A private copy of ``template`` that a test may damage."""
+    dest = str(tmp_path / "run")
+    shutil.copytree(template, dest, symlinks=True)
+    return dest

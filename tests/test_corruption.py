@@ -13,7 +13,6 @@ import os
 import shutil
 
 import pytest
-from fault_helpers import save_checkpoint
 
 from guardian.commit import set_aside
 from guardian.format import manifest as manifest_mod
@@ -22,22 +21,6 @@ from guardian.format.layout import MANIFEST_FILE, SET_ASIDE_DIR, STATE_FILE, TEN
 from guardian.format.reader import inspect_checkpoint, list_checkpoints, newest_valid
 
 STEP1, STEP2 = checkpoint_name(1), checkpoint_name(2)
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    run = str(tmp_path_factory.mktemp("template") / "run")
-    os.mkdir(run)
-    save_checkpoint(run, 1)
-    save_checkpoint(run, 2)
-    return run
-
-
-@pytest.fixture
-def run(template, tmp_path):
-    dest = str(tmp_path / "run")
-    shutil.copytree(template, dest, symlinks=True)
-    return dest
 
 
 def ckpt(run: str, name: str = STEP2) -> str:

@@ -13,7 +13,6 @@ import shutil
 import struct
 
 import pytest
-from fault_helpers import save_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,22 +25,6 @@ from guardian.format.reader import inspect_checkpoint, newest_valid
 from guardian.format.tree import TAGS, Decoder, Encoder
 
 STEP1, STEP2 = checkpoint_name(1), checkpoint_name(2)
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    run = str(tmp_path_factory.mktemp("template") / "run")
-    os.mkdir(run)
-    save_checkpoint(run, 1)
-    save_checkpoint(run, 2)
-    return run
-
-
-@pytest.fixture
-def run(template, tmp_path):
-    dest = str(tmp_path / "run")
-    shutil.copytree(template, dest, symlinks=True)
-    return dest
 
 
 def _rewrite_manifest(ckpt: str, edit) -> None:
