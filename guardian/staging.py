@@ -25,6 +25,7 @@ import torch
 
 ALIGN = 4096  # O_DIRECT alignment that every Linux block device accepts
 PAGE = mmap.PAGESIZE
+HUGE_PAGE = 2 * 1024 * 1024  # x86-64/arm64 transparent huge page size
 
 
 class StagingArena:
@@ -62,8 +63,27 @@ class StagingArena:
 
 
 def _host_buffer(size: int) -> tuple[torch.Tensor, object]:
-    """Private anonymous memory (not MAP_SHARED, which would be shmem), pre-faulted by
-    the kernel (MAP_POPULATE: ~4x faster here than touching each page from Python)."""
+    """Private anonymous memory (not MAP_SHARED, which would be shmem), backed by
+    transparent huge pages where the kernel allows them, then pre-faulted.
+
+    Why huge pages: an O_DIRECT write pins every page of the buffer it writes, and with
+    4 KiB pages that pinning, not the disk, was the limit here — 3.2 GB persisted in
+    0.79 s from a THP arena against 0.84-1.0 s from 4 KiB pages (pipelined), 0.91 s
+    against 1.13 s unpipelined; the writer's lighter CPU use also cut the stall it
+    causes while pipelined from 0.21-0.24 s to 0.19 s. Pre-faulting 2 MiB pages is
+    faster too. Where THP is off (``never``) or unavailable, ``madvise`` is a no-op or
+    refused and the arena is ordinary 4 KiB pages (MAP_POPULATE: ~4x faster than
+    touching each page from Python)."""
+    hugepage = getattr(mmap, "MADV_HUGEPAGE", None)
+    if hugepage is not None and size >= HUGE_PAGE:
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            mm.madvise(hugepage)
+        except OSError:
+            pass  # THP not configured: 4 KiB pages, same code path
+        buf = torch.frombuffer(mm, dtype=torch.uint8)
+        _prefault(buf)
+        return buf, mm
     populate = getattr(mmap, "MAP_POPULATE", 0)
     mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
     buf = torch.frombuffer(mm, dtype=torch.uint8)
