@@ -5,7 +5,10 @@
 
 ``--size-mb`` is the model's parameter bytes (float32); Adam adds two moments, so
 the state is ~3x that. Every repetition runs every method, interleaved, and the
-report uses medians, with ratios against baselines measured in the same run:
+report uses medians, with ratios against baselines measured in the same run. One
+uncounted warm-up repetition runs first (``--warmup``): guardian's first save allocates
+its staging arena (reported alone as ``first_save_stall_s``) and every method's first
+writes warm the file system:
 
   raw disk      write+fsync of the same byte count, buffered and O_DIRECT
   torch         torch.save + fsync; torch.load(weights_only=True) cold and warm
@@ -328,7 +331,7 @@ def aligned_buffer(n: int) -> memoryview:
     return view[:n]
 
 
-def one_rep(r: int, ctx: dict[str, Any], res: dict[str, list[float]], notes: dict[str, Any]) -> None:
+def one_rep(tag: str, ctx: dict[str, Any], res: dict[str, list[float]], notes: dict[str, Any]) -> None:
     d, model, opt = ctx["dir"], ctx["model"], ctx["opt"]
     writer, fg, live = ctx["writer"], ctx["fg"], ctx["live"]
     drop_caches()
@@ -340,41 +343,41 @@ def one_rep(r: int, ctx: dict[str, Any], res: dict[str, list[float]], notes: dic
 
     arena_before = writer._arena.capacity
     rss0, peak_ok = rss_bytes(), reset_peak_rss()
-    g = guardian_save(writer, d, f"ckpt-{r}", ctx["states"], None, 0.0)
+    g = guardian_save(writer, d, f"ckpt-{tag}", ctx["states"], None, 0.0)
     res["g_stall"].append(g["stall"])
     res["g_durable"].append(g["durable"])
     if peak_ok:
         res["extra_rss"].append(rss_bytes("VmHWM") - (rss0 - arena_before))
     t_iter = fg.iteration_time(1.0)
     res["fg_iter"].append(t_iter)
-    g2 = guardian_save(writer, d, f"ckpt-{r}-fg", ctx["states"], fg, t_iter)
+    g2 = guardian_save(writer, d, f"ckpt-{tag}-fg", ctx["states"], fg, t_iter)
     for k in ("slowdown", "lost", "durable_under_load"):
         res[f"g_{k}"].append(g2[k])
     res["g_effective_stall"].append(g2["stall"] + g2["lost"])
-    shutil.rmtree(f"{d}/ckpt-{r}-fg")
+    shutil.rmtree(f"{d}/ckpt-{tag}-fg")
 
     if ctx.get("dcp_error") is None:
         worker = DcpWorker(ctx["size_mb"])
         try:
             if worker.error:
                 raise RuntimeError(worker.error)
-            stall, durable = worker.save(f"{d}/dcp-{r}")
+            stall, durable = worker.save(f"{d}/dcp-{tag}")
             res["dcp_stall"].append(stall)
             res["dcp_durable"].append(durable)
         except Exception as e:  # noqa: BLE001
             ctx["dcp_error"] = f"{type(e).__name__}: {e}"
         finally:
             worker.close()
-        shutil.rmtree(f"{d}/dcp-{r}", ignore_errors=True)
+        shutil.rmtree(f"{d}/dcp-{tag}", ignore_errors=True)
 
     notes["drop_caches_worked"] = drop_caches() and notes.get("drop_caches_worked", True)
     res["torch_load_cold"].append(timed(lambda: torch_load(f"{d}/model.pt")))
     res["torch_load_warm"].append(timed(lambda: torch_load(f"{d}/model.pt")))
     drop_caches()
-    res["g_restore_cold"].append(timed(lambda: guardian_restore(f"{d}/ckpt-{r}", live)))
-    res["g_restore_warm"].append(timed(lambda: guardian_restore(f"{d}/ckpt-{r}", live)))
+    res["g_restore_cold"].append(timed(lambda: guardian_restore(f"{d}/ckpt-{tag}", live)))
+    res["g_restore_warm"].append(timed(lambda: guardian_restore(f"{d}/ckpt-{tag}", live)))
     os.unlink(f"{d}/model.pt")
-    shutil.rmtree(f"{d}/ckpt-{r}")
+    shutil.rmtree(f"{d}/ckpt-{tag}")
 
 
 def small_case(d: str, reps: int, mb: float) -> dict[str, float]:
@@ -465,6 +468,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mb", type=float, default=1024, help="parameter MB (state is ~3x with Adam)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="uncounted repetitions first (guardian's first save allocates its arena; "
+        "the first writes of every method warm the file system)",
+    )
     ap.add_argument("--small-mb", type=float, default=2, help="parameter MB of the small-state case")
     ap.add_argument("--small-reps", type=int, default=15)
     ap.add_argument("--dir", default="/tmp/guardian-bench")
@@ -497,15 +507,20 @@ def main() -> int:
     }
     res: dict[str, list[float]] = defaultdict(list)
     notes: dict[str, Any] = {}
-    for r in range(args.reps):
-        one_rep(r, ctx, res, notes)
+    warm: dict[str, list[float]] = defaultdict(list)
+    for r in range(-args.warmup, args.reps):
+        into = warm if r < 0 else res  # warm-up repetitions: every method once, not counted
+        one_rep(f"w{-r}" if r < 0 else str(r), ctx, into, notes)
         print(
-            f"rep {r}: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in res.items() if k != "extra_rss"),
+            f"rep {r}{' (warm-up)' if r < 0 else ''}: "
+            + ", ".join(f"{k}={v[-1]:.3f}" for k, v in into.items() if k != "extra_rss"),
             file=sys.stderr,
         )
     ctx["writer"].close()
 
     summary = summarize(res, state_bytes)
+    if warm.get("g_stall"):  # the one-time arena allocation is paid by the first save
+        summary["first_save_stall_s"] = round(warm["g_stall"][0], 4)
     summary["small"] = small_case(args.dir, args.small_reps, args.small_mb)
     summary.update(
         {
