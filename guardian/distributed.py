@@ -24,7 +24,7 @@ import collections
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,6 +56,9 @@ class World:
     rank: int = 0
     world_size: int = 1
     backend: str | None = None
+    # The process group the collectives below use (None: the default group). The
+    # background commit of asynchronous saves uses a private gloo group (dist_async).
+    group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def distributed(self) -> bool:
@@ -90,22 +93,29 @@ class World:
         if not self.distributed:
             return list(values)
         t = torch.tensor(values, dtype=torch.int64, device=self._device())
-        _run_collective(torch.distributed.all_reduce, t, op=torch.distributed.ReduceOp.MAX)
+        _run_collective(torch.distributed.all_reduce, t, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return [int(v) for v in t.tolist()]
 
     def broadcast_ints(self, values: list[int], src: int = 0) -> list[int]:
         if not self.distributed:
             return list(values)
         t = torch.tensor(values, dtype=torch.int64, device=self._device())
-        _run_collective(torch.distributed.broadcast, t, src)
+        _run_collective(torch.distributed.broadcast, t, self._global(src), group=self.group)
         return [int(v) for v in t.tolist()]
 
     def broadcast_float(self, value: float, src: int = 0) -> float:
         if not self.distributed:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self._device())
-        _run_collective(torch.distributed.broadcast, t, src)
+        _run_collective(torch.distributed.broadcast, t, self._global(src), group=self.group)
         return float(t.item())
+
+    def _global(self, rank: int) -> int:
+        """``broadcast`` takes a global rank; ours are group ranks (equal for the default
+        group and for the full-size private group)."""
+        if self.group is None:
+            return rank
+        return torch.distributed.get_global_rank(self.group, rank)
 
     def barrier(self) -> None:
         self.all_max([0])

@@ -248,7 +248,7 @@ class Guard:
             self._beat(0, 0, "init")
             if self.world.distributed and self._writer.mode != "sync":
                 self._writer.close()
-                self._writer = SyncWriter()  # the distributed commit is collective and synchronous
+                self._writer = self._distributed_async_writer()
             log.info("guardian: protecting %s → %s", describe(self.components, self._loaders), self.run_dir)
             for opt in self._optimizers:
                 self._hooks.append(opt.register_step_post_hook(self._on_optimizer_step))
@@ -410,7 +410,10 @@ class Guard:
             return
         steps_due = self.schedule.step_reason(self.global_step - self._last_save_step, 0.0) == "steps"
         seconds_due = self.schedule.step_reason(0, now - self._last_save_time) == "seconds"
-        preempt, seconds_due = self._agree_flags(self._preempt_requested(), seconds_due)
+        busy = self.world.distributed and bool(getattr(self._writer, "busy", False))
+        preempt, seconds_due, any_busy = self._agree_flags(self._preempt_requested(), seconds_due, busy)
+        if self.world.distributed and not any_busy:
+            self._check_writer(collect=True)  # every rank's save is done: all learn its outcome now
         if preempt:
             self._preempt_now()
         if steps_due or seconds_due:
@@ -426,10 +429,13 @@ class Guard:
             return list(flags)
         return [bool(v) for v in self.world.all_max([int(f) for f in flags])]
 
-    def _check_writer(self) -> None:
-        """Surface a background save's failure here, at a step boundary, per on_save_error."""
+    def _check_writer(self, collect: bool = False) -> None:
+        """Surface a background save's failure here, at a step boundary, per on_save_error.
+        ``collect``: the ranks agreed that every rank's save is finished (dist_async)."""
+        deliver = getattr(self._writer, "collect", None) if collect else self._writer.check
         try:
-            self._writer.check()
+            if deliver is not None:
+                deliver()
         except CheckpointWriteError as e:
             if self.on_save_error == "raise":
                 raise
@@ -557,6 +563,8 @@ class Guard:
     def _save(self, reasons: list[str], force: bool = False) -> str | None:
         if not force and self._last_saved_position == self._position() and "best" not in reasons:
             return None
+        if self.world.distributed:
+            self._finish_previous_save()
         self._heartbeat("save", time.monotonic(), force=True)
         states = self._collect()
         snap = snap_mod.capture(states)
@@ -588,13 +596,43 @@ class Guard:
         own = {n: v for n, v in states.items() if self._per_rank(n, v[1])}
         replicated = {n: v for n, v in states.items() if n not in own}
         snap_rep = snap_mod.capture(replicated) if self.world.is_leader else None
-        path = save_distributed(self.world, self.run_dir, manifest, snap_rep, snap_mod.capture(own))
+        snap_own = snap_mod.capture(own)
+        if self._writer.mode == "async":  # dist_async.DistributedAsyncWriter
+            self._writer.submit(self.run_dir, manifest, snap_rep, snap_own, self._on_committed_any_rank)
+            return None
+        path = save_distributed(self.world, self.run_dir, manifest, snap_rep, snap_own)
         if path is not None:
-            if self.world.is_leader:
-                self._on_committed(path, manifest)
-            else:
-                self.last_checkpoint = path
+            self._on_committed_any_rank(path, manifest)
         return path
+
+    def _on_committed_any_rank(self, path: str, manifest: Manifest) -> None:
+        """Rank 0 owns retention and the log line; the others only learn the path."""
+        if self.world.is_leader:
+            self._on_committed(path, manifest)
+        else:
+            self.last_checkpoint = path
+
+    def _finish_previous_save(self) -> None:
+        """Distributed: the previous save must be committed everywhere before this one
+        is named (rank 0 picks a free name by looking at the directory). Collective, as
+        every rank saves at the same step."""
+        try:
+            self._writer.wait()
+        except CheckpointWriteError as e:
+            if self.on_save_error == "raise":
+                raise
+            log.error("guardian: a background checkpoint FAILED and training continues: %s", e)
+
+    def _distributed_async_writer(self) -> Any:
+        """The asynchronous writer for ranks (dist_async), or the synchronous one where
+        a private gloo group cannot be created (a torch built without gloo)."""
+        try:
+            from .dist_async import DistributedAsyncWriter
+
+            return DistributedAsyncWriter(self.world)
+        except (RuntimeError, ValueError, ImportError) as e:
+            log.warning("guardian: asynchronous distributed saves unavailable (%s); saving synchronously", e)
+            return SyncWriter()
 
     def _per_rank(self, name: str, state: Any) -> bool:
         return (

@@ -6,6 +6,10 @@ with AdamW + OneCycle under guardian.protect. Env knobs:
     KILL_MARKER               ...only if this file does not exist yet (it is created first),
                               so a supervised restart is not killed again
     TERM_RANK, TERM_AT_STEP   that rank sends itself SIGTERM in the middle of that step
+    FAIL_SAVE_RANK, FAIL_SAVE_AT
+                              that rank's part of its FAIL_SAVE_AT-th save fails with ENOSPC
+                              (raised where the rank writes its files, in whichever thread
+                              runs the commit protocol)
 """
 
 from __future__ import annotations
@@ -36,9 +40,29 @@ def _first_time(marker: str | None) -> bool:
     return True
 
 
+def _fail_a_save(rank: int) -> None:
+    if int(os.environ.get("FAIL_SAVE_RANK", "-1")) != rank:
+        return
+    import errno
+
+    from guardian import dist_commit
+    from guardian.errors import CheckpointWriteError
+
+    real, calls = dist_commit._write_part, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == int(os.environ["FAIL_SAVE_AT"]):
+            raise CheckpointWriteError("injected: no space left on device", errno.ENOSPC)
+        return real(*args, **kwargs)
+
+    dist_commit._write_part = failing
+
+
 def main(run_dir: str, cfg: dict) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    _fail_a_save(rank)
     random.seed(rank)
     np.random.seed(rank)
     torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts them)

@@ -114,6 +114,37 @@ def test_two_ranks_write_one_checkpoint_with_every_part(reference):
     assert comps["rank-00000/rng"]["digest"] != comps["rank-00001/rng"]["digest"]  # each rank's own
 
 
+def test_async_and_sync_distributed_saves_write_identical_checkpoints(reference, tmp_path):
+    """The reference run saved asynchronously (the default: copy on the training
+    thread, commit protocol on a background thread over a private gloo group); a
+    synchronous run writes the same checkpoints, digest for digest."""
+    run = str(tmp_path / "run")
+    results = by_hand(run, CFG, GUARDIAN_ASYNC="0")
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    sync = {i.name: i for i in reader.list_checkpoints(run, verify=True)}
+    ref = {i.name: i for i in reader.list_checkpoints(reference, verify=True)}
+    assert sync.keys() == ref.keys() and len(ref) >= 5
+    for name, info in ref.items():
+        a = reader.component_summaries(info.path, info.manifest)
+        b = reader.component_summaries(sync[name].path, sync[name].manifest)
+        assert reader.checkpoint_digest(a) == reader.checkpoint_digest(b), name
+
+
+def test_background_save_failing_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Rank 1's part of the 2nd save fails in the background. Both ranks learn it at the
+    same agreed step and exit with the error (no rank left hanging in a collective);
+    the 1st checkpoint is intact and nothing of the 2nd was committed."""
+    run = str(tmp_path / "run")
+    results = by_hand(run, CFG, FAIL_SAVE_RANK="1", FAIL_SAVE_AT="2")
+    assert [r.returncode for r in results] == [1, 1], [r.stderr[-2000:] for r in results]
+    assert all("CheckpointWriteError" in r.stderr for r in results), [r.stderr[-2000:] for r in results]
+    assert "no space left" in results[1].stderr
+    assert "a rank failed to write its part" in results[0].stderr
+    infos = reader.list_checkpoints(run, verify=True)
+    assert [i.manifest.step for i in infos] == [4] and all(i.valid for i in infos)
+    assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+
+
 def test_rank_sigkilled_mid_training_resumes_bit_exact(reference, tmp_path):
     run = str(tmp_path / "run")
     proc = torchrun(run, CFG, KILL_RANK="1", KILL_AT_STEP="10")

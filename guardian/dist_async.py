@@ -1,0 +1,180 @@
+"""Asynchronous saves under ``torch.distributed``: copy on the training thread, run the
+commit protocol (``dist_commit.save_distributed``) on a background thread.
+
+Why a private process group: the commit protocol is collective (ranks agree that
+every part is durable before rank 0 writes the manifest). Its collectives cannot
+share the training's process group from another thread — collectives on one group
+must be issued in the same order on every rank, and the training thread issues its
+own (DDP's all-reduces, guardian's step agreements) at times the background thread
+cannot predict. So every rank creates one extra **gloo** group at ``protect()`` entry
+(a collective call, made at the same point on every rank) and only the background
+threads ever use it. gloo, whatever the training backend: the protocol exchanges a
+few integers, and a CPU group needs no CUDA stream.
+
+Rules a caller (the guard) must follow:
+  * ``submit`` on every rank at the same step (saves are agreed decisions already);
+    it first waits for the previous save, so at most one is in flight (bounded memory:
+    one staging arena per rank, reused).
+  * ``collect`` — deliver a finished save's outcome — only at a point every rank
+    reaches together and only when *every* rank's save is finished (the guard agrees
+    on that with its per-step all-reduce). The protocol gives every rank the same
+    outcome, so all ranks then raise, or continue, at the same step; a rank raising
+    alone would leave its peers blocked in the next collective.
+  * ``wait`` (next save, exit, preemption) is collective too: every rank joins its own
+    background thread, which completes because every rank's thread runs the same save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+
+import torch
+
+from .distributed import World
+from .errors import CheckpointWriteError, GuardianError
+from .format.manifest import Manifest
+from .staging import StagingArena
+from .state.snapshot import Snapshot
+
+log = logging.getLogger("guardian")
+
+Committed = Callable[[str, Manifest], None]
+TENSOR_ALIGN = 64  # each frozen tensor starts on a 64-byte boundary (any dtype view is legal)
+
+
+class DistributedAsyncWriter:
+    mode = "async"
+
+    def __init__(self, world: World) -> None:
+        import torch.distributed as dist
+
+        group = dist.new_group(backend="gloo")  # collective: every rank, same point
+        self.world = dataclasses.replace(world, backend="gloo", group=group)
+        self._group = group
+        self._arena = StagingArena()
+        self._thread: threading.Thread | None = None
+        self._outcome: tuple[Committed, str, Manifest] | None = None
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------------ interface
+
+    def submit(
+        self,
+        run_dir: str,
+        manifest: Manifest,
+        replicated: Snapshot | None,
+        own: Snapshot,
+        on_committed: Committed,
+    ) -> None:
+        """Copy both snapshots into the arena and start the commit protocol in the
+        background. Returns once the live tensors may change again."""
+        self.wait()
+        frozen_rep, frozen_own = _freeze([replicated, own], self._arena)
+        self._thread = threading.Thread(
+            target=self._persist,
+            args=(run_dir, manifest, frozen_rep, frozen_own, on_committed),
+            name=f"guardian-dist-persist-{manifest.name}",
+            daemon=False,
+        )
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def check(self) -> None:
+        """Per-step hook of the single-process writers. Deliberately nothing here:
+        outcomes are delivered by ``collect`` at agreed points (module docstring)."""
+
+    def collect(self) -> None:
+        """Deliver a finished save (callback, or ``CheckpointWriteError``). Only when
+        every rank agreed that its save is finished."""
+        if self._thread is not None and not self._thread.is_alive():
+            self._reap()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._reap()
+
+    def close(self) -> None:
+        """Finish the in-flight save and free the arena; never raises."""
+        try:
+            self.wait()
+        except GuardianError as e:
+            log.error("guardian: the last checkpoint failed in the background: %s", e)
+        self._arena.release()
+
+    # ------------------------------------------------------------------ internals
+
+    def _persist(
+        self,
+        run_dir: str,
+        manifest: Manifest,
+        replicated: Snapshot | None,
+        own: Snapshot,
+        on_committed: Committed,
+    ) -> None:
+        from .direct_io import lower_thread_priority
+        from .dist_commit import save_distributed
+
+        lower_thread_priority()  # the trainer runs again; it gets the CPU first
+        try:
+            path = save_distributed(self.world, run_dir, manifest, replicated, own)
+            if path is not None:
+                self._outcome = (on_committed, path, manifest)
+        except BaseException as e:  # stored; raised on the training thread at an agreed point
+            self._error = e
+
+    def _reap(self) -> None:
+        self._thread = None
+        outcome, self._outcome = self._outcome, None
+        error, self._error = self._error, None
+        if outcome is not None:
+            on_committed, path, manifest = outcome
+            on_committed(path, manifest)
+        if error is None:
+            return
+        if isinstance(error, CheckpointWriteError):
+            raise error
+        raise CheckpointWriteError(
+            f"rank {self.world.rank}: the background save failed: {type(error).__name__}: {error}. "
+            "Earlier checkpoints are untouched."
+        ) from error
+
+
+def _freeze(snaps: list[Snapshot | None], arena: StagingArena) -> list[Snapshot | None]:
+    """Copies of ``snaps`` whose tensors live in ``arena`` (one buffer for all of them).
+
+    Tensors on CUDA are copied with ``non_blocking`` into pinned memory and waited for
+    once; everything else is a plain host copy. The copies are contiguous, so the
+    files written from them are byte-identical to the synchronous path's."""
+    tensors = [t for s in snaps if s is not None for t in s.tensors.values()]
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    total = sum(_aligned(n) for n in sizes)
+    pinned = torch.cuda.is_available() and any(t.device.type == "cuda" for t in tensors)
+    buf = arena.acquire(total, pinned=pinned)
+    out: list[Snapshot | None] = []
+    offset = 0
+    for snap in snaps:
+        if snap is None:
+            out.append(None)
+            continue
+        frozen: dict[str, torch.Tensor] = {}
+        for key, t in snap.tensors.items():
+            n = t.numel() * t.element_size()
+            dst = buf[offset : offset + n].view(t.dtype).view(t.shape)
+            dst.copy_(t, non_blocking=pinned and t.device.type == "cuda")
+            frozen[key] = dst
+            offset += _aligned(n)
+        out.append(Snapshot(components=snap.components, tensors=frozen))
+    if pinned:
+        torch.cuda.synchronize()  # one wait for every queued device→host copy
+    return out
+
+
+def _aligned(n: int) -> int:
+    return -(-n // TENSOR_ALIGN) * TENSOR_ALIGN
