@@ -1,0 +1,50 @@
+"""`scripts/bench_checkpoint.py` is a contract (issue 4): its `--json` line carries the
+ratios the issue names. A tiny run keeps the script from rotting; the figures
+themselves are measured by running it for real, never asserted here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from helpers import ROOT
+
+REQUIRED = (
+    "stall_vs_torch_save",
+    "effective_stall_vs_torch_save",
+    "foreground_slowdown",
+    "durable_vs_raw_disk",
+    "save_speedup_vs_torch_save",
+    "restore_cold_speedup_vs_torch_load",
+    "restore_warm_speedup_vs_torch_load",
+    "extra_rss_vs_state",
+)
+
+
+def test_tiny_benchmark_prints_every_contract_field(tmp_path):
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "scripts", "bench_checkpoint.py"),
+        "--size-mb",
+        "2",
+        "--reps",
+        "1",
+        "--small-reps",
+        "1",
+        "--small-mb",
+        "0.5",
+        "--dir",
+        str(tmp_path / "bench"),
+        "--json",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in REQUIRED:
+        assert isinstance(summary[key], (int, float)) and summary[key] == summary[key], key  # not NaN
+    assert summary["dcp"].startswith("ran"), summary["dcp"]  # the DCP child process worked
+    assert "dcp_durable_vs_guardian_durable" in summary and "first_save_stall_s" in summary
+    assert set(summary["targets_met"]) >= set(REQUIRED)
+    assert not os.path.exists(tmp_path / "bench")  # the script cleans up after itself
