@@ -42,7 +42,7 @@ from .direct_io import image_writer, lower_thread_priority
 from .errors import CheckpointWriteError, GuardianError
 from .format.layout import STATE_FILE, TENSORS_FILE, checkpoint_name, parse_checkpoint_name, rank_prefix
 from .format.manifest import Manifest
-from .staging import StagedImage, StagingArena
+from .staging import StagedImage, StagingArena, wait_for_device_copies
 from .state.snapshot import Snapshot
 from .writer import SPACE_MARGIN, SPACE_SLACK, Committed
 
@@ -147,7 +147,7 @@ class AsyncWriter:
                 if entry.nbytes:
                     src = _byte_view(snap.tensors[entry.key], pinned)
                     _copy_into(buf, image, base + entry.begin, base + entry.end, src, pinned)
-            torch.cuda.synchronize()  # one wait for every queued device→host copy
+            wait_for_device_copies(snap.tensors.values())
             staged.finish()
             return
         batch: list[tuple[int, int, np.ndarray]] = []

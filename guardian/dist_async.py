@@ -36,7 +36,7 @@ import torch
 from .distributed import World
 from .errors import CheckpointWriteError, GuardianError
 from .format.manifest import Manifest
-from .staging import StagingArena
+from .staging import StagingArena, wait_for_device_copies
 from .state.snapshot import Snapshot
 
 log = logging.getLogger("guardian")
@@ -107,6 +107,20 @@ class DistributedAsyncWriter:
         except GuardianError as e:
             log.error("guardian: the last checkpoint failed in the background: %s", e)
         self._arena.release()
+        self._destroy_group()
+
+    def _destroy_group(self) -> None:
+        """Release the private group's sockets and threads (each ``protect()`` makes
+        one). Already gone after a preemption exit, which tears down every group."""
+        import torch.distributed as dist
+
+        group, self._group = self._group, None
+        if group is None or not dist.is_initialized():
+            return
+        try:
+            dist.destroy_process_group(group)
+        except (ValueError, RuntimeError) as e:  # destroyed with the default group already
+            log.debug("guardian: private checkpoint group already gone: %s", e)
 
     # ------------------------------------------------------------------ internals
 
@@ -172,7 +186,7 @@ def _freeze(snaps: list[Snapshot | None], arena: StagingArena) -> list[Snapshot 
             offset += _aligned(n)
         out.append(Snapshot(components=snap.components, tensors=frozen))
     if pinned:
-        torch.cuda.synchronize()  # one wait for every queued device→host copy
+        wait_for_device_copies(tensors)
     return out
 
 

@@ -59,10 +59,18 @@ def save_distributed(
 
 
 def _attempt(fn) -> GuardianError | None:
+    """Run one rank-local step of the protocol and return its failure instead of raising:
+    every rank must still reach every agreement below, or its peers would wait in a
+    collective forever. Any exception counts (an unrepresentable dtype, MemoryError, a
+    bug), not only write errors."""
     try:
         fn()
     except CheckpointWriteError as e:
         return e
+    except Exception as e:  # noqa: BLE001 — reported to every rank, raised by this one
+        error = CheckpointWriteError(f"{type(e).__name__}: {e}")
+        error.__cause__ = e
+        return error
     return None
 
 

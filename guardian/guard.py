@@ -279,7 +279,7 @@ class Guard:
     def _finish(self) -> None:
         if self.save_on_exit:
             self._save(["final"])
-        self._writer.wait()
+        self._wait_for_in_flight_save()
         if self.policy.stopped and self.early and self.early.restore_best:
             self.load_best_weights()
         self._beat(self.global_step, self.epoch, "done")
@@ -505,7 +505,7 @@ class Guard:
         why = f"signal {signum} received" if signum else "another rank received a stop signal"
         log.warning("guardian: %s; checkpointing at step %d and exiting", why, self.global_step)
         self._save(["preempt"])
-        self._writer.wait()
+        self._wait_for_in_flight_save()  # with on_save_error='warn' a failure still exits 75
         self._preempting = True
         if self.world.distributed:
             self._leave_process_group()
@@ -564,7 +564,7 @@ class Guard:
         if not force and self._last_saved_position == self._position() and "best" not in reasons:
             return None
         if self.world.distributed:
-            self._finish_previous_save()
+            self._wait_for_in_flight_save()
         self._heartbeat("save", time.monotonic(), force=True)
         states = self._collect()
         snap = snap_mod.capture(states)
@@ -612,10 +612,11 @@ class Guard:
         else:
             self.last_checkpoint = path
 
-    def _finish_previous_save(self) -> None:
-        """Distributed: the previous save must be committed everywhere before this one
-        is named (rank 0 picks a free name by looking at the directory). Collective, as
-        every rank saves at the same step."""
+    def _wait_for_in_flight_save(self) -> None:
+        """Block until the in-flight save is committed (or failed), per on_save_error.
+        Distributed, this runs before the next save is named (rank 0 picks a free name by
+        looking at the directory), at exit and at preemption — points every rank reaches
+        together, and every rank gets the same outcome."""
         try:
             self._writer.wait()
         except CheckpointWriteError as e:
@@ -626,13 +627,20 @@ class Guard:
     def _distributed_async_writer(self) -> Any:
         """The asynchronous writer for ranks (dist_async), or the synchronous one where
         a private gloo group cannot be created (a torch built without gloo)."""
+        writer = None
         try:
             from .dist_async import DistributedAsyncWriter
 
-            return DistributedAsyncWriter(self.world)
+            writer = DistributedAsyncWriter(self.world)
         except (RuntimeError, ValueError, ImportError) as e:
             log.warning("guardian: asynchronous distributed saves unavailable (%s); saving synchronously", e)
+        # all ranks must take the same path: a rank saving synchronously on the default
+        # group and one saving on the private group would never meet
+        if self.world.all_max([0 if writer else 1])[0]:
+            if writer is not None:
+                writer.close()
             return SyncWriter()
+        return writer
 
     def _per_rank(self, name: str, state: Any) -> bool:
         return (

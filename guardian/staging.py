@@ -28,6 +28,15 @@ PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 * 1024 * 1024  # x86-64/arm64 transparent huge page size
 
 
+def wait_for_device_copies(tensors) -> None:
+    """Wait for the ``non_blocking`` device→host copies queued from ``tensors``: on
+    *every* CUDA device they live on. ``torch.cuda.synchronize()`` alone waits only for
+    the current device — a rank that placed its model with ``.to(rank)`` without
+    ``set_device`` would persist the arena before its copies landed."""
+    for device in {t.device for t in tensors if t.device.type == "cuda"}:
+        torch.cuda.synchronize(device)
+
+
 class StagingArena:
     """A page-aligned, pre-faulted uint8 buffer reused across saves (see module docstring)."""
 

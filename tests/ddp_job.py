@@ -9,7 +9,9 @@ with AdamW + OneCycle under guardian.protect. Env knobs:
     FAIL_SAVE_RANK, FAIL_SAVE_AT
                               that rank's part of its FAIL_SAVE_AT-th save fails with ENOSPC
                               (raised where the rank writes its files, in whichever thread
-                              runs the commit protocol)
+                              runs the commit protocol); FAIL_SAVE_ERROR=bug raises a plain
+                              RuntimeError there instead
+    ON_SAVE_ERROR             passed to protect(on_save_error=...)
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def _fail_a_save(rank: int) -> None:
     def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == int(os.environ["FAIL_SAVE_AT"]):
+            if os.environ.get("FAIL_SAVE_ERROR") == "bug":
+                raise RuntimeError("injected: not a write error")
             raise CheckpointWriteError("injected: no space left on device", errno.ENOSPC)
         return real(*args, **kwargs)
 
@@ -86,6 +90,7 @@ def main(run_dir: str, cfg: dict) -> None:
         dir=run_dir,
         every_steps=cfg.get("every_steps", 4),
         keep_last=None,
+        on_save_error=os.environ.get("ON_SAVE_ERROR", "raise"),
     ) as g:
         for epoch in g.epochs(epochs):
             sampler.set_epoch(epoch)
