@@ -21,25 +21,22 @@ Policies (the contract the guard relies on):
     is only ever touched by the training thread. Retention may therefore lag the
     commit by one step; it never runs before the checkpoint is durable.
   * Exit: the guard calls ``wait`` on normal exit, on exceptions and on preemption;
-    and the persist thread is non-daemon, so even an interpreter that exits without
-    the guard finishes the in-flight commit first (only SIGKILL/``os._exit`` cut it
-    short — and then the commit protocol leaves no partial checkpoint).
+    the thread itself and the delivery of outcomes are ``background.BackgroundSave``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .background import BackgroundSave
 from .commit import CheckpointTxn, check_free_space
 from .direct_io import image_writer, lower_thread_priority
-from .errors import CheckpointWriteError, GuardianError
 from .format.layout import STATE_FILE, TENSORS_FILE, checkpoint_name, parse_checkpoint_name, rank_prefix
 from .format.manifest import Manifest
 from .staging import StagedImage, StagingArena, wait_for_device_copies
@@ -61,17 +58,15 @@ class _Staged:
     state_json: bytes
 
 
-class AsyncWriter:
+class AsyncWriter(BackgroundSave):
     """Same interface as ``SyncWriter``; see the module docstring for the policies."""
 
     mode = "async"
 
     def __init__(self, *, direct_io: bool | None = None) -> None:
+        super().__init__()
         self._arena = StagingArena()
         self._direct = direct_io
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._done: list[tuple[Committed, str, Manifest]] = []
         self._copier: ThreadPoolExecutor | None = None  # second memcpy stream while staging
 
     # ------------------------------------------------------------------ interface
@@ -90,44 +85,26 @@ class AsyncWriter:
         buf = self._arena.acquire(layout.total_bytes, pinned=pinned)
         image = memoryview(buf.numpy()).cast("B") if layout.total_bytes else memoryview(b"")
         staged = StagedImage(image)
-        self._thread = threading.Thread(
-            target=self._persist,
-            args=(run_dir, _Staged(image=staged, state_json=snap.state_json()), manifest, on_committed),
-            name=f"guardian-persist-{manifest.name}",
-            daemon=False,
+        self._start(
+            self._persist,
+            (run_dir, _Staged(image=staged, state_json=snap.state_json()), manifest, on_committed),
+            f"guardian-persist-{manifest.name}",
         )
-        self._thread.start()
         try:
             self._stage(snap, layout, buf, staged, pinned)
         except BaseException as e:
             staged.fail(e)  # the persist thread gives up and aborts its transaction
-            self._thread.join()
-            self._thread, self._error, self._done = None, None, []
+            self._discard()
             raise
 
     def check(self) -> None:
         """Cheap; called every step. Reports a finished save (callback or error)."""
-        if self._thread is not None and not self._thread.is_alive():
+        if self._finished():
             self._reap()
-
-    def wait(self) -> None:
-        """Block until the in-flight save is durable (or failed), then report it."""
-        if self._thread is not None:
-            self._thread.join()
-            self._reap()
-
-    @property
-    def busy(self) -> bool:
-        """True while a save is being persisted."""
-        return self._thread is not None and self._thread.is_alive()
 
     def close(self) -> None:
-        """Finish the in-flight save and free the arena; never raises (the guard has
-        already called ``wait`` on every path that can still report an error)."""
-        try:
-            self.wait()
-        except GuardianError as e:
-            log.error("guardian: the last checkpoint failed in the background: %s", e)
+        """Finish the in-flight save and free the arena; never raises."""
+        self._wait_quietly()
         if self._copier is not None:
             self._copier.shutdown()
             self._copier = None
@@ -198,24 +175,9 @@ class AsyncWriter:
                 lower_thread_priority()
                 txn.add_file(prefix + STATE_FILE, [staged.state_json])
                 path = txn.commit(manifest)
-            self._done.append((on_committed, path, manifest))
+            self._succeeded(on_committed, path, manifest)
         except BaseException as e:  # stored, re-raised on the training thread
-            self._error = e
-
-    def _reap(self) -> None:
-        """On the caller's thread: deliver the commit callback or raise the failure."""
-        self._thread = None
-        done, self._done = self._done, []
-        for on_committed, path, manifest in done:
-            on_committed(path, manifest)
-        error, self._error = self._error, None
-        if error is None:
-            return
-        if isinstance(error, CheckpointWriteError):
-            raise error
-        raise CheckpointWriteError(
-            f"the background save failed: {type(error).__name__}: {error}. Earlier checkpoints are untouched."
-        ) from error
+            self._failed(e)
 
 
 def _copy_into(

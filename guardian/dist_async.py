@@ -28,36 +28,31 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
-from collections.abc import Callable
 
 import torch
 
+from .background import BackgroundSave, Committed
 from .distributed import World
-from .errors import CheckpointWriteError, GuardianError
 from .format.manifest import Manifest
 from .staging import StagingArena, wait_for_device_copies
 from .state.snapshot import Snapshot
 
 log = logging.getLogger("guardian")
 
-Committed = Callable[[str, Manifest], None]
 TENSOR_ALIGN = 64  # each frozen tensor starts on a 64-byte boundary (any dtype view is legal)
 
 
-class DistributedAsyncWriter:
+class DistributedAsyncWriter(BackgroundSave):
     mode = "async"
 
     def __init__(self, world: World) -> None:
         import torch.distributed as dist
 
+        super().__init__()
         group = dist.new_group(backend="gloo")  # collective: every rank, same point
         self.world = dataclasses.replace(world, backend="gloo", group=group)
         self._group = group
         self._arena = StagingArena()
-        self._thread: threading.Thread | None = None
-        self._outcome: tuple[Committed, str, Manifest] | None = None
-        self._error: BaseException | None = None
 
     # ------------------------------------------------------------------ interface
 
@@ -73,17 +68,11 @@ class DistributedAsyncWriter:
         background. Returns once the live tensors may change again."""
         self.wait()
         frozen_rep, frozen_own = _freeze([replicated, own], self._arena)
-        self._thread = threading.Thread(
-            target=self._persist,
-            args=(run_dir, manifest, frozen_rep, frozen_own, on_committed),
-            name=f"guardian-dist-persist-{manifest.name}",
-            daemon=False,
+        self._start(
+            self._persist,
+            (run_dir, manifest, frozen_rep, frozen_own, on_committed),
+            f"guardian-dist-persist-{manifest.name}",
         )
-        self._thread.start()
-
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def check(self) -> None:
         """Per-step hook of the single-process writers. Deliberately nothing here:
@@ -92,20 +81,12 @@ class DistributedAsyncWriter:
     def collect(self) -> None:
         """Deliver a finished save (callback, or ``CheckpointWriteError``). Only when
         every rank agreed that its save is finished."""
-        if self._thread is not None and not self._thread.is_alive():
-            self._reap()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
+        if self._finished():
             self._reap()
 
     def close(self) -> None:
-        """Finish the in-flight save and free the arena; never raises."""
-        try:
-            self.wait()
-        except GuardianError as e:
-            log.error("guardian: the last checkpoint failed in the background: %s", e)
+        """Finish the in-flight save, free the arena and the group; never raises."""
+        self._wait_quietly()
         self._arena.release()
         self._destroy_group()
 
@@ -139,25 +120,12 @@ class DistributedAsyncWriter:
         try:
             path = save_distributed(self.world, run_dir, manifest, replicated, own)
             if path is not None:
-                self._outcome = (on_committed, path, manifest)
+                self._succeeded(on_committed, path, manifest)
         except BaseException as e:  # stored; raised on the training thread at an agreed point
-            self._error = e
+            self._failed(e)
 
-    def _reap(self) -> None:
-        self._thread = None
-        outcome, self._outcome = self._outcome, None
-        error, self._error = self._error, None
-        if outcome is not None:
-            on_committed, path, manifest = outcome
-            on_committed(path, manifest)
-        if error is None:
-            return
-        if isinstance(error, CheckpointWriteError):
-            raise error
-        raise CheckpointWriteError(
-            f"rank {self.world.rank}: the background save failed: {type(error).__name__}: {error}. "
-            "Earlier checkpoints are untouched."
-        ) from error
+    def _who(self) -> str:
+        return f"rank {self.world.rank}: "
 
 
 def _freeze(snaps: list[Snapshot | None], arena: StagingArena) -> list[Snapshot | None]:

@@ -1,0 +1,97 @@
+"""One save persisting on a background thread at a time, its outcome delivered on the
+training thread — the part the single-process writer (async_writer) and the ranks'
+writer (dist_async) share.
+
+Why the outcome waits for the training thread: the commit callback touches the
+guard's state (``last_checkpoint``, retention) and a failure must be raised where the
+user's loop can see it, so the background thread only *records* what happened and
+``_reap`` — called from ``check``/``collect``/``wait`` on the training thread —
+delivers it: the callback first (a commit that happened is never forgotten), then the
+error as ``CheckpointWriteError``.
+
+The thread is non-daemon: an interpreter that exits without the guard still finishes
+the in-flight commit first (only SIGKILL/``os._exit`` cut it short, and then the commit
+protocol leaves no partial checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .errors import CheckpointWriteError, GuardianError
+from .format.manifest import Manifest
+from .writer import Committed
+
+log = logging.getLogger("guardian")
+
+
+class BackgroundSave:
+    """Base of the asynchronous writers; subclasses start work with ``_start`` and
+    report it with ``_succeeded``/``_failed`` from the background thread."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._done: list[tuple[Committed, str, Manifest]] = []
+        self._error: BaseException | None = None
+
+    @property
+    def busy(self) -> bool:
+        """True while a save is being persisted."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the in-flight save is durable (or failed), then report it."""
+        if self._thread is not None:
+            self._thread.join()
+            self._reap()
+
+    # ------------------------------------------------------------------ for subclasses
+
+    def _start(self, target: Callable[..., None], args: tuple[Any, ...], name: str) -> None:
+        self._thread = threading.Thread(target=target, args=args, name=name, daemon=False)
+        self._thread.start()
+
+    def _finished(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
+
+    def _succeeded(self, on_committed: Committed, path: str, manifest: Manifest) -> None:
+        self._done.append((on_committed, path, manifest))
+
+    def _failed(self, error: BaseException) -> None:
+        self._error = error
+
+    def _discard(self) -> None:
+        """Join a thread whose save was abandoned before it could commit; forget it."""
+        if self._thread is not None:
+            self._thread.join()
+        self._thread, self._error, self._done = None, None, []
+
+    def _wait_quietly(self) -> None:
+        """For ``close``: the guard has already called ``wait`` on every path that can
+        still report an error, so one left over is logged, not raised."""
+        try:
+            self.wait()
+        except GuardianError as e:
+            log.error("guardian: the last checkpoint failed in the background: %s", e)
+
+    def _who(self) -> str:
+        """Prefix for error messages (the rank, where there are several)."""
+        return ""
+
+    def _reap(self) -> None:
+        self._thread = None
+        done, self._done = self._done, []
+        for on_committed, path, manifest in done:
+            on_committed(path, manifest)
+        error, self._error = self._error, None
+        if error is None:
+            return
+        if isinstance(error, CheckpointWriteError):
+            raise error
+        raise CheckpointWriteError(
+            f"{self._who()}the background save failed: {type(error).__name__}: {error}. "
+            "Earlier checkpoints are untouched."
+        ) from error
