@@ -61,9 +61,9 @@ def hostile_states() -> dict:
     }
 
 
-def save_with(writer, run_dir: str, name: str, states: dict) -> str:
-    snap = snap_mod.capture(states)
-    man = Manifest(
+def manifest_for(name: str, snap: snap_mod.Snapshot) -> Manifest:
+    """A step-1 manifest describing ``snap``'s components."""
+    return Manifest(
         name=name,
         step=1,
         epoch=0,
@@ -75,6 +75,11 @@ def save_with(writer, run_dir: str, name: str, states: dict) -> str:
         extra={},
         components={n: {"kind": c["kind"]} for n, c in snap.components.items()},
     )
+
+
+def save_with(writer, run_dir: str, name: str, states: dict) -> str:
+    snap = snap_mod.capture(states)
+    man = manifest_for(name, snap)
     committed: list[str] = []
     writer.submit(run_dir, snap, man, lambda path, _m: committed.append(path))
     writer.wait()
@@ -241,18 +246,7 @@ def test_background_error_is_raised_by_wait_and_not_lost(tmp_path):
     old = fsops.set_fs(FsyncFailsInBackground())
     try:
         snap = snap_mod.capture({"m": ("module", {"w": torch.ones(3)})})
-        man = Manifest(
-            name="ckpt-x",
-            step=1,
-            epoch=0,
-            seq=1,
-            files={},
-            reason=["t"],
-            metrics={},
-            batch_in_epoch=0,
-            extra={},
-            components={},
-        )
+        man = manifest_for("ckpt-x", snap)
         w.submit(str(tmp_path), snap, man, lambda *a: None)
         with pytest.raises(CheckpointWriteError):
             w.wait()
@@ -358,18 +352,7 @@ def test_staging_failure_aborts_the_pipelined_persist(tmp_path, monkeypatch):
     monkeypatch.setattr(async_writer, "_copy_segments", broken)
     w = AsyncWriter()
     snap = snap_mod.capture(states)
-    man = Manifest(
-        name="ckpt-broken",
-        step=1,
-        epoch=0,
-        seq=1,
-        files={},
-        reason=["t"],
-        metrics={},
-        batch_in_epoch=0,
-        extra={},
-        components={n: {"kind": c["kind"]} for n, c in snap.components.items()},
-    )
+    man = manifest_for("ckpt-broken", snap)
     with pytest.raises(RuntimeError, match="copy failed"):
         w.submit(str(tmp_path), snap, man, lambda *a: None)
     assert not w.busy
