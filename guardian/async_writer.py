@@ -39,7 +39,7 @@ from .commit import CheckpointTxn, check_free_space
 from .direct_io import image_writer, lower_thread_priority
 from .format.layout import STATE_FILE, TENSORS_FILE, checkpoint_name, parse_checkpoint_name, rank_prefix
 from .format.manifest import Manifest
-from .staging import StagedImage, StagingArena, wait_for_device_copies
+from .staging import StagedImage, StagingArena, copy_into_arena, wait_for_device_copies
 from .state.snapshot import Snapshot
 from .writer import SPACE_MARGIN, SPACE_SLACK, Committed
 
@@ -189,13 +189,13 @@ def _copy_into(
     if src.device.type != "cpu":
         buf[begin:end].copy_(src, non_blocking=pinned)
         return
-    np.copyto(np.frombuffer(image[begin:end], dtype=np.uint8), src.numpy())
+    copy_into_arena(np.frombuffer(image[begin:end], dtype=np.uint8), src.numpy())
 
 
 def _copy_segments(image: memoryview, segments: list[tuple[int, int, np.ndarray]]) -> None:
     """Raw bytes, whatever the dtype (bf16, bool, ...): exact by construction."""
     for begin, end, src in segments:
-        np.copyto(np.frombuffer(image[begin:end], dtype=np.uint8), src)
+        copy_into_arena(np.frombuffer(image[begin:end], dtype=np.uint8), src)
 
 
 def _split_half(

@@ -34,7 +34,7 @@ import torch
 from .background import BackgroundSave, Committed
 from .distributed import World
 from .format.manifest import Manifest
-from .staging import StagingArena, wait_for_device_copies
+from .staging import StagingArena, copy_into_arena, wait_for_device_copies
 from .state.snapshot import Snapshot
 
 log = logging.getLogger("guardian")
@@ -149,13 +149,23 @@ def _freeze(snaps: list[Snapshot | None], arena: StagingArena) -> list[Snapshot 
         for key, t in snap.tensors.items():
             n = t.numel() * t.element_size()
             dst = buf[offset : offset + n].view(t.dtype).view(t.shape)
-            dst.copy_(t, non_blocking=pinned and t.device.type == "cuda")
+            if n and _plain_host(t):
+                copy_into_arena(
+                    buf[offset : offset + n].numpy(), t.detach().reshape(-1).view(torch.uint8).numpy()
+                )
+            else:
+                dst.copy_(t, non_blocking=pinned and t.device.type == "cuda")
             frozen[key] = dst
             offset += _aligned(n)
         out.append(Snapshot(components=snap.components, tensors=frozen))
     if pinned:
         wait_for_device_copies(tensors)
     return out
+
+
+def _plain_host(t: torch.Tensor) -> bool:
+    """A host tensor whose bytes can be copied as they lie (the fast byte copy)."""
+    return t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg()
 
 
 def _aligned(n: int) -> int:

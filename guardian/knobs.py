@@ -42,6 +42,12 @@ def direct_io() -> bool:
     return os.environ.get("GUARDIAN_DIRECT_IO", "1") not in ("0", "false", "no")
 
 
+def stream_copy() -> bool:
+    """``GUARDIAN_STREAM_COPY=0`` makes staging copies use numpy's memcpy even when the
+    C extension (non-temporal stores) is built."""
+    return os.environ.get("GUARDIAN_STREAM_COPY", "1") not in ("0", "false", "no")
+
+
 def background_nice() -> int | None:
     """``GUARDIAN_BACKGROUND_NICE`` (default 19): the nice value of a save's background
     threads; ``off`` leaves them at the trainer's priority."""

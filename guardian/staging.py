@@ -21,11 +21,44 @@ from __future__ import annotations
 import mmap
 import threading
 
+import numpy as np
 import torch
+
+from . import knobs
+
+try:  # the optional C extension built by setup.py (see guardian/_streamcopy.c)
+    from . import _streamcopy
+except ImportError:  # no compiler at install time, or another platform
+    _streamcopy = None
 
 ALIGN = 4096  # O_DIRECT alignment that every Linux block device accepts
 PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 * 1024 * 1024  # x86-64/arm64 transparent huge page size
+
+
+STREAM_MIN = 1 << 20  # smaller copies: a plain memcpy (nothing to gain, call overhead)
+
+
+def copy_into_arena(dst: np.ndarray, src: np.ndarray) -> None:
+    """Copy ``src``'s bytes into the arena slot ``dst`` (equal byte length, both
+    C-contiguous). Large copies use non-temporal stores when guardian's C extension
+    is built: the arena is read next by the disk, not by this CPU, and glibc's
+    memcpy streams only above ~288 MiB, so per-tensor copies of a few MiB went
+    through the cache — 0.16 s against 0.12 s for 3.2 GiB here. Releases the GIL
+    either way. ``GUARDIAN_STREAM_COPY=0`` forces the numpy path."""
+    if _streamcopy is not None and dst.nbytes >= STREAM_MIN and knobs.stream_copy():
+        _streamcopy.copy(dst, src)
+    else:
+        np.copyto(dst, src)
+
+
+def copy_implementation() -> str:
+    """What ``copy_into_arena`` uses for large copies (reported by the benchmark)."""
+    if _streamcopy is None:
+        return "numpy (C extension not built)"
+    if not knobs.stream_copy():
+        return "numpy (GUARDIAN_STREAM_COPY=0)"
+    return f"non-temporal stores ({_streamcopy.KIND})"
 
 
 def wait_for_device_copies(tensors) -> None:
