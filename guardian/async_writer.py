@@ -81,7 +81,7 @@ class AsyncWriter(BackgroundSave):
         _settle_name(run_dir, manifest)
         check_free_space(run_dir, int(snap.tensor_bytes * SPACE_MARGIN) + SPACE_SLACK)
         layout = snap.layout()
-        pinned = any(t.device.type == "cuda" for t in snap.tensors.values()) and torch.cuda.is_available()
+        pinned = _needs_pinned(snap)
         buf = self._arena.acquire(layout.total_bytes, pinned=pinned)
         image = memoryview(buf.numpy()).cast("B") if layout.total_bytes else memoryview(b"")
         staged = StagedImage(image)
@@ -96,6 +96,13 @@ class AsyncWriter(BackgroundSave):
             staged.fail(e)  # the persist thread gives up and aborts its transaction
             self._discard()
             raise
+
+    def reserve(self, snap: Snapshot) -> None:
+        """Prepare the arena for saves of ``snap``'s size in the background (see
+        ``StagingArena.reserve``); the guard calls it at the first step, once the
+        optimizer state exists, so the first save's stall is only its copy."""
+        if not self.busy:
+            self._arena.reserve(snap.layout().total_bytes, pinned=_needs_pinned(snap))
 
     def check(self) -> None:
         """Cheap; called every step. Reports a finished save (callback or error)."""
@@ -178,6 +185,10 @@ class AsyncWriter(BackgroundSave):
             self._succeeded(on_committed, path, manifest)
         except BaseException as e:  # stored, re-raised on the training thread
             self._failed(e)
+
+
+def _needs_pinned(snap: Snapshot) -> bool:
+    return torch.cuda.is_available() and any(t.device.type == "cuda" for t in snap.tensors.values())
 
 
 def _copy_into(

@@ -213,6 +213,7 @@ class Guard:
         self._epoch_metric: float | None = None
         self._opt_stepped = False
         self._hooks: list[Any] = []
+        self._staging_reserved = False
         self._seq = 0
         self._last_saved_position: tuple[int, int, int] | None = None
         self._last_save_step = 0
@@ -418,6 +419,21 @@ class Guard:
             self._preempt_now()
         if steps_due or seconds_due:
             self._save(["steps" if steps_due else "seconds"])
+        elif not self._staging_reserved:
+            self._reserve_staging()
+
+    def _reserve_staging(self) -> None:
+        """At the first whole step without a save, let an async writer allocate its
+        staging memory in the background (the optimizer state exists by now, so the
+        size is the real one): the first checkpoint then stalls only for its copy."""
+        self._staging_reserved = True
+        reserve = getattr(self._writer, "reserve", None)
+        if reserve is None or self.world.distributed:
+            return
+        try:
+            reserve(snap_mod.capture(self._collect()))
+        except Exception as e:  # noqa: BLE001 - an optimisation: the first save allocates instead
+            log.debug("guardian: staging memory not reserved ahead (%s); the first save allocates it", e)
 
     def _preempt_requested(self) -> bool:
         return bool(self._preempt and self._preempt.requested)

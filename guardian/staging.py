@@ -78,6 +78,7 @@ class StagingArena:
         self._owner: object = None  # what keeps the memory alive (mmap or pinned tensor)
         self.capacity = 0
         self.pinned = False
+        self._reserving: threading.Thread | None = None
 
     def acquire(self, nbytes: int, *, pinned: bool = False) -> torch.Tensor:
         """A uint8 tensor of exactly ``nbytes`` over the arena, (re)allocating if needed.
@@ -85,15 +86,48 @@ class StagingArena:
         The caller owns the returned view until it calls ``acquire`` again: the async
         writer never does so while a save is still being persisted.
         """
-        if self._buf is None or nbytes > self.capacity or pinned != self.pinned:
+        self._join_reservation()
+        if not self.fits(nbytes, pinned):
             self.release()
             self._allocate(max(nbytes, 1), pinned)
         assert self._buf is not None
         return self._buf[:nbytes]
 
+    def fits(self, nbytes: int, pinned: bool) -> bool:
+        return self._buf is not None and nbytes <= self.capacity and pinned == self.pinned
+
+    def reserve(self, nbytes: int, *, pinned: bool = False) -> None:
+        """Allocate and pre-fault the arena on a background thread, now, so that the
+        first save does not stall for it (3.2 GB took 2-4 s here, most of it the first
+        touch of every page). The thread runs at the lowest priority; ``acquire`` and
+        ``release`` wait for it. A failure here is not reported: ``acquire`` then
+        allocates on the training thread and raises there, where it can be handled."""
+        self._join_reservation()
+        if self.fits(nbytes, pinned):
+            return
+        self.release()
+
+        def allocate() -> None:
+            from .direct_io import lower_thread_priority
+
+            lower_thread_priority()
+            try:
+                self._allocate(max(nbytes, 1), pinned)
+            except Exception:  # noqa: BLE001 - retried (and raised) by acquire()
+                self._buf, self._owner, self.capacity = None, None, 0
+
+        self._reserving = threading.Thread(target=allocate, name="guardian-arena", daemon=False)
+        self._reserving.start()
+
     def release(self) -> None:
         """Drop the buffer. The memory returns to the OS once no view of it is alive."""
+        self._join_reservation()
         self._buf, self._owner, self.capacity = None, None, 0
+
+    def _join_reservation(self) -> None:
+        if self._reserving is not None:
+            self._reserving.join()
+            self._reserving = None
 
     def _allocate(self, nbytes: int, pinned: bool) -> None:
         size = -(-nbytes // ALIGN) * ALIGN
