@@ -96,6 +96,37 @@ def test_non_contiguous_and_shared_tensors(tmp_path):
     assert torch.equal(out["m/t"], base.t()) and torch.equal(out["m/tied_b"], base)
 
 
+def test_two_stream_restore_into_live_tensors_is_exact(tmp_path, monkeypatch):
+    """Large files are read as two streams (snapshot._read_in_two_streams); forced on
+    for a small file here: every byte lands in the live tensor it belongs to, and a
+    file that shrinks under the reader is still reported as truncated."""
+    monkeypatch.setattr(snapshot, "PARALLEL_READ_MIN", 1)
+    monkeypatch.setattr(snapshot, "READ_BATCH", 4096)  # many batches, split between the streams
+    tensors = {f"w{i}": torch.randn(257 + 300 * i) for i in range(12)}
+    tensors["h"] = torch.randn(999, dtype=torch.bfloat16)
+    snap = snapshot.capture({"m": ("module", tensors)})
+    p = tmp_path / "f.safetensors"
+    p.write_bytes(b"".join(bytes(c) for c in snapshot.tensor_chunks(snap, snap.layout())))
+    live = {f"m/{k}": torch.zeros_like(t) for k, t in tensors.items()}
+    out = snapshot.read_tensors(str(p), into=live)
+    for k, t in tensors.items():
+        assert out[f"m/{k}"] is not None and torch.equal(live[f"m/{k}"], t)
+        assert out[f"m/{k}"].data_ptr() == live[f"m/{k}"].data_ptr()  # no second copy
+
+    class Shrinking:  # the reader validated the header, then the file lost its tail
+        def __init__(self):
+            self.real = snapshot._preadv_exactly
+
+        def __call__(self, fd, views, offset, path):
+            with open(path, "r+b") as f:
+                f.truncate(5000)
+            return self.real(fd, views, offset, path)
+
+    monkeypatch.setattr(snapshot, "_preadv_exactly", Shrinking())
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
+        snapshot.read_tensors(str(p), into=live)
+
+
 def test_header_parser_rejects_holes_and_overlaps(tmp_path):
     good = safetensors_io.plan_layout([("a", "F32", (2,)), ("b", "F32", (2,))])
     p = tmp_path / "f"

