@@ -71,7 +71,7 @@ __attribute__((target("avx2"))) static void stream_avx2(char *dst, const char *s
 
 static int have_avx2;
 
-static void stream_copy(char *dst, const char *src, size_t n)
+static void stream_copy(char *dst, const char *src, size_t n, int sse2_only)
 {
     size_t head = (LINE - ((uintptr_t)dst & (LINE - 1))) & (LINE - 1);
     if (head > n)
@@ -79,7 +79,7 @@ static void stream_copy(char *dst, const char *src, size_t n)
     memcpy(dst, src, head);
     dst += head, src += head, n -= head;
     size_t body = n & ~(size_t)(BLOCK - 1);
-    if (have_avx2)
+    if (have_avx2 && !sse2_only)
         stream_avx2(dst, src, body);
     else
         stream_sse2(dst, src, body);
@@ -89,14 +89,20 @@ static void stream_copy(char *dst, const char *src, size_t n)
 
 static const char *kind(void) { return have_avx2 ? "avx2" : "sse2"; }
 #else
-static void stream_copy(char *dst, const char *src, size_t n) { memcpy(dst, src, n); }
+static void stream_copy(char *dst, const char *src, size_t n, int sse2_only)
+{
+    (void)sse2_only;
+    memcpy(dst, src, n);
+}
 static const char *kind(void) { return "memcpy"; }
 #endif
 
 static PyObject *copy(PyObject *self, PyObject *args)
 {
+    (void)self;
     Py_buffer dst, src;
-    if (!PyArg_ParseTuple(args, "w*y*:copy", &dst, &src))
+    int sse2_only = 0; /* tests: exercise the SSE2 loop on a machine that has AVX2 */
+    if (!PyArg_ParseTuple(args, "w*y*|p:copy", &dst, &src, &sse2_only))
         return NULL;
     PyObject *result = NULL;
     if (!PyBuffer_IsContiguous(&dst, 'C') || !PyBuffer_IsContiguous(&src, 'C')) {
@@ -105,7 +111,7 @@ static PyObject *copy(PyObject *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "copy: destination has %zd bytes, source %zd", dst.len, src.len);
     } else {
         Py_BEGIN_ALLOW_THREADS
-        stream_copy((char *)dst.buf, (const char *)src.buf, (size_t)src.len);
+        stream_copy((char *)dst.buf, (const char *)src.buf, (size_t)src.len, sse2_only);
         Py_END_ALLOW_THREADS
         result = Py_None;
         Py_INCREF(result);
@@ -117,12 +123,14 @@ static PyObject *copy(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"copy", copy, METH_VARARGS,
-     "copy(dst, src): copy src's bytes into dst (same length, C-contiguous) with\n"
-     "non-temporal stores; releases the GIL."},
+     "copy(dst, src, sse2_only=False): copy src's bytes into dst (same length,\n"
+     "C-contiguous) with non-temporal stores; releases the GIL. sse2_only is for tests."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_streamcopy", NULL, -1, methods};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_streamcopy", NULL, -1, methods, NULL, NULL, NULL, NULL,
+};
 
 PyMODINIT_FUNC PyInit__streamcopy(void)
 {

@@ -58,6 +58,8 @@ def copy_implementation() -> str:
         return "numpy (C extension not built)"
     if not knobs.stream_copy():
         return "numpy (GUARDIAN_STREAM_COPY=0)"
+    if _streamcopy.KIND == "memcpy":  # built for a CPU we have no streaming path for
+        return "memcpy (C extension, no streaming stores on this CPU)"
     return f"non-temporal stores ({_streamcopy.KIND})"
 
 
