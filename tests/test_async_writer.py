@@ -205,20 +205,25 @@ def test_protect_defaults_to_async_and_env_turns_it_off(tmp_path, monkeypatch):
         assert isinstance(g._writer, SyncWriter)
 
 
+def protect_every(steps: int, trainer: dict, run_dir) -> guardian.Guard:
+    """A guard that saves every ``steps`` steps and nothing else (no exit save, no signals)."""
+    return guardian.protect(
+        trainer,
+        dir=str(run_dir),
+        every_steps=steps,
+        every_epochs=None,
+        save_on_exit=False,
+        handle_signals=False,
+    )
+
+
 def test_arena_is_reserved_at_the_first_step_and_reused_by_the_first_save(tmp_path):
     """The first save used to stall for the arena's allocation (2-4 s for 3.2 GB here):
     now it is allocated in the background at the first step, at the size the saves
     need (Adam's moments exist by then), and the first save copies into it."""
     model = nn.Linear(300, 300)
     opt = torch.optim.Adam(model.parameters())
-    with guardian.protect(
-        {"model": model, "optimizer": opt},
-        dir=str(tmp_path),
-        every_steps=3,
-        every_epochs=None,
-        save_on_exit=False,
-        handle_signals=False,
-    ) as g:
+    with protect_every(3, {"model": model, "optimizer": opt}, tmp_path) as g:
         arena = g._writer._arena
         for step in range(1, 4):
             model(torch.randn(2, 300)).sum().backward()
@@ -251,14 +256,7 @@ def test_background_error_surfaces_at_next_step(tmp_path):
     old = fsops.set_fs(FsyncFailsInBackground())
     try:
         with pytest.raises(CheckpointWriteError, match="Input/output error"):
-            with guardian.protect(
-                {"model": model},
-                dir=str(tmp_path),
-                every_steps=1,
-                every_epochs=None,
-                save_on_exit=False,
-                handle_signals=False,
-            ) as g:
+            with protect_every(1, {"model": model}, tmp_path) as g:
                 g.step()  # saves: the failure happens in the background
                 while g._writer.busy:
                     time.sleep(0.01)
