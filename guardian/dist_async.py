@@ -74,6 +74,14 @@ class DistributedAsyncWriter(BackgroundSave):
             f"guardian-dist-persist-{manifest.name}",
         )
 
+    def reserve(self, replicated: Snapshot | None, own: Snapshot) -> None:
+        """Allocate this rank's arena in the background for saves of this size (see
+        ``StagingArena.reserve``; pinned memory, when tensors are on CUDA, is slow to
+        allocate — this keeps it out of the first save's stall)."""
+        if not self.busy:
+            total, pinned = _arena_request([replicated, own])
+            self._arena.reserve(total, pinned=pinned)
+
     def check(self) -> None:
         """Per-step hook of the single-process writers. Deliberately nothing here:
         outcomes are delivered by ``collect`` at agreed points (module docstring)."""
@@ -135,9 +143,7 @@ def _freeze(snaps: list[Snapshot | None], arena: StagingArena) -> list[Snapshot 
     once; everything else is a plain host copy. The copies are contiguous, so the
     files written from them are byte-identical to the synchronous path's."""
     tensors = [t for s in snaps if s is not None for t in s.tensors.values()]
-    sizes = [t.numel() * t.element_size() for t in tensors]
-    total = sum(_aligned(n) for n in sizes)
-    pinned = torch.cuda.is_available() and any(t.device.type == "cuda" for t in tensors)
+    total, pinned = _arena_request(snaps)
     buf = arena.acquire(total, pinned=pinned)
     out: list[Snapshot | None] = []
     offset = 0
@@ -161,6 +167,14 @@ def _freeze(snaps: list[Snapshot | None], arena: StagingArena) -> list[Snapshot 
     if pinned:
         wait_for_device_copies(tensors)
     return out
+
+
+def _arena_request(snaps: list[Snapshot | None]) -> tuple[int, bool]:
+    """(bytes, pinned) of the arena that ``_freeze`` needs for ``snaps``."""
+    tensors = [t for s in snaps if s is not None for t in s.tensors.values()]
+    total = sum(_aligned(t.numel() * t.element_size()) for t in tensors)
+    pinned = torch.cuda.is_available() and any(t.device.type == "cuda" for t in tensors)
+    return total, pinned
 
 
 def _plain_host(t: torch.Tensor) -> bool:

@@ -425,10 +425,15 @@ class Guard:
     def _reserve_staging(self) -> None:
         """At the first whole step without a save, let an async writer allocate its
         staging memory in the background (the optimizer state exists by now, so the
-        size is the real one): the first checkpoint then stalls only for its copy."""
+        size is the real one): the first checkpoint then stalls only for its copy.
+        Every rank reaches this at the same step (save decisions are agreed), so the
+        state_dict calls below line up across ranks like a save's would."""
         self._staging_reserved = True
         reserve = getattr(self._writer, "reserve", None)
-        if reserve is None or self.world.distributed:
+        if reserve is None:
+            return
+        if self.world.distributed:  # errors propagate, as a save's would: ranks stay in step
+            reserve(*self._rank_snapshots(self._collect()))
             return
         try:
             reserve(snap_mod.capture(self._collect()))
@@ -609,10 +614,7 @@ class Guard:
         (RNG, data position, anything sharded) to rank-NNNNN/ on every rank."""
         from .dist_commit import save_distributed
 
-        own = {n: v for n, v in states.items() if self._per_rank(n, v[1])}
-        replicated = {n: v for n, v in states.items() if n not in own}
-        snap_rep = snap_mod.capture(replicated) if self.world.is_leader else None
-        snap_own = snap_mod.capture(own)
+        snap_rep, snap_own = self._rank_snapshots(states)
         if self._writer.mode == "async":  # dist_async.DistributedAsyncWriter
             self._writer.submit(self.run_dir, manifest, snap_rep, snap_own, self._on_committed_any_rank)
             return None
@@ -620,6 +622,15 @@ class Guard:
         if path is not None:
             self._on_committed_any_rank(path, manifest)
         return path
+
+    def _rank_snapshots(
+        self, states: dict[str, tuple[str, Any]]
+    ) -> tuple[snap_mod.Snapshot | None, snap_mod.Snapshot]:
+        """(replicated — rank 0 only, else None; this rank's own) snapshots of ``states``."""
+        own = {n: v for n, v in states.items() if self._per_rank(n, v[1])}
+        replicated = {n: v for n, v in states.items() if n not in own}
+        snap_rep = snap_mod.capture(replicated) if self.world.is_leader else None
+        return snap_rep, snap_mod.capture(own)
 
     def _on_committed_any_rank(self, path: str, manifest: Manifest) -> None:
         """Rank 0 owns retention and the log line; the others only learn the path."""

@@ -63,6 +63,24 @@ def _fail_a_save(rank: int) -> None:
     dist_commit._write_part = failing
 
 
+_ARENA: dict = {}
+
+
+def _report_arena(g, rank: int, first_save_step: int) -> None:
+    """REPORT_ARENA=<dir>: after step 1, the staging arena reserved in the background;
+    right after the first save's copy, whether that save reused it (written per rank)."""
+    out = os.environ.get("REPORT_ARENA")
+    if not out or g.global_step not in (1, first_save_step):
+        return
+    arena = g._writer._arena
+    if g.global_step == 1:
+        arena._join_reservation()
+        _ARENA.update(owner=arena._owner, capacity=arena.capacity)
+        return
+    with open(os.path.join(out, f"arena-rank{rank}.json"), "w") as f:
+        json.dump({"reserved": _ARENA["capacity"], "reused": arena._owner is _ARENA["owner"]}, f)
+
+
 def main(run_dir: str, cfg: dict) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -104,6 +122,7 @@ def main(run_dir: str, cfg: dict) -> None:
                 opt.zero_grad()
                 sched.step()
                 g.step()
+                _report_arena(g, rank, cfg.get("every_steps", 4))
                 if kill_at and g.global_step == kill_at and _first_time(os.environ.get("KILL_MARKER")):
                     os.kill(os.getpid(), signal.SIGKILL)
             g.report(loss=loss)

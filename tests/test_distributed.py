@@ -130,6 +130,16 @@ def test_async_and_sync_distributed_saves_write_identical_checkpoints(reference,
         assert reader.checkpoint_digest(a) == reader.checkpoint_digest(b), name
 
 
+def test_each_rank_reserves_its_arena_at_the_first_step_and_the_first_save_reuses_it(tmp_path):
+    run = str(tmp_path / "run")
+    results = by_hand(run, {"epochs": 1, "every_steps": 4}, REPORT_ARENA=str(tmp_path))
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    for rank in (0, 1):
+        with open(tmp_path / f"arena-rank{rank}.json") as f:
+            report = json.load(f)
+        assert report["reserved"] > 0 and report["reused"], (rank, report)
+
+
 def test_background_save_failing_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     """Rank 1's part of the 2nd save fails in the background. Both ranks learn it at the
     same agreed step and exit with the error (no rank left hanging in a collective);
