@@ -81,6 +81,7 @@ class StagingArena:
         self.capacity = 0
         self.pinned = False
         self._reserving: threading.Thread | None = None
+        self._touching: _PageToucher | None = None
 
     def acquire(self, nbytes: int, *, pinned: bool = False) -> torch.Tensor:
         """A uint8 tensor of exactly ``nbytes`` over the arena, (re)allocating if needed.
@@ -99,27 +100,36 @@ class StagingArena:
         return self._buf is not None and nbytes <= self.capacity and pinned == self.pinned
 
     def reserve(self, nbytes: int, *, pinned: bool = False) -> None:
-        """Allocate and pre-fault the arena on a background thread, now, so that the
-        first save does not stall for it (3.2 GB took 2-4 s here, most of it the first
-        touch of every page). The thread runs at the lowest priority; ``acquire`` and
-        ``release`` wait for it. A failure here is not reported: ``acquire`` then
-        allocates on the training thread and raises there, where it can be handled."""
+        """Prepare the arena for ``nbytes`` now, so that the first save does not stall
+        for it (3.2 GB took 2-4 s here, nearly all of it the first touch of every page).
+
+        Host memory: the mapping is made here (cheap) and its pages are touched by a
+        background thread at the lowest priority — which a trainer that keeps every
+        core busy can starve for minutes, so a save that needs the arena before that
+        thread is done touches the remaining pages itself (``acquire``), at the
+        trainer's own priority: never slower than allocating in the save. Pinned
+        memory (CUDA) is allocated whole on a background thread that ``acquire``
+        joins. A failure there is not reported: ``acquire`` then allocates on the
+        training thread and raises there, where it can be handled."""
         self._join_reservation()
         if self.fits(nbytes, pinned):
             return
         self.release()
-
-        def allocate() -> None:
-            from .direct_io import lower_thread_priority
-
-            lower_thread_priority()
-            try:
-                self._allocate(max(nbytes, 1), pinned)
-            except Exception:  # noqa: BLE001 - retried (and raised) by acquire()
-                self._buf, self._owner, self.capacity = None, None, 0
-
-        self._reserving = threading.Thread(target=allocate, name="guardian-arena", daemon=False)
-        self._reserving.start()
+        size = _aligned_size(nbytes)
+        if pinned:
+            self._reserving = threading.Thread(
+                target=self._allocate_quietly, args=(size,), name="guardian-arena", daemon=False
+            )
+            self._reserving.start()
+            return
+        buf, owner, faulted = _map_host(size)
+        self._buf, self._owner, self.capacity, self.pinned = buf, owner, size, False
+        if not faulted:
+            self._touching = _PageToucher(buf)
+            self._reserving = threading.Thread(
+                target=self._touching.run_quietly, name="guardian-arena", daemon=False
+            )
+            self._reserving.start()
 
     def release(self) -> None:
         """Drop the buffer. The memory returns to the OS once no view of it is alive."""
@@ -127,17 +137,32 @@ class StagingArena:
         self._buf, self._owner, self.capacity = None, None, 0
 
     def _join_reservation(self) -> None:
-        if self._reserving is not None:
+        """Make a reservation complete: help touch the remaining host pages, or wait for
+        the pinned allocation."""
+        if self._touching is not None:
+            self._touching.finish()  # the background thread may still exit later: harmless
+            self._touching, self._reserving = None, None
+        elif self._reserving is not None:
             self._reserving.join()
             self._reserving = None
 
+    def _allocate_quietly(self, size: int) -> None:
+        try:
+            self._allocate(size, pinned=True)
+        except Exception:  # noqa: BLE001 - retried (and raised) by acquire()
+            self._buf, self._owner, self.capacity = None, None, 0
+
     def _allocate(self, nbytes: int, pinned: bool) -> None:
-        size = -(-nbytes // ALIGN) * ALIGN
+        size = _aligned_size(nbytes)
         if pinned:
             self._buf, self._owner = _pinned_buffer(size)
         else:
             self._buf, self._owner = _host_buffer(size)
         self.capacity, self.pinned = size, pinned
+
+
+def _aligned_size(nbytes: int) -> int:
+    return -(-max(nbytes, 1) // ALIGN) * ALIGN
 
 
 def _host_buffer(size: int) -> tuple[torch.Tensor, object]:
@@ -152,6 +177,15 @@ def _host_buffer(size: int) -> tuple[torch.Tensor, object]:
     faster too. Where THP is off (``never``) or unavailable, ``madvise`` is a no-op or
     refused and the arena is ordinary 4 KiB pages (MAP_POPULATE: ~4x faster than
     touching each page from Python)."""
+    buf, mm, faulted = _map_host(size)
+    if not faulted:
+        _prefault(buf)
+    return buf, mm
+
+
+def _map_host(size: int) -> tuple[torch.Tensor, object, bool]:
+    """The arena's mapping (see ``_host_buffer``) and whether its pages are already
+    faulted in (MAP_POPULATE); the caller touches them otherwise."""
     hugepage = getattr(mmap, "MADV_HUGEPAGE", None)
     if hugepage is not None and size >= HUGE_PAGE:
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -159,15 +193,10 @@ def _host_buffer(size: int) -> tuple[torch.Tensor, object]:
             mm.madvise(hugepage)
         except OSError:
             pass  # THP not configured: 4 KiB pages, same code path
-        buf = torch.frombuffer(mm, dtype=torch.uint8)
-        _prefault(buf)
-        return buf, mm
+        return torch.frombuffer(mm, dtype=torch.uint8), mm, False
     populate = getattr(mmap, "MAP_POPULATE", 0)
     mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
-    buf = torch.frombuffer(mm, dtype=torch.uint8)
-    if not populate:
-        _prefault(buf)
-    return buf, mm
+    return torch.frombuffer(mm, dtype=torch.uint8), mm, bool(populate)
 
 
 def _pinned_buffer(size: int) -> tuple[torch.Tensor, object]:
@@ -182,6 +211,50 @@ def _pinned_buffer(size: int) -> tuple[torch.Tensor, object]:
 def _prefault(buf: torch.Tensor) -> None:
     """Touch one byte per page so the first save's copy does not pay the page faults."""
     buf[::PAGE].fill_(0)
+
+
+class _PageToucher:
+    """``_prefault`` in chunks that any thread may take: the background reservation
+    works through them at low priority, and a save that needs the arena first takes
+    the rest itself (``finish``) and waits only for chunks already being touched."""
+
+    CHUNK = 32 * 1024 * 1024  # a multiple of PAGE and HUGE_PAGE
+
+    def __init__(self, buf: torch.Tensor) -> None:
+        self._buf = buf
+        self._next = 0
+        self._busy = 0
+        self._cv = threading.Condition()
+
+    def run(self) -> None:
+        while True:
+            with self._cv:
+                start = self._next
+                if start >= len(self._buf):
+                    return
+                self._next, self._busy = start + self.CHUNK, self._busy + 1
+            try:
+                _prefault(self._buf[start : start + self.CHUNK])
+            finally:
+                with self._cv:
+                    self._busy -= 1
+                    self._cv.notify_all()
+
+    def run_quietly(self) -> None:
+        """The background thread's body: lowest priority; a failure only means pages
+        fault later, during a copy."""
+        from .direct_io import lower_thread_priority
+
+        lower_thread_priority()
+        try:
+            self.run()
+        except Exception:  # noqa: BLE001 - pre-faulting is an optimisation
+            pass
+
+    def finish(self) -> None:
+        self.run()
+        with self._cv:
+            self._cv.wait_for(lambda: self._busy == 0)
 
 
 class StagingAborted(Exception):

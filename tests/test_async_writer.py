@@ -205,6 +205,42 @@ def test_protect_defaults_to_async_and_env_turns_it_off(tmp_path, monkeypatch):
         assert isinstance(g._writer, SyncWriter)
 
 
+def test_a_save_never_waits_for_a_starved_reservation_thread(monkeypatch):
+    """The reservation touches the arena's pages at nice 19, which a busy trainer can
+    starve. Simulated here by a background thread that never gets going: ``acquire``
+    must touch the pages itself and return while that thread is still stuck."""
+    from guardian.staging import HUGE_PAGE, StagingArena
+
+    go = threading.Event()
+    monkeypatch.setattr(direct_io, "lower_thread_priority", lambda: go.wait(60))
+    arena = StagingArena()
+    arena.reserve(20 * HUGE_PAGE + 5)
+    stuck = arena._reserving
+    buf = arena.acquire(20 * HUGE_PAGE + 5)
+    try:
+        assert stuck.is_alive()  # acquire did not wait for it
+        assert len(buf) == 20 * HUGE_PAGE + 5 and int(buf.sum()) == 0
+        buf[-1] = 7  # usable at once
+    finally:
+        go.set()
+        stuck.join(10)
+    assert not stuck.is_alive()  # it found no work left and ended
+    arena.release()
+
+
+def test_failed_background_reservation_is_raised_by_the_save_that_needs_it():
+    """Pinned memory needs CUDA, which this machine lacks: the background allocation
+    fails, reserve() stays quiet, and acquire() raises on the caller's thread."""
+    from guardian.staging import StagingArena
+
+    if torch.cuda.is_available():
+        pytest.skip("pinned memory works here: nothing fails")
+    arena = StagingArena()
+    arena.reserve(4096, pinned=True)
+    with pytest.raises(RuntimeError):
+        arena.acquire(4096, pinned=True)
+
+
 def protect_every(steps: int, trainer: dict, run_dir) -> guardian.Guard:
     """A guard that saves every ``steps`` steps and nothing else (no exit save, no signals)."""
     return guardian.protect(
