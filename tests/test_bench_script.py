@@ -48,3 +48,24 @@ def test_tiny_benchmark_prints_every_contract_field(tmp_path):
     assert "dcp_durable_vs_guardian_durable" in summary and "first_save_stall_s" in summary
     assert set(summary["targets_met"]) >= set(REQUIRED)
     assert not os.path.exists(tmp_path / "bench")  # the script cleans up after itself
+    assert summary["staging_copy"]  # says which copy path the stall measured
+
+
+def test_tiny_resume_benchmark_times_both_loads_in_fresh_processes(tmp_path):
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "scripts", "bench_resume.py"),
+        "--size-mb",
+        "2",
+        "--reps",
+        "1",
+        "--dir",
+        str(tmp_path / "resume"),
+        "--json",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["guardian_resume_warm_s"] > 0 and summary["torch_load_fresh_process_warm_s"] > 0
+    assert len(summary["per_rep"]["guardian"]) == 1 and len(summary["per_rep"]["torch"]) == 1
+    assert not os.path.exists(tmp_path / "resume")
