@@ -23,25 +23,20 @@ REQUIRED = (
 )
 
 
-def test_tiny_benchmark_prints_every_contract_field(tmp_path):
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "scripts", "bench_checkpoint.py"),
-        "--size-mb",
-        "2",
-        "--reps",
-        "1",
-        "--small-reps",
-        "1",
-        "--small-mb",
-        "0.5",
-        "--dir",
-        str(tmp_path / "bench"),
-        "--json",
-    ]
+def run_json(script: str, *args: str) -> dict:
+    """Run a benchmark script with ``--json``; its last line of output, parsed."""
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", script), *args, "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_tiny_benchmark_prints_every_contract_field(tmp_path):
+    summary = run_json(
+        "bench_checkpoint.py",
+        *("--size-mb", "2", "--reps", "1", "--small-reps", "1", "--small-mb", "0.5"),
+        *("--dir", str(tmp_path / "bench")),
+    )
     for key in REQUIRED:
         assert isinstance(summary[key], (int, float)) and summary[key] == summary[key], key  # not NaN
     assert summary["dcp"].startswith("ran"), summary["dcp"]  # the DCP child process worked
@@ -52,20 +47,7 @@ def test_tiny_benchmark_prints_every_contract_field(tmp_path):
 
 
 def test_tiny_resume_benchmark_times_both_loads_in_fresh_processes(tmp_path):
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "scripts", "bench_resume.py"),
-        "--size-mb",
-        "2",
-        "--reps",
-        "1",
-        "--dir",
-        str(tmp_path / "resume"),
-        "--json",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = run_json("bench_resume.py", "--size-mb", "2", "--reps", "1", "--dir", str(tmp_path / "resume"))
     assert summary["guardian_resume_warm_s"] > 0 and summary["torch_load_fresh_process_warm_s"] > 0
     assert len(summary["per_rep"]["guardian"]) == 1 and len(summary["per_rep"]["torch"]) == 1
     assert not os.path.exists(tmp_path / "resume")
