@@ -39,7 +39,14 @@ from .commit import CheckpointTxn, check_free_space
 from .direct_io import image_writer, lower_thread_priority
 from .format.layout import STATE_FILE, TENSORS_FILE, checkpoint_name, parse_checkpoint_name, rank_prefix
 from .format.manifest import Manifest
-from .staging import StagedImage, StagingArena, copy_into_arena, wait_for_device_copies
+from .staging import (
+    StagedImage,
+    StagingArena,
+    byte_view,
+    copy_into_arena,
+    needs_pinned,
+    wait_for_device_copies,
+)
 from .state.snapshot import Snapshot
 from .writer import SPACE_MARGIN, SPACE_SLACK, Committed
 
@@ -81,7 +88,7 @@ class AsyncWriter(BackgroundSave):
         _settle_name(run_dir, manifest)
         check_free_space(run_dir, int(snap.tensor_bytes * SPACE_MARGIN) + SPACE_SLACK)
         layout = snap.layout()
-        pinned = _needs_pinned(snap)
+        pinned = needs_pinned(snap.tensors.values())
         buf = self._arena.acquire(layout.total_bytes, pinned=pinned)
         image = memoryview(buf.numpy()).cast("B") if layout.total_bytes else memoryview(b"")
         staged = StagedImage(image)
@@ -102,7 +109,7 @@ class AsyncWriter(BackgroundSave):
         ``StagingArena.reserve``); the guard calls it at the first step, once the
         optimizer state exists, so the first save's stall is only its copy."""
         if not self.busy:
-            self._arena.reserve(snap.layout().total_bytes, pinned=_needs_pinned(snap))
+            self._arena.reserve(snap.layout().total_bytes, pinned=needs_pinned(snap.tensors.values()))
 
     def check(self) -> None:
         """Cheap; called every step. Reports a finished save (callback or error)."""
@@ -129,7 +136,7 @@ class AsyncWriter(BackgroundSave):
         if pinned:
             for entry in layout.entries:
                 if entry.nbytes:
-                    src = _byte_view(snap.tensors[entry.key], pinned)
+                    src = byte_view(snap.tensors[entry.key], pinned)
                     _copy_into(buf, image, base + entry.begin, base + entry.end, src, pinned)
             wait_for_device_copies(snap.tensors.values())
             staged.finish()
@@ -139,7 +146,7 @@ class AsyncWriter(BackgroundSave):
         for entry in layout.entries:
             if not entry.nbytes:
                 continue
-            src = _byte_view(snap.tensors[entry.key], pinned).numpy()
+            src = byte_view(snap.tensors[entry.key], pinned).numpy()
             batch.append((base + entry.begin, base + entry.end, src))
             size += entry.nbytes
             if size >= COPY_BATCH:
@@ -185,10 +192,6 @@ class AsyncWriter(BackgroundSave):
             self._succeeded(on_committed, path, manifest)
         except BaseException as e:  # stored, re-raised on the training thread
             self._failed(e)
-
-
-def _needs_pinned(snap: Snapshot) -> bool:
-    return torch.cuda.is_available() and any(t.device.type == "cuda" for t in snap.tensors.values())
 
 
 def _copy_into(
@@ -242,14 +245,3 @@ def _settle_name(run_dir: str, manifest: Manifest) -> None:
     while os.path.lexists(os.path.join(run_dir, manifest.name)):
         dup += 1
         manifest.name = checkpoint_name(step, dup)
-
-
-def _byte_view(t: torch.Tensor, pinned: bool) -> torch.Tensor:
-    """The tensor's bytes as a flat uint8 tensor on its own device (a view when the
-    tensor is contiguous, which state-dict tensors almost always are)."""
-    t = t.detach()
-    if t.device.type not in ("cpu", "cuda") or (t.device.type == "cuda" and not pinned):
-        t = t.cpu()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    return t.reshape(-1).view(torch.uint8)

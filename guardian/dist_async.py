@@ -34,7 +34,7 @@ import torch
 from .background import BackgroundSave, Committed
 from .distributed import World
 from .format.manifest import Manifest
-from .staging import StagingArena, copy_into_arena, wait_for_device_copies
+from .staging import StagingArena, byte_view, copy_into_arena, needs_pinned, wait_for_device_copies
 from .state.snapshot import Snapshot
 
 log = logging.getLogger("guardian")
@@ -156,9 +156,7 @@ def _freeze(snaps: list[Snapshot | None], arena: StagingArena) -> list[Snapshot 
             n = t.numel() * t.element_size()
             dst = buf[offset : offset + n].view(t.dtype).view(t.shape)
             if n and _plain_host(t):
-                copy_into_arena(
-                    buf[offset : offset + n].numpy(), t.detach().reshape(-1).view(torch.uint8).numpy()
-                )
+                copy_into_arena(buf[offset : offset + n].numpy(), byte_view(t, False).numpy())
             else:
                 dst.copy_(t, non_blocking=pinned and t.device.type == "cuda")
             frozen[key] = dst
@@ -173,12 +171,12 @@ def _arena_request(snaps: list[Snapshot | None]) -> tuple[int, bool]:
     """(bytes, pinned) of the arena that ``_freeze`` needs for ``snaps``."""
     tensors = [t for s in snaps if s is not None for t in s.tensors.values()]
     total = sum(_aligned(t.numel() * t.element_size()) for t in tensors)
-    pinned = torch.cuda.is_available() and any(t.device.type == "cuda" for t in tensors)
-    return total, pinned
+    return total, needs_pinned(tensors)
 
 
 def _plain_host(t: torch.Tensor) -> bool:
-    """A host tensor whose bytes can be copied as they lie (the fast byte copy)."""
+    """A host tensor whose bytes can be copied as they lie (``byte_view`` is then a
+    view: no temporary copy)."""
     return t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg()
 
 

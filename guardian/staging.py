@@ -63,6 +63,23 @@ def copy_implementation() -> str:
     return f"non-temporal stores ({_streamcopy.KIND})"
 
 
+def needs_pinned(tensors) -> bool:
+    """Whether a save of ``tensors`` stages into pinned memory: when any lives on CUDA
+    (device→host copies can then be asynchronous)."""
+    return torch.cuda.is_available() and any(t.device.type == "cuda" for t in tensors)
+
+
+def byte_view(t: torch.Tensor, pinned: bool) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 tensor on its own device (a view when the
+    tensor is contiguous, which state-dict tensors almost always are)."""
+    t = t.detach()
+    if t.device.type not in ("cpu", "cuda") or (t.device.type == "cuda" and not pinned):
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.reshape(-1).view(torch.uint8)
+
+
 def wait_for_device_copies(tensors) -> None:
     """Wait for the ``non_blocking`` device→host copies queued from ``tensors``: on
     *every* CUDA device they live on. ``torch.cuda.synchronize()`` alone waits only for
