@@ -177,38 +177,6 @@ def _plain_write(fd: int, chunks: Iterable[Buffer], hasher) -> int:
     return size
 
 
-def write_small_file_atomically(path: str, data: bytes, *, durable: bool = True) -> None:
-    """tmp + (fsync) + rename for small status files (run.json, heartbeat.json).
-
-    Not a checkpoint: these are overwritten in place by design. ``durable=False``
-    skips fsyncs for the heartbeat, which only has to be atomic, not durable.
-    """
-    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(3)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if durable:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    if durable:
-        _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def delete_checkpoint(run_dir: str, name: str) -> None:
     """Remove a committed checkpoint so that no crash can leave half of it visible."""
     trash = os.path.join(run_dir, f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}")

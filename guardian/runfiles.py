@@ -19,10 +19,10 @@ import os
 import time
 from typing import Any
 
-from .commit import write_small_file_atomically
 from .errors import GuardianError
 from .format import strictjson
 from .format.layout import HEARTBEAT_FILE, RUN_STATUS_FILE
+from .smallfiles import write_small_file_atomically
 
 RUN_STATES = ("running", "finished", "preempted", "failed")
 PHASES = ("init", "load", "train", "eval", "save", "done")

@@ -13,7 +13,7 @@
         latest -> attempts/NNNN
 
 Every JSON file is replaced atomically (tmp + fsync + rename + dir fsync, via
-``guardian.commit.write_small_file_atomically``), so a power cut leaves either the
+``guardian.smallfiles.write_small_file_atomically``), so a power cut leaves either the
 old or the new record, never half of one. JSON (not SQLite) because each file has a
 single writer and people read these files when things go wrong.
 """
@@ -27,9 +27,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..commit import write_small_file_atomically
 from ..errors import GuardianError
 from ..format import strictjson
+from ..smallfiles import write_small_file_atomically
 from . import DaemonError, UnsafeJobError
 
 JOB_FORMAT = "guardian.job/1"

@@ -26,8 +26,8 @@ import time
 
 import psutil
 
-from ..commit import write_small_file_atomically
 from ..format import strictjson
+from ..smallfiles import write_small_file_atomically
 from .procs import ATTEMPT_TAG, boot_id
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)

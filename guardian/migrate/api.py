@@ -82,7 +82,7 @@ def plan_source(
 
 
 def save_plan(p: Plan, path: str) -> None:
-    from ..commit import write_small_file_atomically
+    from ..smallfiles import write_small_file_atomically
 
     write_small_file_atomically(path, strictjson.dumps_pretty(p.to_json()))
 

@@ -157,7 +157,7 @@ def read_signature(path: str) -> Target:
 
 def write_signature(target: Target, path: str) -> None:
     """Small file, written atomically (tmp + rename)."""
-    from ..commit import write_small_file_atomically
+    from ..smallfiles import write_small_file_atomically
 
     write_small_file_atomically(path, strictjson.dumps_pretty(target.to_signature()))
 
