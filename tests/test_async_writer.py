@@ -398,7 +398,7 @@ def test_sigkill_during_background_persist_loses_nothing_committed(tmp_path):
 
 
 def _saved_names(line: str) -> list[str]:
-    return [line.split("guardian: saved ")[1].split()[0]] if "guardian: saved " in line else []
+    return [line.split("saved ")[1].split()[0]] if " saved step-" in " " + line else []
 
 
 def test_staging_failure_aborts_the_pipelined_persist(tmp_path, monkeypatch):
