@@ -14,7 +14,8 @@ import os
 from typing import Any, Literal
 
 from . import knobs
-from .guard import Guard, GuardConfig
+from .config import GuardConfig
+from .guard import Guard
 from .policies import BestMetric, EarlyStopping, Retention, SaveSchedule
 from .state.discover import is_training_object
 from .writer import SyncWriter

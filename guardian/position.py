@@ -18,10 +18,13 @@ Two kinds of position are resumed exactly:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from .state import data as data_pos
+
+log = logging.getLogger(__name__)
 
 
 class LoopPosition:
@@ -38,6 +41,7 @@ class LoopPosition:
         self.in_iteration = False  # a batch was handed out and its g.step() has not come yet
         self._resume_into: dict[str, Any] | None = None  # a mid-epoch position to resume into
         self._saved_generators: list[Any] | None = None  # loader generators to restore at the next epoch
+        self._saved_workers: int | None = None  # the loader's num_workers when the checkpoint was taken
 
     def key(self) -> tuple[int, int, int]:
         return (self.global_step, self.epoch, self.batch_in_epoch)
@@ -55,6 +59,7 @@ class LoopPosition:
         taken inside it. ``on_resumed`` runs right before the first remaining batch
         of a resumed epoch (it puts every RNG back to its checkpointed value)."""
         self.loader = loader
+        self._warn_if_workers_changed(loader)
         pending, self._resume_into = self._resume_into, None
         self.epoch_batches_done = False
         if pending is not None and pending["epoch"] == self.epoch:
@@ -84,6 +89,19 @@ class LoopPosition:
             for gen, state in zip(gens, saved, strict=True):
                 gen.set_state(state)
 
+    def _warn_if_workers_changed(self, loader: Any) -> None:
+        saved, self._saved_workers = self._saved_workers, None
+        now = getattr(loader, "num_workers", None)
+        if saved is not None and now is not None and saved != now:
+            log.warning(
+                "the DataLoader had num_workers=%d when the checkpoint was taken and has %d now: samples "
+                "are the same, but random augmentation drawn inside workers follows per-worker streams, "
+                "so the resumed run may no longer be bit-exact. Keep num_workers=%d for an exact resume.",
+                saved,
+                now,
+                saved,
+            )
+
     def step_done(self) -> None:
         self.global_step += 1
         self.in_iteration = False
@@ -109,6 +127,7 @@ class LoopPosition:
             "batches_total": self.batches_total,
             "epoch_start": self.epoch_start if self.mid_epoch else None,
             "loader_generators": [g.get_state() for g in gens] or None,
+            "num_workers": getattr(self.loader, "num_workers", None),
         }
 
     def load_state_dict(self, progress: dict[str, Any]) -> None:
@@ -118,7 +137,41 @@ class LoopPosition:
         self.batches_total = progress["batches_total"]
         self._resume_into = progress if progress.get("epoch_start") is not None else None
         self._saved_generators = None if self._resume_into else progress.get("loader_generators")
+        workers = progress.get("num_workers")
+        self._saved_workers = workers if isinstance(workers, int) and not isinstance(workers, bool) else None
 
     @property
     def resumes_mid_epoch(self) -> bool:
         return self._resume_into is not None
+
+
+class StepBoundaries:
+    """Which ``g.step()`` calls are optimizer-step boundaries. With gradient
+    accumulation ``g.step()`` may be called every micro-batch; a boundary is a call
+    after which a discovered optimizer has stepped (observed through its step hook),
+    so no checkpoint ever lands between micro-batches with gradients pending."""
+
+    def __init__(self, optimizers: list[Any]) -> None:
+        self._optimizers = optimizers
+        self._stepped = False
+        self._hooks: list[Any] = []
+        self.accumulating = False  # the last g.step() was a micro-batch: gradients are pending
+
+    def attach(self) -> None:
+        for opt in self._optimizers:
+            self._hooks.append(opt.register_step_post_hook(self._on_step))
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def _on_step(self, *args: Any) -> None:
+        self._stepped = True
+
+    def take(self, explicit: bool | None) -> bool:
+        """Is the ``g.step()`` being taken a boundary? ``explicit`` overrides detection."""
+        boundary = explicit if explicit is not None else (self._stepped or not self._optimizers)
+        self._stepped = False
+        self.accumulating = not boundary
+        return boundary

@@ -29,6 +29,9 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError, GuardianErr
 from .format import manifest as manifest_mod
 from .format import reader
 from .format.layout import rank_prefix
+from .saving import best_checkpoint
+from .state import data as data_pos
+from .state import rng as rng_mod
 from .state import sharded, validate
 from .state import snapshot as snap_mod
 from .state.components import OptimizerState
@@ -48,6 +51,17 @@ class Restored:
     extra: dict[str, Any]
     metrics: dict[str, float]
     generators: dict[str, Any] = field(default_factory=dict)  # generator components' states
+    hparams: Any = None  # the optimizer settings the saving run's script constructed (hparams.py)
+
+    def put_back_rng(self, loader: Any, components: dict[str, Any]) -> None:
+        """Every RNG to its checkpointed value: called right before the first remaining
+        batch of a resumed epoch (after the skipped batches' indices were drawn)."""
+        rng_mod.restore_global(self.rng)
+        saved = self.progress.get("loader_generators") or []
+        for gen, state in zip(data_pos.loader_generators(loader), saved, strict=bool(saved)):
+            gen.set_state(state)
+        for name, state in self.generators.items():
+            components[name].load_state_dict(state)
 
 
 class Resumer:
@@ -57,6 +71,38 @@ class Resumer:
         self.world = world
         self.strict = strict
         self.seq = 0  # the highest manifest seq seen: new saves continue after it
+
+    def resume(self, request: Any, on_load: Any = None) -> Restored | None:
+        """Choose and load (every rank the same checkpoint); None: start fresh."""
+        chosen = self.choose(request)
+        if chosen is None:
+            return None
+        if on_load is not None:
+            on_load()
+        if not self.world.distributed:
+            restored = self.load(chosen)
+        else:
+            restored = self._load_agreed(chosen)
+        rng_mod.restore_global(restored.rng)
+        p = restored.progress
+        where = f", batch {p['batch_in_epoch']} of the epoch" if p.get("epoch_start") is not None else ""
+        log.info("resumed from %s (epoch %d, step %d%s)", chosen, p["epoch"], p["global_step"], where)
+        return restored
+
+    def _load_agreed(self, chosen: str) -> Restored:
+        restored, error = None, None
+        try:
+            restored = self.load(chosen)
+        except GuardianError as e:
+            error = e
+        if not self.world.agree_ok(error is None):
+            if error is not None:
+                raise error
+            raise StateMismatchError(
+                f"rank {self.world.rank}: another rank could not resume from {chosen}; see its log"
+            )
+        assert restored is not None
+        return restored
 
     # ------------------------------------------------------------------ choosing
 
@@ -163,11 +209,6 @@ class Resumer:
             return chosen if self.world.is_leader else str(knobs.resume_from() or request)
         return os.path.join(self.run_dir, name)
 
-    def saved_hparams(self, path: str) -> Any:
-        """The optimizer settings the saving run's script constructed (hparams.py)."""
-        man = reader.inspect_checkpoint(path, verify=False).manifest
-        return (man.extra or {}).get("hparams") if man else None
-
     # ------------------------------------------------------------------ loading
 
     def load(self, path: str) -> Restored:
@@ -202,6 +243,7 @@ class Resumer:
             extra=loaded.get("extra", ("extra", {}))[1],
             metrics=dict((man.metrics if man else {}) or {}),
             generators=generators,
+            hparams=(man.extra or {}).get("hparams") if man else None,
         )
 
     def check_fits(self, path: str) -> None:
@@ -292,6 +334,17 @@ class Resumer:
 
     # ------------------------------------------------------------------ best weights
 
+    def restore_best(self, score: float | None = None) -> str | None:
+        """Load the newest best checkpoint's weights into the live model(s); its path,
+        or None (with a warning) when the run has no best checkpoint."""
+        best = best_checkpoint(self.run_dir)
+        if best is None:
+            log.warning("restore_best requested but no best checkpoint exists in %s", self.run_dir)
+            return None
+        self.load_best_weights(best)
+        log.info("restored the best weights from %s (score %s)", best, score)
+        return best
+
     def load_best_weights(self, best: str) -> None:
         """Load the model weights of checkpoint ``best`` into the live model(s),
         resharded like a resume (DDP, FSDP2/DTensor, any world size)."""
@@ -306,11 +359,3 @@ class Resumer:
         self._reshard(best, modules)
         for name, (_kind, state) in modules.items():
             self.components[name].load_state_dict(state, name)
-
-
-def best_checkpoint(run_dir: str) -> str | None:
-    """The newest committed checkpoint saved because the monitored metric improved."""
-    for info in reversed(reader.list_checkpoints(run_dir)):
-        if info.manifest and "best" in info.manifest.reason:
-            return info.path
-    return None

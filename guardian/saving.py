@@ -14,21 +14,31 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import commit, knobs
+from .config import GuardConfig
 from .distributed import World
 from .errors import CheckpointWriteError
 from .format import reader
 from .format.layout import checkpoint_name
 from .format.manifest import Manifest
 from .policies import BestMetric, Retention
+from .state import rng as rng_mod
 from .state import sharded
 from .state import snapshot as snap_mod
 from .state.components import Stateful
 from .writer import SyncWriter
+
+
+def best_checkpoint(run_dir: str) -> str | None:
+    """The newest committed checkpoint saved because the monitored metric improved."""
+    for info in reversed(reader.list_checkpoints(run_dir)):
+        if info.manifest and "best" in info.manifest.reason:
+            return info.path
+    return None
+
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +58,55 @@ class SaveFacts:
     hparams: dict[str, Any] = field(default_factory=dict)  # as the script built the optimizers
 
 
+# Reasons that add nothing when the position has not moved since the last save: the
+# state they would capture is the one already committed at that position.
+REPEATABLE = frozenset({"steps", "seconds", "epoch", "final", "preempt", "early_stop"})
+
+
+class SaveRequests:
+    """Which save reasons wait for the next exact point, and what a save at a position
+    adds to the checkpoint already taken there (one checkpoint per step: a second save
+    at the same position carries the first one's reasons and supersedes it)."""
+
+    def __init__(self) -> None:
+        self.pending: list[str] = []
+        self._last: tuple[tuple[int, int, int], list[str]] | None = None
+
+    def defer(self, reasons: list[str]) -> None:
+        self.pending += [r for r in reasons if r not in self.pending]
+
+    def take(self, reasons: list[str]) -> list[str]:
+        """The pending reasons plus ``reasons``; nothing is pending afterwards."""
+        merged = self.pending + [r for r in reasons if r not in self.pending]
+        self.pending = []
+        return merged
+
+    def at(self, key: tuple[int, int, int], reasons: list[str]) -> list[str] | None:
+        """The reasons to save with at position ``key``, or None when a checkpoint
+        already taken there holds all that ``reasons`` ask for."""
+        if self._last is None or self._last[0] != key:
+            return reasons
+        earlier = self._last[1]
+        if set(reasons) <= REPEATABLE | set(earlier):
+            return None
+        return earlier + [r for r in reasons if r not in earlier]
+
+    def saved(self, key: tuple[int, int, int], reasons: list[str]) -> None:
+        self._last = (key, list(reasons))
+
+
 class Saver:
-    def __init__(
-        self,
-        run_dir: str,
-        components: dict[str, Stateful],
-        writer: Any,
-        *,
-        retention: Retention,
-        best: BestMetric | None,
-        on_save_error: str,
-    ) -> None:
-        self.run_dir = run_dir
+    def __init__(self, config: GuardConfig, components: dict[str, Stateful], writer: Any) -> None:
+        self.run_dir = config.run_dir
         self.components = components
         self.writer = writer
-        self.retention = retention
-        self.best = best
-        self.on_save_error = on_save_error
+        self.retention: Retention = config.retention
+        self.best: BestMetric | None = config.best
+        self.on_save_error = config.on_save_error
         self.world = World()
         self.seq = 0
         self.last_checkpoint: str | None = None
-        self.on_commit: Callable[[str, Manifest], None] | None = None
+        self.best_checkpoint: str | None = None  # the newest committed "best" checkpoint
 
     def attach(self, world: World) -> None:
         """Called on entering the guard, once the process group (if any) is known."""
@@ -77,7 +115,26 @@ class Saver:
             self.writer.close()
             self.writer = self._distributed_async_writer()
 
+    def continue_after(self, seq: int, resumed_from: str | None) -> None:
+        """Carry on from a resume: sequence numbers continue after ``seq``; the resumed
+        checkpoint is never deleted by retention."""
+        self.seq = seq
+        if resumed_from is not None:
+            self.last_checkpoint = resumed_from
+            self.best_checkpoint = best_checkpoint(self.run_dir)
+            self.retention.protected.add(os.path.basename(resumed_from.rstrip("/")))
+
     # ------------------------------------------------------------------ saving
+
+    def collect(self, progress: dict[str, Any], policy: dict[str, Any], extra: dict[str, Any]) -> States:
+        """Everything a checkpoint holds: the components' states plus the reserved ones
+        (every global RNG, the loop position, the policy bookkeeping, the user's extra)."""
+        states: States = {n: (a.kind, a.state_dict()) for n, a in self.components.items()}
+        states["rng"] = ("rng", rng_mod.capture_global())
+        states["progress"] = ("progress", progress)
+        states["policy"] = ("policy", policy)
+        states["extra"] = ("extra", dict(extra))
+        return states
 
     def save(self, states: States, facts: SaveFacts) -> str | None:
         """Snapshot ``states`` and submit them. Returns the committed path when the
@@ -192,8 +249,8 @@ class Saver:
             manifest.step,
             manifest.epoch,
         )
-        if self.on_commit is not None:
-            self.on_commit(path, manifest)
+        if "best" in manifest.reason:
+            self.best_checkpoint = path
         self._apply_retention(manifest)
 
     def _apply_retention(self, newest: Manifest) -> None:
@@ -253,7 +310,9 @@ class Saver:
 
     @property
     def busy(self) -> bool:
-        return bool(getattr(self.writer, "busy", False))
+        """A distributed background save is still in flight (ranks must agree on when
+        it is done before anyone learns its outcome)."""
+        return self.world.distributed and bool(getattr(self.writer, "busy", False))
 
     def close(self) -> None:
         self.writer.close()
