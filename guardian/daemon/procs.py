@@ -79,7 +79,10 @@ def spawn_shim(attempt_dir: str, argv: list[str], cwd: str, env: dict[str, str])
 
     The shim's stdio are /dev/null; it opens the attempt's logs itself (append mode)
     so the logs do not depend on the daemon's file descriptors staying open.
+    ``argv`` must be a list: a string would be run as one (oddly named) program.
     """
+    if isinstance(argv, str) or not all(isinstance(a, str) for a in argv):
+        raise TypeError("argv must be a list of strings (no shell); for a shell line use ['sh', '-c', LINE]")
     cmd = [sys.executable, "-m", "guardian.daemon.shim", attempt_dir, "--", *argv]
     return subprocess.Popen(
         cmd,
