@@ -367,7 +367,9 @@ def test_service_install_writes_unit(tmp_path):
 
 def test_daemon_and_status_help_never_import_torch():
     code = (
-        "import sys, guardian.daemon.supervisor, guardian.cli.daemon; "
+        "import sys, pkgutil, importlib, guardian.daemon, guardian.cli.daemon; "
+        "[importlib.import_module('guardian.daemon.' + m.name) "
+        " for m in pkgutil.iter_modules(guardian.daemon.__path__)]; "
         "from click.testing import CliRunner; from guardian.cli import main; "
         "r = CliRunner().invoke(main, ['status', '--help']); assert r.exit_code == 0, r.output; "
         "r = CliRunner().invoke(main, ['watch', '--help']); assert r.exit_code == 0, r.output; "

@@ -299,7 +299,10 @@ class Supervisor:
 
     def watch_running(self, st: JobState, spec: JobSpec | None) -> None:
         self.fill_identities(st)
-        if not self.attempt_alive(st):
+        popen = self.popens.get(st.name)
+        if popen is not None and popen.poll() is not None:
+            self.popens.pop(st.name, None)  # reaped; the recorded identities decide below
+        if not procs.attempt_alive(st.current.shim, st.current.child):
             self.end_attempt(st, spec)
             return
         self.note_progress(st, spec)
@@ -315,16 +318,6 @@ class Supervisor:
         self.attempts.finish(st, spec)
         self.hangs.forget(st.name)
         self.popens.pop(st.name, None)
-
-    def attempt_alive(self, st: JobState) -> bool:
-        popen = self.popens.get(st.name)
-        if popen is not None and popen.poll() is not None:
-            self.popens.pop(st.name, None)  # reaped; liveness below decides
-        shim, child = procs.ProcId.from_dict(st.current.shim), procs.ProcId.from_dict(st.current.child)
-        try:
-            return procs.is_alive(shim) or procs.is_alive(child)
-        except procs.Unknowable:
-            return True
 
     def nproc(self, name: str) -> int | None:
         spec = self.specs.get(name)
