@@ -173,3 +173,19 @@ def test_shim_reports_a_missing_command_as_127(tmp_path):
     assert p.wait(timeout=60) == 127
     rec = read_json_object(str(adir / "exit.json"), 1 << 16)
     assert rec["returncode"] == 127 and "No such file" in rec["spawn_error"]
+
+
+def test_replace_sets_an_unreadable_state_aside_and_starts_afresh(tmp_path):
+    from click.testing import CliRunner
+
+    from guardian.cli import main
+
+    h = str(tmp_path / "h")
+    assert CliRunner().invoke(main, ["run", "--home", h, "--name", "x", "--", "t"]).exit_code == 0
+    path = reg.Home(h).job_file("x", "state.json")
+    with open(path, "w") as f:
+        f.write("{garbage")
+    r = CliRunner().invoke(main, ["run", "--home", h, "--name", "x", "--replace", "--", "t"])
+    assert r.exit_code == 0, r.output
+    assert not os.path.exists(path)
+    assert any(n.startswith("state.json.unreadable-") for n in os.listdir(os.path.dirname(path)))

@@ -222,6 +222,9 @@ def _check_replace(h: reg.Home, name: str, replace: bool) -> None:
         state = st.state if st else reg.PENDING
     except DaemonError:
         state = reg.HELD  # an unusable state.json: the daemon holds the job
+        if replace:  # keep it as evidence, out of the way of the fresh start
+            path = h.job_file(name, "state.json")
+            os.replace(path, f"{path}.unreadable-{int(time.time())}")
     if not replace:
         raise DaemonError(
             f"job {name!r} already exists (state {state}); choose another --name, or "
