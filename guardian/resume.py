@@ -31,8 +31,8 @@ from .format import reader
 from .format.layout import rank_prefix
 from .saving import best_checkpoint
 from .state import data as data_pos
+from .state import dtensor, sharded, validate
 from .state import rng as rng_mod
-from .state import sharded, validate
 from .state import snapshot as snap_mod
 from .state.components import OptimizerState
 from .state.discover import RESERVED
@@ -254,7 +254,7 @@ class Resumer:
         meta: dict[str, Any] = {}
         for prefix in self.parts(path):
             meta.update(
-                {n: (k, sharded.global_meta(t)) for n, (k, t) in snap_mod.load_meta(path, prefix).items()}
+                {n: (k, dtensor.global_meta(t)) for n, (k, t) in snap_mod.load_meta(path, prefix).items()}
             )
         validate.check_restorable(meta, path)
         self._check_component_sets(meta, path)
@@ -293,7 +293,7 @@ class Resumer:
             n
             for n, (_kind, tree) in loaded.items()
             if n in self.components
-            and (sharded.contains_records(tree) or sharded.contains_dtensor(self.components[n].state_dict()))
+            and (dtensor.contains_records(tree) or dtensor.contains_dtensor(self.components[n].state_dict()))
         ]
         if not names:
             return

@@ -25,8 +25,8 @@ from .format import reader
 from .format.layout import checkpoint_name
 from .format.manifest import Manifest
 from .policies import BestMetric, Retention
+from .state import dtensor
 from .state import rng as rng_mod
-from .state import sharded
 from .state import snapshot as snap_mod
 from .state.components import Stateful
 from .writer import SyncWriter
@@ -180,7 +180,7 @@ class Saver:
         if name in ("rng", "progress"):
             return True
         adapter = self.components.get(name)
-        return adapter is not None and (adapter.kind == "generator" or sharded.contains_dtensor(state))
+        return adapter is not None and (adapter.kind == "generator" or dtensor.contains_dtensor(state))
 
     def reserve(self, states: States) -> None:
         """Let an async writer allocate its staging memory ahead of the first save.
