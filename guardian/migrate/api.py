@@ -147,8 +147,11 @@ def _init_values(p: Plan, target: Target | None) -> dict[str, Any] | None:
 
         from .targets import resolve_factory
 
-        torch.manual_seed(0)
-        return dict(resolve_factory(factory)().state_dict())
+        # a fixed seed makes the new parameters reproducible; forking keeps the caller's
+        # global RNG exactly as it was (a library must not reseed its user's training)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return dict(resolve_factory(factory)().state_dict())
     if checkpoint:
         return load_source(checkpoint).model
     return None

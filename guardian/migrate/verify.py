@@ -17,7 +17,7 @@ from .targets import Target, build_meta, resolve_factory
 
 def verify_structure(model_sd: dict[str, Any], target: Target) -> None:
     """Raise ``VerificationError`` unless ``model_sd`` fits ``target`` exactly."""
-    from .sources import tensor_spec
+    from ..state.codec import tensor_spec
 
     if target.factory:
         _load_meta(model_sd, target.factory)
@@ -77,7 +77,12 @@ def verify_numeric(
 
 
 def _instantiate(factory: Any, sd: dict[str, Any]) -> Any:
+    """Build and load a model without consuming the caller's global RNG (the factory's
+    initialisers draw from it, and the weights are overwritten anyway)."""
+    import torch
+
     fn = resolve_factory(factory) if isinstance(factory, str) else factory
-    model = fn()
+    with torch.random.fork_rng(devices=[]):
+        model = fn()
     model.load_state_dict(sd, strict=True)
     return model.eval()
