@@ -54,18 +54,27 @@ def _split(key: str, stems: set[tuple[str, str]] | None) -> tuple[str, tuple[int
     parts = key.split(".")
     if len(parts) < 2 or "{" in key or "}" in key:
         return None
-    out, idx = [], []
+    out, idx, prefix = [], [], []
     for part in parts[:-1]:
         m = _NAMED_INDEX.match(part)
         if part.isdigit():
             out.append("{}")
             idx.append(int(part))
-        elif stems is not None and m and (".".join(out), m.group(1)) in stems and _plain(m.group(2)):
+        elif stems is not None and m and (".".join(prefix), m.group(1)) in stems and _plain(m.group(2)):
             out.append(m.group(1) + "{}")
             idx.append(int(m.group(2)))
         else:
             out.append(part)
+        prefix.append(_general(part))
     return ".".join(out), tuple(idx), parts[-1]
+
+
+def _general(part: str) -> str:
+    """A segment with any number taken out: ``0`` → ``{}``, ``layer1`` → ``layer{}``."""
+    if part.isdigit():
+        return "{}"
+    m = _NAMED_INDEX.match(part)
+    return m.group(1) + "{}" if m else part
 
 
 def _plain(digits: str) -> bool:
@@ -73,7 +82,7 @@ def _plain(digits: str) -> bool:
 
 
 def _indexed_stems(keys: list[str]) -> set[tuple[str, str]]:
-    """(prefix template, stem) pairs seen with two or more different trailing numbers."""
+    """(general prefix, stem) pairs seen with two or more different trailing numbers."""
     seen: dict[tuple[str, str], set[str]] = {}
     for key in keys:
         prefix: list[str] = []
@@ -81,7 +90,7 @@ def _indexed_stems(keys: list[str]) -> set[tuple[str, str]]:
             m = _NAMED_INDEX.match(part)
             if m and not part.isdigit():
                 seen.setdefault((".".join(prefix), m.group(1)), set()).add(m.group(2))
-            prefix.append("{}" if part.isdigit() else part)
+            prefix.append(_general(part))
     return {k for k, v in seen.items() if len(v) > 1}
 
 

@@ -64,18 +64,40 @@ def plan(
     auto: bool = False,
     threshold: float = DEFAULT_THRESHOLD,
     component: str | None = None,
+    accept_guesses: bool = False,
 ) -> Plan:
-    """Plan a migration; writes nothing."""
+    """Plan a migration; writes nothing. ``accept_guesses`` (with ``auto``) also applies
+    suggestions below ``threshold`` and ties, each listed in ``plan.guesses``."""
     source = load_source(src, component)
-    return plan_source(source, _as_target(to), _as_rules(rules), auto=auto, threshold=threshold)
+    return plan_source(
+        source,
+        _as_target(to),
+        _as_rules(rules),
+        auto=auto,
+        threshold=threshold,
+        accept_guesses=accept_guesses,
+    )
 
 
 def plan_source(
-    source: Source, target: Target, rules: Rules, *, auto: bool = False, threshold: float = DEFAULT_THRESHOLD
+    source: Source,
+    target: Target,
+    rules: Rules,
+    *,
+    auto: bool = False,
+    threshold: float = DEFAULT_THRESHOLD,
+    accept_guesses: bool = False,
 ) -> Plan:
     info = source.describe() | {"model_digest": model_digest(source.model), "order": list(source.model)}
     p = make_plan(
-        source.specs, target, rules, source=info, auto=auto, threshold=threshold, values=source.model
+        source.specs,
+        target,
+        rules,
+        source=info,
+        auto=auto,
+        threshold=threshold,
+        values=source.model,
+        accept_guesses=accept_guesses,
     )
     p.notes.extend(source.notes)
     return p
@@ -188,6 +210,11 @@ def _record(source: Source, p: Plan) -> dict[str, Any]:
         "source_manifest": manifest_fields(source.manifest),
         "param_groups_before": groups,
         "lossy": p.lossy,
+        "verdict": p.verdict,
+        "accepted_guesses": [
+            {"from": g["from"], "to": g["to"], "confidence": g["confidence"], "guess": g["guess"]}
+            for g in p.guesses
+        ],
         "plan": p.to_json(),
     }
 
@@ -212,15 +239,20 @@ def migrate(
     force: bool = False,
     component: str | None = None,
     numeric: dict[str, Any] | None = None,
+    accept_guesses: bool = False,
 ) -> Result:
     """One shot: plan, refuse if anything is unresolved, apply, verify.
 
     ``numeric``: {"old": factory, "input_shape": (...), "atol": 1e-6, "seed": 0}
-    adds the old-vs-new output comparison.
+    adds the old-vs-new output comparison; ``result.numeric_diff`` is the largest
+    absolute difference. ``accept_guesses``: see ``plan``; the output's migration
+    record lists every guess.
     """
     target = _as_target(to)
     source = load_source(src, component)
-    p = plan_source(source, target, _as_rules(rules), auto=auto, threshold=threshold)
+    p = plan_source(
+        source, target, _as_rules(rules), auto=auto, threshold=threshold, accept_guesses=accept_guesses
+    )
     if p.blocked:
         raise PlanBlockedError(
             f"{src}: migration blocked ({len(p.issues)} unresolved rows, "

@@ -78,20 +78,31 @@ def affinity(a: str, b: str) -> float:
 
 
 def contrast(a: str, b: str, b2: str) -> tuple[float, float]:
-    """Evidence ``(for b, for b2)`` as the partner of ``a``, from the segments where
-    ``b`` and ``b2`` differ (aligned from the leaf)."""
+    """Evidence ``(for b, for b2)`` as the partner of ``a``, from what tells ``b`` and
+    ``b2`` apart: the segments where they differ (aligned from the leaf), and in those
+    only the words one has and the other lacks (``in_norm``/``out_norm``: ``in``/``out``)."""
     sa, sb, sb2 = segments(a)[::-1], segments(b)[::-1], segments(b2)[::-1]
     for_b = for_b2 = 0.0
     for k in range(max(len(sb), len(sb2))):
-        x = sb[k] if k < len(sb) else None
-        y = sb2[k] if k < len(sb2) else None
+        x = sb[k] if k < len(sb) else ""
+        y = sb2[k] if k < len(sb2) else ""
         if x == y:
             continue
-        ref = sa[k] if k < len(sa) else None
+        ref = words(sa[k]) if k < len(sa) else []
+        wx, wy = words(x), words(y)
+        common = set(wx) & set(wy)
         w = 0.5**k
-        for_b += w * (segment_sim(ref, x) if ref is not None and x is not None else 0.0)
-        for_b2 += w * (segment_sim(ref, y) if ref is not None and y is not None else 0.0)
+        for_b += w * _found(ref, [t for t in wx if t not in common])
+        for_b2 += w * _found(ref, [t for t in wy if t not in common])
     return for_b, for_b2
+
+
+def _found(ref: list[str], distinct: list[str]) -> float:
+    """How much of ``distinct`` the reference words contain (weighted, 0..1)."""
+    if not ref or not distinct:
+        return 0.0
+    got = sum(_weight(t) * max(word_sim(t, r) for r in ref) for t in distinct)
+    return got / sum(map(_weight, distinct))
 
 
 def margin(strength: float, rival: float) -> float:
