@@ -237,6 +237,15 @@ def _fused_truth(k: str) -> tuple[tuple[str, ...], str] | str:
     return k2
 
 
+def _split_truth(k: str) -> tuple[tuple[str, ...], tuple[str, ...]] | str:
+    """FusedV2 → TransformerV1: qkv split back into q, k, v."""
+    k1 = re.sub(r"^layers\.", "blocks.", k)
+    m = re.match(r"^(blocks\.\d+\.attn)\.qkv\.(\w+)$", k1)
+    if m:
+        return (k,), tuple(f"{m.group(1)}.{p}.{m.group(2)}" for p in "qkv")
+    return k1
+
+
 # ------------------------------------------------------------------ wrappers, order
 
 
@@ -336,6 +345,7 @@ FAMILIES = [
     Family("resnet-stages", ResNetV1, "test_migrate_families:ResNetV2", _resnet_truth, _images),
     Family("re-nesting", TransformerV1, "test_migrate_families:TransformerV2", _renest_truth, _tokens),
     Family("fused-qkv", TransformerV1, "test_migrate_families:FusedV2", _fused_truth, _tokens),
+    Family("split-qkv", FusedV2, "test_migrate_families:TransformerV1", _split_truth, _tokens),
     Family(
         "wrapper-prefixes",
         WrappedV1,
@@ -372,7 +382,7 @@ def _truth_rows(f: Family, keys: list[str]) -> set[tuple[tuple[str, ...], tuple[
     for k in keys:
         t = f.truth(k)
         if isinstance(t, tuple):
-            rows.add((t[0], (t[1],)))
+            rows.add((t[0], t[1] if isinstance(t[1], tuple) else (t[1],)))
         else:
             rows.add(((f.wrap + k,), (t,)))
     return rows

@@ -293,6 +293,11 @@ def _color() -> bool:
 
 def _done_text(result: Any) -> str:
     lines = [f"wrote {result.path}"]
+    if result.plan.guesses:
+        lines.append(
+            f"GUESSED: {len(result.plan.guesses)} mapping(s) applied without confidence; "
+            "listed in the output's migration record (extra.migration.accepted_guesses)"
+        )
     lines += [f"note: {n}" for n in result.notes]
     if result.numeric_diff is not None:
         lines.append(f"numeric check: max |old - new| = {result.numeric_diff:g}")

@@ -145,6 +145,13 @@ def compile_pair(
     ``maps`` (a rule's ``index_map``) apply to the ``to`` side."""
     a = compile_pattern(src, where)
     b = compile_pattern(dst, where, maps)
+    ints = {m.group(1) for m in _PLACEHOLDER.finditer(src) if m.group(2) == "int" or m.group(3)}
+    shifted = {n for n, _ in a.shifts + b.shifts} | {n for n, _ in b.maps}
+    if shifted - ints:
+        raise RulesError(
+            f"{where}: only numbers can be shifted or mapped: write {sorted(shifted - ints)} as "
+            f"{{name:int}} in 'from' ({src!r})"
+        )
     if set(a.names) != set(b.names):
         raise RulesError(
             f"{where}: 'from' {src!r} and 'to' {dst!r} must use the same placeholders "
