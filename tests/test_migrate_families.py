@@ -452,3 +452,21 @@ def test_migrated_weights_compute_what_the_old_ones_did(family, tmp_path):
     with torch.no_grad():
         diff = float((model(x) - new.eval()(x)).abs().max())
     assert diff <= 1e-5
+
+
+def test_cli_numeric_check_reports_the_max_difference_for_a_token_model(tmp_path):
+    """--numeric with integer probes: the old factory on the old weights against the target."""
+    import json
+
+    from click.testing import CliRunner
+
+    from guardian.cli import main
+
+    family = next(f for f in FAMILIES if f.name == "split-qkv")
+    _model, path = save_source(family, "guardian", str(tmp_path))
+    args = ["migrate", path, "-o", str(tmp_path / "out"), "--to", family.new, "--auto", "--json"]
+    args += ["--numeric", "test_migrate_families:FusedV2", "--input-shape", "2,7", "--input-high", str(VOCAB)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["status"] == "clean" and 0.0 <= out["numeric_diff"] <= 1e-5

@@ -244,3 +244,20 @@ def test_leading_zeros_cannot_be_shifted_back_so_the_plan_says_so():
     p = make_plan(_specs(Z().state_dict()), from_module(S()), rules)
     assert p.verdict == "blocked"
     assert any("'01' is not a plain number" in x for x in p.problems)
+
+
+def test_an_induced_index_map_is_valid_toml_and_gives_the_same_plan():
+    """Indices 1 and 3 became 0 and 1: no single shift fits, so the rule carries a table."""
+    import tomllib
+
+    old = nn.ModuleDict({"blocks": nn.ModuleDict({"1": nn.Linear(3, 3), "3": nn.Linear(3, 5)})})
+    new = nn.ModuleDict({"layers": nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 5)])})
+    sd = old.state_dict()
+    auto = make_plan(_specs(sd), from_module(new), parse_rules({}), auto=True)
+    assert auto.verdict == "clean", M.render(auto)
+    (applied,) = auto.applied
+    assert applied["rules"][0]["index_map"] == {"i": {"1": 0, "3": 1}}
+    pasted = tomllib.loads(applied["rule"])
+    manual = make_plan(_specs(sd), from_module(new), parse_rules(pasted))
+    assert manual.verdict == "clean"
+    assert sorted((e.srcs, e.dsts) for e in manual.entries) == sorted((e.srcs, e.dsts) for e in auto.entries)

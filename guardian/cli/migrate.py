@@ -192,6 +192,7 @@ def apply_cmd(src: str, plan_path: str, dst: str, force: bool, as_json: bool) ->
     "--input-shape", default="1,1,28,28", show_default=True, help="seeded input shape for --numeric"
 )
 @click.option("--atol", type=float, default=1e-6, show_default=True)
+@click.option("--input-high", type=int, help="--numeric with integer inputs in [0, N) (token ids)")
 @_json
 def run_cmd(
     src: str,
@@ -206,6 +207,7 @@ def run_cmd(
     old_factory: str | None,
     input_shape: str,
     atol: float,
+    input_high: int | None,
     as_json: bool,
 ) -> None:
     """Plan, apply and verify in one go; refuses when anything is unresolved."""
@@ -219,6 +221,7 @@ def run_cmd(
                 "old": old_factory,
                 "input_shape": [int(d) for d in input_shape.split(",")],
                 "atol": atol,
+                "input_high": input_high,
             }
         result = api.migrate(
             src,

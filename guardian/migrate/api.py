@@ -243,7 +243,8 @@ def migrate(
 ) -> Result:
     """One shot: plan, refuse if anything is unresolved, apply, verify.
 
-    ``numeric``: {"old": factory, "input_shape": (...), "atol": 1e-6, "seed": 0}
+    ``numeric``: {"old": factory, "input_shape": (...), "atol": 1e-6, "seed": 0,
+    "input_high": None} (``input_high``: integer probes, e.g. a vocabulary size)
     adds the old-vs-new output comparison; ``result.numeric_diff`` is the largest
     absolute difference. ``accept_guesses``: see ``plan``; the output's migration
     record lists every guess.
@@ -273,6 +274,7 @@ def migrate(
             tuple(numeric["input_shape"]),
             seed=numeric.get("seed", 0),
             atol=numeric.get("atol", 1e-6),
+            input_high=numeric.get("input_high"),
         )
     return result
 

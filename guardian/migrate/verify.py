@@ -56,15 +56,24 @@ def verify_numeric(
     *,
     seed: int = 0,
     atol: float = 1e-6,
+    input_high: int | None = None,
 ) -> float:
     """Run old model + old weights and new model + migrated weights on one seeded input;
-    return the largest absolute difference, raising if it exceeds ``atol``."""
+    return the largest absolute difference, raising if it exceeds ``atol``.
+
+    The probe is standard-normal floats, or with ``input_high`` integers in
+    ``[0, input_high)`` (token ids for a language model). It is drawn from a private
+    generator: the caller's global RNG is not touched.
+    """
     import torch
 
     old = _instantiate(old_factory, old_sd)
     new = _instantiate(new_factory, new_sd)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(input_shape, generator=gen)
+    if input_high is not None:
+        x = torch.randint(0, int(input_high), input_shape, generator=gen)
+    else:
+        x = torch.randn(input_shape, generator=gen)
     with torch.no_grad():
         a, b = old(x), new(x)
     diff = float((a - b).abs().max()) if a.shape == b.shape else float("inf")
