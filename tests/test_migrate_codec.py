@@ -31,15 +31,37 @@ def test_guardian_checkpoints_keep_registration_order(tmp_path):
     model = Unsorted()
     path = write_ckpt(str(tmp_path / "ck"), {"model": model})
     assert list(load_source(path).model) == list(model.state_dict())
-    assert list(codec.read_components(path)["model"][1]) == list(model.state_dict())
+    stored = codec.read_components(path)
+    assert list(stored.components["model"][1]) == list(model.state_dict()) and stored.ordered == {"model"}
+    assert load_source(path).describe()["ordered"] is True
     assert list(model.state_dict()) != sorted(model.state_dict())  # the test means something
 
 
 def test_an_order_list_that_does_not_fit_the_keys_is_ignored():
     tree = {"b": 1, "a": 2}
-    assert list(codec._in_order(tree, ["a", "b"], "m")) == ["a", "b"]
-    assert list(codec._in_order(tree, ["a", "c"], "m")) == ["b", "a"]  # kept as stored
-    assert list(codec._in_order(tree, ["a", "b", "b"], "m")) == ["b", "a"]
+    assert codec._fits(tree, ["a", "b"], "m")
+    assert not codec._fits(tree, ["a", "c"], "m")
+    assert not codec._fits(tree, ["a", "b", "b"], "m")
+
+
+def test_a_checkpoint_without_an_order_is_not_trusted_for_order(tmp_path):
+    """Written before the order was recorded: keys come back sorted, and matching must
+    treat them like a .safetensors file (no order evidence), not as registration order."""
+    from guardian.commit import CheckpointTxn
+    from guardian.format.manifest import Manifest
+    from guardian.state import snapshot
+
+    model = Unsorted()
+    snap = snapshot.capture({"model": ("module", model.state_dict())})
+    del snap.components["model"]["order"]  # what an older guardian wrote
+    with CheckpointTxn(str(tmp_path), "old") as txn:
+        snapshot.write_files(txn, snap)
+        path = txn.commit(
+            Manifest(name="old", step=1, epoch=0, seq=1, files={}, components={"model": {"kind": "module"}})
+        )
+    src = load_source(path)
+    assert list(src.model) == sorted(model.state_dict()) and src.ordered is False
+    assert codec.read_components(path).ordered == set()
 
 
 def test_migrate_reads_and_writes_checkpoints_only_through_the_codec():

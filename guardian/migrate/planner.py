@@ -293,7 +293,8 @@ def make_plan(
     ``values`` (name → tensor) lets the tied-weight check compare contents when two
     tied target keys are fed from different source keys.
     """
-    ordered = (source or {}).get("kind") != "safetensors"  # a tensor file is sorted, not registered
+    info = source or {}
+    ordered = bool(info.get("ordered", info.get("kind") != "safetensors"))  # a tensor file is sorted
     p = Planner(dict(src_specs), target, rules, ordered)
     p.run_rules()
     p.run_identity()

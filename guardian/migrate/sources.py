@@ -39,6 +39,7 @@ class Source:
     components: dict[str, tuple[str, Any]] | None = None
     manifest: Manifest | None = None
     notes: list[str] = field(default_factory=list)
+    ordered: bool = True  # keys in registration order (a .safetensors file is sorted)
 
     @property
     def specs(self) -> dict[str, Spec]:
@@ -51,6 +52,7 @@ class Source:
             "fingerprint": self.fingerprint,
             "component": self.component,
             "prefix": self.prefix,
+            "ordered": self.ordered,
         }
 
 
@@ -97,7 +99,8 @@ def _load_guardian(path: str, component: str | None) -> Source:
             f"{path}: multi-rank checkpoints (world_size={man.world_size}) are not supported yet"
         )
     fingerprint = reader.checkpoint_digest(reader.component_summaries(path, man))
-    components = read_components(path)
+    stored = read_components(path)
+    components = stored.components
     name = choose_component(components, component, path)
     modules = [n for n, (k, _) in components.items() if k == MODULE_KIND]
     prefix = "" if len(modules) == 1 else f"{name}."
@@ -114,6 +117,7 @@ def _load_guardian(path: str, component: str | None) -> Source:
         prefix=prefix,
         components=components,
         manifest=man,
+        ordered=name in stored.ordered,
     )
 
 
@@ -140,7 +144,7 @@ def _load_safetensors(path: str) -> Source:
 
     safetensors_io.read_layout(path)  # strict validation before any tensor is built
     tensors = read_tensor_file(path)
-    return Source(path=path, kind="safetensors", model=tensors, fingerprint=hash_file(path)[0])
+    return Source(path=path, kind="safetensors", model=tensors, fingerprint=hash_file(path)[0], ordered=False)
 
 
 def _load_torch(path: str) -> Source:

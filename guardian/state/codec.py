@@ -6,7 +6,8 @@ them back needs a handful of those functions, and should not depend on how they 
 spread over the three modules. This module is that narrow door:
 
     read_components(dir)        name → (kind, tree); model state dicts in the order
-                                their modules registered them (see ``capture``)
+                                their modules registered them (see ``capture``), and
+                                which components that order is known for
     read_tensor_file(path)      a validated ``.safetensors`` file as name → tensor
     write_components(txn, ...)  trees into a pending checkpoint (commit protocol)
     tensor_spec / torch_dtype / tensor_bytes / unwrap_module
@@ -18,6 +19,7 @@ becomes a tensor, no pickle, writes only through ``CheckpointTxn``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +37,7 @@ Spec = tuple[tuple[int, ...], str]
 
 __all__ = [
     "Spec",
+    "StoredState",
     "read_components",
     "read_tensor_file",
     "write_components",
@@ -45,7 +48,17 @@ __all__ = [
 ]
 
 
-def read_components(ckpt_dir: str) -> dict[str, tuple[str, Any]]:
+@dataclass
+class StoredState:
+    """A checkpoint's components; ``ordered`` names the model components whose keys
+    are in registration order (checkpoints written before the order was recorded, or
+    with an unusable order list, come back sorted — a matcher must not trust that)."""
+
+    components: dict[str, tuple[str, Any]]
+    ordered: set[str] = field(default_factory=set)
+
+
+def read_components(ckpt_dir: str) -> StoredState:
     """Every component of a (single-rank) checkpoint, tensors read and verified.
 
     Model state dicts come back in their registration order when the checkpoint
@@ -53,13 +66,14 @@ def read_components(ckpt_dir: str) -> dict[str, tuple[str, Any]]:
     that is not exactly a permutation of the stored keys is ignored, so a hand-edited
     or hostile list can only cost the order, never a tensor.
     """
-    components = snapshot.load(ckpt_dir)
+    out = StoredState(snapshot.load(ckpt_dir))
     orders = _recorded_orders(ckpt_dir)
-    for name, (kind, tree) in list(components.items()):
+    for name, (kind, tree) in list(out.components.items()):
         order = orders.get(name)
-        if kind == "module" and isinstance(tree, dict) and order is not None:
-            components[name] = (kind, _in_order(tree, order, name))
-    return components
+        if kind == "module" and isinstance(tree, dict) and order is not None and _fits(tree, order, name):
+            out.components[name] = (kind, {k: tree[k] for k in order})
+            out.ordered.add(name)
+    return out
 
 
 def _recorded_orders(ckpt_dir: str) -> dict[str, list[str]]:
@@ -72,11 +86,11 @@ def _recorded_orders(ckpt_dir: str) -> dict[str, list[str]]:
     return out
 
 
-def _in_order(tree: dict[str, Any], order: list[str], name: str) -> dict[str, Any]:
+def _fits(tree: dict[str, Any], order: list[str], name: str) -> bool:
     if len(order) != len(tree) or set(order) != set(tree):
         log.warning("component %r: recorded key order does not match its keys; using sorted order", name)
-        return tree
-    return {k: tree[k] for k in order}
+        return False
+    return True
 
 
 def read_tensor_file(path: str) -> dict[str, torch.Tensor]:
