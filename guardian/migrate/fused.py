@@ -142,8 +142,8 @@ def _rules(f: Fusion) -> list[dict[str, Any]]:
         idx_p = f.parts[0].members[key][2]
         idx_pairs.append((idx_w, idx_p) if f.split else (idx_p, idx_w))
     parts_t = [g.template for g in f.parts]
-    got = index_patterns([f.whole.template], parts_t, idx_pairs) if f.split else None
-    got = got or (None if f.split else index_patterns(parts_t, [f.whole.template], idx_pairs))
+    src_t, dst_t = ([f.whole.template], parts_t) if f.split else (parts_t, [f.whole.template])
+    got = index_patterns(src_t, dst_t, idx_pairs)
     if got is None:
         return []
     src, dst, index_map = got

@@ -80,14 +80,16 @@ def affinity(a: str, b: str) -> float:
 def contrast(a: str, b: str, b2: str) -> tuple[float, float]:
     """Evidence ``(for b, for b2)`` as the partner of ``a``, from what tells ``b`` and
     ``b2`` apart: the segments where they differ (aligned from the leaf), and in those
-    only the words one has and the other lacks (``in_norm``/``out_norm``: ``in``/``out``)."""
+    only the words one has and the other lacks (``in_norm``/``out_norm``: ``in``/``out``).
+    Bare list indices are no evidence: ``layer1`` says nothing about ``stages.1`` vs
+    ``stages.0`` (an index shift is exactly that trap)."""
     sa, sb, sb2 = segments(a)[::-1], segments(b)[::-1], segments(b2)[::-1]
     for_b = for_b2 = 0.0
     for k in range(max(len(sb), len(sb2))):
         x = sb[k] if k < len(sb) else ""
         y = sb2[k] if k < len(sb2) else ""
-        if x == y:
-            continue
+        if x == y or x.isdigit() and y.isdigit():
+            continue  # two list indices: a name says nothing about which (structure does)
         ref = words(sa[k]) if k < len(sa) else []
         wx, wy = words(x), words(y)
         common = set(wx) & set(wy)
