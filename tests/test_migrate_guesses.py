@@ -261,3 +261,55 @@ def test_an_induced_index_map_is_valid_toml_and_gives_the_same_plan():
     manual = make_plan(_specs(sd), from_module(new), parse_rules(pasted))
     assert manual.verdict == "clean"
     assert sorted((e.srcs, e.dsts) for e in manual.entries) == sorted((e.srcs, e.dsts) for e in auto.entries)
+
+
+# ------------------------------------------------------------------ numeric tie-break
+
+
+class ChainV1(nn.Module):
+    def __init__(self, a: str = "alpha", b: str = "beta", summed: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.summed = a, b, summed
+        setattr(self, a, nn.Linear(4, 4))
+        setattr(self, b, nn.Linear(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = getattr(self, self.a), getattr(self, self.b)
+        return first(x) + second(x) if self.summed else second(torch.relu(first(x)))
+
+
+def ChainV2() -> ChainV1:
+    """alpha → gamma, beta → delta; delta is registered first, and no name shares a word."""
+    m = ChainV1("delta", "gamma")
+    m.a, m.b = "gamma", "delta"
+    return m
+
+
+def SumV1() -> ChainV1:
+    return ChainV1(summed=True)
+
+
+def SumV2() -> ChainV1:
+    return ChainV1("delta", "gamma", summed=True)
+
+
+def test_a_tie_is_decided_numerically_when_exactly_one_assignment_computes_the_old_outputs(tmp_path):
+    src = _save_safetensors(_randomized(ChainV1()).state_dict(), str(tmp_path / "chain.safetensors"))
+    target = "test_migrate_guesses:ChainV2"
+    with pytest.raises(M.PlanBlockedError):  # names and structure alone: a tie
+        M.migrate(src, str(tmp_path / "no"), target, auto=True)
+    numeric = {"old": "test_migrate_guesses:ChainV1", "input_shape": (3, 4)}
+    result = M.migrate(src, str(tmp_path / "out"), target, auto=True, numeric=numeric)
+    assert result.plan.verdict == "clean" and result.numeric_diff <= 1e-6
+    pairs = {e.srcs[0]: e.dsts[0] for e in result.plan.entries}
+    assert pairs["alpha.weight"] == "gamma.weight" and pairs["beta.bias"] == "delta.bias"
+    assert all("decided numerically" in r["why"] for r in result.plan.rules["rules"])
+
+
+def test_a_symmetry_the_probe_cannot_break_stays_undecided(tmp_path):
+    """alpha(x) + beta(x): both assignments compute the same outputs, so neither is chosen."""
+    src = _save_safetensors(_randomized(SumV1()).state_dict(), str(tmp_path / "sum.safetensors"))
+    numeric = {"old": "test_migrate_guesses:SumV1", "input_shape": (3, 4)}
+    with pytest.raises(M.PlanBlockedError) as e:
+        M.migrate(src, str(tmp_path / "out"), "test_migrate_guesses:SumV2", auto=True, numeric=numeric)
+    assert {i.status for i in e.value.plan.issues} == {"AMBIGUOUS"}

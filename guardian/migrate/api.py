@@ -251,9 +251,10 @@ def migrate(
     """
     target = _as_target(to)
     source = load_source(src, component)
-    p = plan_source(
-        source, target, _as_rules(rules), auto=auto, threshold=threshold, accept_guesses=accept_guesses
-    )
+    rules = _as_rules(rules)
+    p = plan_source(source, target, rules, auto=auto, threshold=threshold, accept_guesses=accept_guesses)
+    if p.blocked and auto and numeric and target.factory:
+        p = _break_ties_numerically(p, source, target, rules, numeric, threshold, accept_guesses)
     if p.blocked:
         raise PlanBlockedError(
             f"{src}: migration blocked ({len(p.issues)} unresolved rows, "
@@ -277,6 +278,31 @@ def migrate(
             input_high=numeric.get("input_high"),
         )
     return result
+
+
+def _break_ties_numerically(
+    p: Plan,
+    source: Source,
+    target: Target,
+    rules: Rules,
+    numeric: dict[str, Any],
+    threshold: float,
+    guesses: bool,
+) -> Plan:
+    """Settle tied rows by running both models (probe.py); the decision becomes rules
+    with a ``why``, so the plan and the output's provenance show how it was made."""
+    from .probe import resolve_ties
+
+    decided = resolve_ties(p, source.model, target, numeric)
+    if not decided:
+        return p
+    doc = rules.to_json()
+    doc["rules"] = list(doc["rules"]) + decided
+    again = plan_source(
+        source, target, parse_rules(doc), auto=True, threshold=threshold, accept_guesses=guesses
+    )
+    again.notes.append(f"{len(decided)} tied mapping(s) decided numerically; they are rules in the plan")
+    return again
 
 
 def revert(

@@ -67,13 +67,9 @@ def verify_numeric(
     """
     import torch
 
-    old = _instantiate(old_factory, old_sd)
-    new = _instantiate(new_factory, new_sd)
-    gen = torch.Generator().manual_seed(seed)
-    if input_high is not None:
-        x = torch.randint(0, int(input_high), input_shape, generator=gen)
-    else:
-        x = torch.randn(input_shape, generator=gen)
+    old = instantiate(old_factory, old_sd)
+    new = instantiate(new_factory, new_sd)
+    x = probe_input(input_shape, seed, input_high)
     with torch.no_grad():
         a, b = old(x), new(x)
     diff = float((a - b).abs().max()) if a.shape == b.shape else float("inf")
@@ -85,7 +81,17 @@ def verify_numeric(
     return diff
 
 
-def _instantiate(factory: Any, sd: dict[str, Any]) -> Any:
+def probe_input(input_shape: tuple[int, ...], seed: int = 0, input_high: int | None = None) -> Any:
+    """A seeded probe from a private generator: floats, or integers in [0, input_high)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    if input_high is not None:
+        return torch.randint(0, int(input_high), input_shape, generator=gen)
+    return torch.randn(input_shape, generator=gen)
+
+
+def instantiate(factory: Any, sd: dict[str, Any]) -> Any:
     """Build and load a model without consuming the caller's global RNG (the factory's
     initialisers draw from it, and the weights are overwritten anyway)."""
     import torch
