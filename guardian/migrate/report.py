@@ -151,7 +151,9 @@ def render(plan: Plan, color: bool = False) -> str:
     hints = []
     for r in rows(plan):
         status = r["status"] + (
-            f"({r['confidence']:.2f})" if r["status"] == "SUGGESTED" and r["confidence"] is not None else ""
+            f"({r['confidence']:.2f})"
+            if r["status"] in ("SUGGESTED", "GUESSED") and r["confidence"] is not None
+            else ""
         )
         arrow = f"{r['source'] or '∅'} → {r['target'] or '∅'}"
         table.append(
