@@ -81,6 +81,8 @@ def capture(states: dict[str, tuple[str, Any]]) -> Snapshot:
         # DTensors are tensors too: they must reach the sharded encoder, not put_tensor
         encoder = Encoder(dtensor.is_plain_tensor, put(name), dtensor.encode_ext)
         snap.components[name] = {"kind": kind, "state": encoder.encode(tree, (), name)}
+        if kind == "module" and isinstance(tree, dict):  # state.json sorts keys; keep registration order
+            snap.components[name]["order"] = [k for k in tree if isinstance(k, str)]
     return snap
 
 
