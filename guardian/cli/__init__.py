@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "ls": "guardian.cli.checkpoints:ls",
     "verify": "guardian.cli.checkpoints:verify",
     "inspect": "guardian.cli.checkpoints:inspect_cmd",
+    "export-weights": "guardian.cli.weights:export_weights",
 }
 # Optional groups contributed by other modules (daemon, migrate, export). A module
 # that is not present yet simply contributes nothing.
