@@ -267,12 +267,15 @@ class Saver:
         ]
         doomed = set(self.retention.doomed(listing, self.best))
         # One checkpoint per step: an older checkpoint of the newest one's step holds an
-        # earlier moment of that step and is superseded by it (its reasons were merged in).
+        # earlier moment of that step and is superseded by it when its reasons were merged
+        # in (same position). A best checkpoint taken mid-epoch at the epoch's last step and
+        # the epoch save after it share a step, not a position: both are kept.
         doomed |= {
             c["name"]
             for c in listing
             if c["step"] == newest.step
             and c["seq"] < newest.seq
+            and set(c["reason"]) <= set(newest.reason)  # the newer one carries all its reasons
             and c["name"] not in self.retention.protected
         }
         for c in listing:
