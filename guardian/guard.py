@@ -46,6 +46,7 @@ from typing import Any
 from . import commit, hparams, knobs
 from .distributed import World
 from .errors import EXIT_REQUEUE, CheckpointWriteError, GuardianError, StateMismatchError
+from .history import History
 from .liveness import RunVoice
 from .locking import RunLock
 from .policies import (
@@ -144,6 +145,7 @@ class GuardConfig:
     save_on_exit: bool
     on_save_error: str
     handle_signals: bool
+    tensorboard: bool = False
 
 
 class Guard:
@@ -174,6 +176,7 @@ class Guard:
         )
         self.saver.on_commit = self._note_commit
         self.voice = RunVoice(self.run_dir)
+        self.history = History(self.run_dir, tensorboard=config.tensorboard)  # history.csv: see history/
         self.position = LoopPosition()
         self.policy = PolicyState()
         self.extra: dict[str, Any] = {}
@@ -223,6 +226,8 @@ class Guard:
             for opt in self._optimizers.values():
                 self._hooks.append(opt.register_step_post_hook(self._on_optimizer_step))
             self._resume()
+            progress = self._restored.progress if self._restored else None
+            self.history.start(leader=self.world.is_leader, progress=progress, checkpoint=self.resumed_from)
             if self._preempt:
                 self._preempt.install()
             self.voice.status("running", **self._status_fields(resumed_from=self.resumed_from))
@@ -299,6 +304,7 @@ class Guard:
         if self._preempt:
             self._preempt.uninstall()
         self.saver.close()
+        self.history.close()
         if self._lock:
             self._lock.release()
 
@@ -309,6 +315,7 @@ class Guard:
         when early stopping triggers. The end of each iteration is the epoch boundary."""
         while self.epoch < n and not self.policy.stopped:
             self._in_epoch_body = True
+            self.history.epoch_started()
             yield self.epoch
             self._in_epoch_body = False
             self._end_epoch()
@@ -316,7 +323,7 @@ class Guard:
     def batches(self, loader: Any) -> Iterator[Any]:
         """Iterate the training loader for the current epoch, resuming mid-epoch at the
         sampler level when the run was checkpointed inside this epoch."""
-        return self.position.iterate(loader, self._restore_checkpoint_rng)
+        return self.history.batches(self.position.iterate(loader, self._restore_checkpoint_rng))
 
     def step(self, *, boundary: bool | None = None) -> None:
         """Call after each optimizer step (or each micro-batch: boundaries are detected).
@@ -357,6 +364,7 @@ class Guard:
         if self.world.distributed:  # one decision for all ranks: rank 0's values count
             values = {k: self.world.broadcast_float(v) for k, v in sorted(values.items())}
         self.metrics.update(values)
+        self.history.record(self.global_step, self.epoch, values)  # before a save it may trigger
         self.voice.beat(self.global_step, self.epoch, "eval")
         if self.best and self.best.monitor in values:
             self._monitor_seen = True
@@ -368,6 +376,12 @@ class Guard:
                     self._request_save("best")
         if self._at_exact_point() and self._agree(self._preempt_requested())[0]:
             self._preempt_now(self._take_deferred([]))
+
+    def log(self, **scalars: Any) -> None:
+        """Append scalars (floats or one-element tensors; no graph is kept) to the run's
+        history (``history.csv``; see ``guardian.history``) at the current step — say the
+        training loss, once per step. Unlike ``report()`` it never triggers a save."""
+        self.history.record(self.global_step, self.epoch, {k: to_float(v, k) for k, v in scalars.items()})
 
     def save(self, reason: str = "manual") -> str | None:
         """Ask for a checkpoint now. Taken at once where the program stands at an exact
@@ -488,7 +502,8 @@ class Guard:
     def _collect(self) -> dict[str, tuple[str, Any]]:
         states: dict[str, tuple[str, Any]] = {n: (a.kind, a.state_dict()) for n, a in self.components.items()}
         states["rng"] = ("rng", rng_mod.capture_global())
-        states["progress"] = ("progress", self.position.state_dict())
+        progress = {**self.position.state_dict(), **self.history.state(mid_epoch=self.position.mid_epoch)}
+        states["progress"] = ("progress", progress)
         states["policy"] = ("policy", self.policy.state_dict())
         states["extra"] = ("extra", dict(self.extra))
         return states
@@ -496,6 +511,7 @@ class Guard:
     def _note_commit(self, path: str, manifest: Any) -> None:
         if "best" in manifest.reason:
             self.best_checkpoint = path
+        self.history.committed(path, manifest)
 
     def _busy(self) -> bool:
         return self.world.distributed and self.saver.busy
