@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "ls": "guardian.cli.checkpoints:ls",
     "verify": "guardian.cli.checkpoints:verify",
     "inspect": "guardian.cli.checkpoints:inspect_cmd",
+    "history": "guardian.cli.history:history",
+    "plot": "guardian.cli.history:plot",
 }
 # Optional groups contributed by other modules (daemon, migrate, export). A module
 # that is not present yet simply contributes nothing.
@@ -71,6 +73,7 @@ def main() -> None:
 
     \b
     Checkpoints:  ls, verify, inspect
+    History:      history, plot
     Supervisor:   watch, run, status, logs, stop, service
     Migration:    migrate
     Scale-out:    export
