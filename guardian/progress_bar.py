@@ -19,6 +19,7 @@ rich (tables, markup) — the CLI prints plain text that reads the same piped.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +35,16 @@ def _ignore(_n: int) -> None:
 def on_terminal() -> bool:
     """True when both stdout and stderr are terminals (nothing is piped or redirected)."""
     return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def _width() -> dict[str, Any]:
+    """Follow the terminal's width; a terminal that reports none (a bare pty) gets 80
+    columns — tqdm would otherwise draw an empty bar."""
+    try:
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns
+    except OSError:
+        columns = 0
+    return {"dynamic_ncols": True} if columns else {"ncols": 80}
 
 
 @contextmanager
@@ -57,7 +68,7 @@ def progress_bar(total: int, description: str, *, enabled: bool = True, unit: st
         unit_divisor=1024 if scaled else 1000,
         file=sys.stderr,
         leave=False,
-        dynamic_ncols=True,
+        **_width(),
         mininterval=0.2,
     )
     try:

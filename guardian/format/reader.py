@@ -23,7 +23,6 @@ from .hashing import hash_file, new_hasher
 from .layout import MANIFEST_FILE, STATE_FILE, TENSORS_FILE, parse_checkpoint_name, rank_prefix
 from .tree import tensor_refs
 
-
 Progress = Callable[[int], object]  # told of each n bytes hashed
 
 
