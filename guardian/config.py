@@ -24,3 +24,4 @@ class GuardConfig:
     save_on_exit: bool
     on_save_error: str
     handle_signals: bool
+    tensorboard: bool = False

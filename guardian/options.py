@@ -47,6 +47,7 @@ def protect(
     handle_signals: bool = True,
     writer: Any = None,
     async_save: bool = True,
+    tensorboard: bool = False,
     **components: Any,
 ) -> Guard:
     """Wrap a training loop (see ``guardian.guard`` for the loop API and its rules).
@@ -73,6 +74,9 @@ def protect(
     ``async_save``: True (default) copies the state to a staging buffer at each save and
     persists it in the background; False, or GUARDIAN_ASYNC=0, saves synchronously.
     ``writer`` overrides both.
+    ``tensorboard``: also write the metric history as TensorBoard event files in
+    ``RUN/tensorboard`` (needs ``pip install 'guardian[tensorboard]'``); the history
+    itself, ``RUN/history.csv``, is always kept (docs/history.md).
     """
     _refuse_unknown_options(components)
     dir = dir if dir is not None else knobs.run_dir()
@@ -101,6 +105,7 @@ def protect(
         save_on_exit=save_on_exit,
         on_save_error=on_save_error,
         handle_signals=handle_signals,
+        tensorboard=tensorboard,
     )
     return Guard(trainer, components, config, writer or _default_writer(async_save))
 

@@ -16,6 +16,7 @@ import click
 
 from ..errors import EXIT_INVALID, EXIT_NOT_FOUND, GuardianError
 from ..format import reader
+from ..progress_bar import progress_bar
 
 
 def _fail(message: str, code: int) -> None:
@@ -116,7 +117,10 @@ def verify(path: str, as_json: bool) -> None:
     """
     try:
         path, is_ckpt = reader.resolve(path)
-        infos = [reader.inspect_checkpoint(path)] if is_ckpt else reader.list_checkpoints(path, verify=True)
+        listed = [reader.inspect_checkpoint(path, verify=False)] if is_ckpt else reader.list_checkpoints(path)
+        total = sum(i.manifest.total_bytes for i in listed if i.manifest)
+        with progress_bar(total, "verifying", enabled=not as_json) as advance:
+            infos = [reader.inspect_checkpoint(i.path, progress=advance) for i in listed]
     except GuardianError as e:
         _fail(str(e), e.exit_code)
     if not infos:

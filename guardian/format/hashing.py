@@ -7,7 +7,7 @@ needed because the manifest guards against accidents, not forgery.)
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import xxhash
 
@@ -29,8 +29,11 @@ def hash_chunks(chunks: Iterable[bytes | memoryview]) -> str:
     return h.hexdigest()
 
 
-def hash_file(path: str | os.PathLike[str]) -> tuple[str, int]:
-    """``(hexdigest, size)`` of a file, read in large chunks without following symlinks."""
+def hash_file(
+    path: str | os.PathLike[str], progress: Callable[[int], object] | None = None
+) -> tuple[str, int]:
+    """``(hexdigest, size)`` of a file, read in large chunks without following symlinks.
+    ``progress(n)`` is called after each chunk of ``n`` bytes (a CLI progress bar)."""
     h = new_hasher()
     size = 0
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -43,6 +46,8 @@ def hash_file(path: str | os.PathLike[str]) -> tuple[str, int]:
                 break
             h.update(view[:n])
             size += n
+            if progress is not None:
+                progress(n)
     finally:
         os.close(fd)
     return h.hexdigest(), size

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,8 @@ from . import safetensors_io, strictjson
 from .hashing import hash_file, new_hasher
 from .layout import MANIFEST_FILE, STATE_FILE, TENSORS_FILE, parse_checkpoint_name, rank_prefix
 from .tree import tensor_refs
+
+Progress = Callable[[int], object]  # told of each n bytes hashed
 
 
 @dataclass
@@ -57,16 +59,25 @@ def _candidate_names(run_dir: str) -> Iterator[str]:
             yield name
 
 
-def list_checkpoints(run_dir: str | os.PathLike[str], *, verify: bool = False) -> list[CheckpointInfo]:
-    """All checkpoints of a run, oldest first. ``verify`` re-hashes every file."""
+def list_checkpoints(
+    run_dir: str | os.PathLike[str], *, verify: bool = False, progress: Progress | None = None
+) -> list[CheckpointInfo]:
+    """All checkpoints of a run, oldest first. ``verify`` re-hashes every file;
+    ``progress(n)`` is told of each ``n`` bytes hashed."""
     run_dir = os.fspath(run_dir)
-    infos = [inspect_checkpoint(os.path.join(run_dir, n), verify=verify) for n in _candidate_names(run_dir)]
+    infos = [
+        inspect_checkpoint(os.path.join(run_dir, n), verify=verify, progress=progress)
+        for n in _candidate_names(run_dir)
+    ]
     infos.sort(key=lambda i: i.sort_key)
     return infos
 
 
-def inspect_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> CheckpointInfo:
-    """Check one checkpoint directory; problems are collected, never raised."""
+def inspect_checkpoint(
+    path: str | os.PathLike[str], *, verify: bool = True, progress: Progress | None = None
+) -> CheckpointInfo:
+    """Check one checkpoint directory; problems are collected, never raised.
+    ``progress(n)`` is told of each ``n`` bytes hashed (a CLI progress bar)."""
     path = os.fspath(path)
     info = CheckpointInfo(path=path, name=os.path.basename(path.rstrip("/")), manifest=None)
     try:
@@ -93,15 +104,17 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> 
         # A parser bug must not make one hostile checkpoint crash the whole listing.
         info.problems.append(f"{path}: unreadable manifest ({type(e).__name__}: {e})")
         return info
-    info.problems.extend(_check_files(path, info.manifest, deep=verify))
+    info.problems.extend(_check_files(path, info.manifest, deep=verify, progress=progress))
     info.verified = verify
     return info
 
 
-def _check_files(path: str, man: manifest_mod.Manifest, *, deep: bool) -> list[str]:
+def _check_files(
+    path: str, man: manifest_mod.Manifest, *, deep: bool, progress: Progress | None = None
+) -> list[str]:
     problems = _missing_rank_parts(path, man)
     for rel, entry in sorted(man.files.items()):
-        problems.extend(_check_one_file(path, rel, entry, deep=deep))
+        problems.extend(_check_one_file(path, rel, entry, deep=deep, progress=progress))
     listed = set(man.files) | {MANIFEST_FILE}
     for rel in _walk_files(path):
         if rel not in listed:
@@ -121,7 +134,9 @@ def _missing_rank_parts(path: str, man: manifest_mod.Manifest) -> list[str]:
     ]
 
 
-def _check_one_file(path: str, rel: str, entry: manifest_mod.FileEntry, *, deep: bool) -> list[str]:
+def _check_one_file(
+    path: str, rel: str, entry: manifest_mod.FileEntry, *, deep: bool, progress: Progress | None = None
+) -> list[str]:
     full = os.path.join(path, rel)
     if not rel.endswith((".safetensors", ".json")):
         return [
@@ -139,7 +154,7 @@ def _check_one_file(path: str, rel: str, entry: manifest_mod.FileEntry, *, deep:
     if not deep:
         return []
     try:
-        digest, _ = hash_file(full)
+        digest, _ = hash_file(full, progress)
     except OSError as e:
         return [f"{full}: unreadable ({e.strerror})"]
     if digest != entry.hash:
