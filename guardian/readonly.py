@@ -34,9 +34,10 @@ from .format.layout import STATE_FILE, TENSORS_FILE
 from .format.manifest import Manifest
 from .resume import Resumer
 from .smallfiles import fsync_dir
-from .state import sharded
+from .state import dtensor
 from .state import snapshot as snap_mod
 from .state.discover import discover
+from .state.fileread import preadv_exactly
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +302,7 @@ class CheckpointView(Mapping[str, torch.Tensor]):
             view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
             fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                snap_mod._preadv_exactly(fd, [view], start + e.begin, full)
+                preadv_exactly(fd, [view], start + e.begin, full)
             finally:
                 os.close(fd)
         return out if self.map_location is None else out.to(self.map_location)
@@ -322,7 +323,7 @@ class CheckpointView(Mapping[str, torch.Tensor]):
         raw = reader.load_state_json(self.path, STATE_FILE)["components"]
         if component not in raw:
             raise KeyError(f"{self.path} has no component {component!r}; it holds {sorted(raw)}")
-        decoded = snap_mod.Decoder(self.__getitem__, sharded.decode_ext).decode(
+        decoded = snap_mod.Decoder(self.__getitem__, dtensor.decode_ext).decode(
             raw[component]["state"], component
         )
         return decoded

@@ -309,10 +309,10 @@ class _LightningState:
 def _refuse_what_json_cannot_hold(state: dict[str, Any]) -> None:
     """Name the key of a value that would need pickle, with Lightning's wording."""
     from ..format.tree import Encoder
-    from ..state import sharded
+    from ..state import dtensor
 
     encoder = Encoder(
-        lambda v: isinstance(v, torch.Tensor), lambda parts, t: "/".join(parts), sharded.encode_ext
+        lambda v: isinstance(v, torch.Tensor), lambda parts, t: "/".join(parts), dtensor.encode_ext
     )
     try:
         encoder.encode(state, (), "lightning")
