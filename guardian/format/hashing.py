@@ -30,19 +30,25 @@ def hash_chunks(chunks: Iterable[bytes | memoryview]) -> str:
 
 
 def hash_file(path: str | os.PathLike[str]) -> tuple[str, int]:
-    """``(hexdigest, size)`` of a file, read in large chunks without following symlinks."""
-    h = new_hasher()
-    size = 0
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    """``(hexdigest, size)`` of a file, read in large chunks without following symlinks
+    and without blocking on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = os.readv(fd, [buf])
-            if n == 0:
-                break
-            h.update(view[:n])
-            size += n
+        return hash_fd(fd)
     finally:
         os.close(fd)
+
+
+def hash_fd(fd: int) -> tuple[str, int]:
+    """``(hexdigest, size)`` of an open file, from offset 0 (the offset is not moved)."""
+    h = new_hasher()
+    size = 0
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while True:
+        n = os.preadv(fd, [buf], size)
+        if n == 0:
+            break
+        h.update(view[:n])
+        size += n
     return h.hexdigest(), size

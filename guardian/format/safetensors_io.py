@@ -18,9 +18,11 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
-from . import strictjson
+from . import safeio, strictjson
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_DIMS = 64
+MAX_EXTENT = 2**62  # product of the non-zero dims: torch's stride arithmetic must not overflow
 HEADER_ALIGN = 8
 
 DTYPE_SIZES: dict[str, int] = {
@@ -106,22 +108,31 @@ def plan_layout(
 
 
 def read_layout(path: str | os.PathLike[str]) -> Layout:
-    """Parse and validate a safetensors file's header; never reads tensor data."""
+    """Parse and validate a safetensors file's header; never reads tensor data.
+    The file is opened without following a symlink and without blocking."""
     what = os.fspath(path)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    head, name = os.path.split(what)
     try:
-        size = os.fstat(fd).st_size
-        if size < 8:
-            raise CorruptCheckpointError(f"{what}: {size} bytes is too short for a safetensors file")
-        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-        if n > MAX_HEADER_BYTES or n > size - 8:
-            raise UnsafeCheckpointError(
-                f"{what}: header claims {n} bytes but the file has {size} "
-                "(truncated, corrupt, or not a safetensors file)"
-            )
-        raw = os.pread(fd, n, 8)
+        fd, st = safeio.open_regular(head or ".", name)
+    except FileNotFoundError as e:
+        raise CorruptCheckpointError(f"{what}: missing") from e
+    try:
+        return read_layout_fd(fd, st.st_size, what)
     finally:
         os.close(fd)
+
+
+def read_layout_fd(fd: int, size: int, what: str) -> Layout:
+    """``read_layout`` on an open descriptor of a file of ``size`` bytes."""
+    if size < 8:
+        raise CorruptCheckpointError(f"{what}: {size} bytes is too short for a safetensors file")
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if n > MAX_HEADER_BYTES or n > size - 8:
+        raise UnsafeCheckpointError(
+            f"{what}: header claims {n} bytes but the file has {size} "
+            "(truncated, corrupt, or not a safetensors file)"
+        )
+    raw = os.pread(fd, n, 8)
     if len(raw) != n:
         raise CorruptCheckpointError(f"{what}: header truncated")
     header_obj = strictjson.loads(raw, what=f"{what} (safetensors header)", max_bytes=MAX_HEADER_BYTES)
@@ -164,10 +175,13 @@ def _entry(key: object, value: object, what: str) -> TensorEntry:
     dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
     if dtype not in DTYPE_SIZES:
         raise CorruptCheckpointError(f"{what}: tensor {key!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape)
+        or math.prod(max(d, 1) for d in shape) * DTYPE_SIZES[dtype] > MAX_EXTENT
     ):
-        raise CorruptCheckpointError(f"{what}: tensor {key!r} has an invalid shape {shape!r}")
+        raise CorruptCheckpointError(f"{what}: tensor {key!r} has an invalid shape {str(shape)[:200]}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2

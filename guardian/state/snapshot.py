@@ -137,7 +137,7 @@ def read_tensors(path: str, into: dict[str, torch.Tensor] | None = None) -> dict
                 (layout.data_start + e.begin, memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
             )
         out[e.key] = t
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # deeper readahead when cold
