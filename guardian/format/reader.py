@@ -249,7 +249,11 @@ def state_budget(ckpt_dir: str, state_rel: str = STATE_FILE) -> int:
             os.close(fd)
     except (OSError, GuardianError):
         pass
-    return min(strictjson.MAX_JSON_BYTES, STATE_BASE_BUDGET + STATE_HEADER_FACTOR * header)
+    return state_budget_for_header(header)
+
+
+def state_budget_for_header(header_bytes: int) -> int:
+    return min(strictjson.MAX_JSON_BYTES, STATE_BASE_BUDGET + STATE_HEADER_FACTOR * header_bytes)
 
 
 def load_state_json(ckpt_dir: str, rel: str = STATE_FILE) -> dict[str, Any]:

@@ -17,10 +17,16 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedStateError
 from . import safeio, strictjson
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A header's budget grows with the data it describes: every tensor guardian stores
+# with a non-empty shape has data, and even a checkpoint of one-element tensors with
+# long names needs far less than HEADER_PER_DATA_BYTE header bytes per data byte.
+# Checked from the file size before the header is read; enforced on save too.
+HEADER_BASE_BUDGET = 1 << 20
+HEADER_PER_DATA_BYTE = 64
 MAX_DIMS = 64
 MAX_EXTENT = 2**62  # product of the non-zero dims: torch's stride arithmetic must not overflow
 HEADER_ALIGN = 8
@@ -103,8 +109,18 @@ def plan_layout(
     body = strictjson.dumps(header_obj)
     pad = (-(8 + len(body))) % HEADER_ALIGN
     body += b" " * pad
+    if len(body) > header_budget(offset):
+        raise UnsupportedStateError(
+            f"{len(specs)} tensors holding only {offset} bytes need a {len(body)}-byte safetensors header, "
+            "more than guardian will read back; store many tiny tensors as one larger tensor"
+        )
     header = struct.pack("<Q", len(body)) + body
     return Layout(header=header, entries=tuple(entries), metadata=dict(metadata or {}))
+
+
+def header_budget(data_bytes: int) -> int:
+    """The largest header a file with ``data_bytes`` of tensor data may have."""
+    return min(MAX_HEADER_BYTES, HEADER_BASE_BUDGET + HEADER_PER_DATA_BYTE * data_bytes)
 
 
 def read_layout(path: str | os.PathLike[str]) -> Layout:
@@ -127,7 +143,7 @@ def read_layout_fd(fd: int, size: int, what: str) -> Layout:
     if size < 8:
         raise CorruptCheckpointError(f"{what}: {size} bytes is too short for a safetensors file")
     (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-    if n > MAX_HEADER_BYTES or n > size - 8:
+    if n > size - 8 or n > header_budget(size - 8 - n):
         raise UnsafeCheckpointError(
             f"{what}: header claims {n} bytes but the file has {size} "
             "(truncated, corrupt, or not a safetensors file)"
