@@ -206,7 +206,9 @@ def _aside_root(run_dir: str) -> str:
         if stat.S_ISDIR(mode):
             return candidate
         if n == 0:
-            log.warning("%s is not a directory (a symlink or a file?); setting checkpoints aside elsewhere", candidate)
+            log.warning(
+                "%s is not a directory (a symlink or a file?); setting checkpoints aside elsewhere", candidate
+            )
     raise CheckpointWriteError(
         f"cannot set a checkpoint aside in {run_dir}: '{SET_ASIDE_DIR}' and its alternatives are taken "
         "by files or links; remove them"

@@ -56,7 +56,9 @@ def _read(path: str) -> dict[str, Any] | None:
     """A status file, or None when absent, oversized, not a regular file (a FIFO
     would block a reader forever) or not a JSON object."""
     try:
-        data = safeio.read_bounded(os.path.dirname(path) or ".", os.path.basename(path), MAX_RUN_FILE_BYTES, "run file")
+        data = safeio.read_bounded(
+            os.path.dirname(path) or ".", os.path.basename(path), MAX_RUN_FILE_BYTES, "run file"
+        )
     except (FileNotFoundError, GuardianError):
         return None
     try:

@@ -39,7 +39,12 @@ from guardian.format.layout import MANIFEST_FILE, STATE_FILE, TENSORS_FILE, chec
 OLD, NEW = checkpoint_name(2), checkpoint_name(4)
 TESTS = os.path.dirname(os.path.abspath(__file__))
 CLI = [sys.executable, "-c", "from guardian.cli import main; main(prog_name='guardian')"]
-READERS = {"verify": ["verify"], "ls": ["ls"], "ls_json": ["ls", "--json"], "inspect_json": ["inspect", "--json"]}
+READERS = {
+    "verify": ["verify"],
+    "ls": ["ls"],
+    "ls_json": ["ls", "--json"],
+    "inspect_json": ["inspect", "--json"],
+}
 CLI_TIMEOUT = 60
 PARALLEL = 4
 RSS_SLACK = 24 << 20  # the 8 MiB hash buffer and the 1 MiB base budgets, with room to spare
@@ -158,7 +163,9 @@ def _component_symlink(run: str, outside: str) -> None:
     shutil.copy(_new(run, STATE_FILE), os.path.join(outside, "victim_dir", STATE_FILE))
     os.symlink(os.path.join(outside, "victim_dir"), _new(run, "sub"))
     digest, size = hash_file(_new(run, STATE_FILE))
-    _edit_manifest(_new(run), lambda m: m["files"].__setitem__("sub/" + STATE_FILE, {"bytes": size, "hash": digest}))
+    _edit_manifest(
+        _new(run), lambda m: m["files"].__setitem__("sub/" + STATE_FILE, {"bytes": size, "hash": digest})
+    )
 
 
 def _checkpoint_symlink(run: str, outside: str) -> None:
@@ -246,18 +253,30 @@ CASES = [
     Case(
         "manifest_symlink_outside",
         REFUSED,
-        lambda r, o: (shutil.copy(_new(r, MANIFEST_FILE), _victim(o)), _replace(_new(r, MANIFEST_FILE), lambda p: os.symlink(_victim(o), p))),
+        lambda r, o: (
+            shutil.copy(_new(r, MANIFEST_FILE), _victim(o)),
+            _replace(_new(r, MANIFEST_FILE), lambda p: os.symlink(_victim(o), p)),
+        ),
     ),
     Case(
         "state_symlink_outside",
         REFUSED,
-        lambda r, o: (shutil.copy(_new(r, STATE_FILE), _victim(o)), _replace(_new(r, STATE_FILE), lambda p: os.symlink(_victim(o), p))),
+        lambda r, o: (
+            shutil.copy(_new(r, STATE_FILE), _victim(o)),
+            _replace(_new(r, STATE_FILE), lambda p: os.symlink(_victim(o), p)),
+        ),
     ),
-    Case("state_symlink_dev_zero", REFUSED, lambda r, o: _replace(_new(r, STATE_FILE), lambda p: os.symlink("/dev/zero", p))),
+    Case(
+        "state_symlink_dev_zero",
+        REFUSED,
+        lambda r, o: _replace(_new(r, STATE_FILE), lambda p: os.symlink("/dev/zero", p)),
+    ),
     Case("path_component_symlink", REFUSED, _component_symlink),
     Case("checkpoint_symlink_outside", REFUSED, _checkpoint_symlink),
     # memory
-    Case("manifest_30mb_tiny_lists", REFUSED, lambda r, o: _write(_new(r, MANIFEST_FILE), _tiny_lists(30 * MB))),
+    Case(
+        "manifest_30mb_tiny_lists", REFUSED, lambda r, o: _write(_new(r, MANIFEST_FILE), _tiny_lists(30 * MB))
+    ),
     Case("manifest_200mb", REFUSED, lambda r, o: _sparse(_new(r, MANIFEST_FILE), 200 * MB, b'{"x":"')),
     Case(
         "header_30mb_tiny_lists",
@@ -270,7 +289,10 @@ CASES = [
     Case(
         "header_200mb",
         REFUSED,
-        lambda r, o: (_sparse(_new(r, TENSORS_FILE), 200 * MB + 8, struct.pack("<Q", 200 * MB)), _rehash(_new(r), TENSORS_FILE)),
+        lambda r, o: (
+            _sparse(_new(r, TENSORS_FILE), 200 * MB + 8, struct.pack("<Q", 200 * MB)),
+            _rehash(_new(r), TENSORS_FILE),
+        ),
     ),
     Case(
         "state_30mb_tiny_lists",
@@ -314,14 +336,21 @@ CASES = [
     Case(
         "lock_symlink_outside",
         PROTECT_REFUSES,
-        lambda r, o: (_write(_victim(o), b"precious"), _replace(os.path.join(r, ".lock"), lambda p: os.symlink(_victim(o), p))),
+        lambda r, o: (
+            _write(_victim(o), b"precious"),
+            _replace(os.path.join(r, ".lock"), lambda p: os.symlink(_victim(o), p)),
+        ),
     ),
     Case(
         "lock_dangling_symlink_outside",
         PROTECT_REFUSES,
         lambda r, o: _replace(os.path.join(r, ".lock"), lambda p: os.symlink(os.path.join(o, "created"), p)),
     ),
-    Case("set_aside_symlink_outside", REFUSED, _set_aside_trap(lambda p, o: os.symlink(os.path.join(o, "victim_dir"), p))),
+    Case(
+        "set_aside_symlink_outside",
+        REFUSED,
+        _set_aside_trap(lambda p, o: os.symlink(os.path.join(o, "victim_dir"), p)),
+    ),
     Case("set_aside_regular_file", REFUSED, _set_aside_trap(lambda p, o: _write(p, b"x"))),
     Case("stale_entries_links_and_files", RUN_OK, _stale_entries),
     # names
@@ -342,7 +371,11 @@ CASES = [
     ),
     Case("global_step_negative", FORGED, _state_tree(_progress("global_step", -5))),
     Case("epoch_string", FORGED, _state_tree(_progress("epoch", "0"))),
-    Case("policy_wrong_type", FORGED, _state_tree(lambda c: c["policy"]["state"].__setitem__("bad_epochs", "x"))),
+    Case(
+        "policy_wrong_type",
+        FORGED,
+        _state_tree(lambda c: c["policy"]["state"].__setitem__("bad_epochs", "x")),
+    ),
     Case(
         "extra_holds_tensor",
         FORGED,
@@ -350,7 +383,9 @@ CASES = [
     ),
     Case("optimizer_shape_swapped", FORGED, _header(_shape_swap)),
     Case("model_dtype_swapped_f32_i32", FORGED, _header(_dtype("model/0.weight", "I32"))),
-    Case("optimizer_dtype_swapped_f32_i32", FORGED, _header(_dtype("optimizer/state/0.weight/exp_avg", "I32"))),
+    Case(
+        "optimizer_dtype_swapped_f32_i32", FORGED, _header(_dtype("optimizer/state/0.weight/exp_avg", "I32"))
+    ),
 ]
 CASE_BY_NAME = {c.name: c for c in CASES}
 
@@ -441,7 +476,9 @@ def _run_cli(jobs: list[tuple[str, list[str]]], workdir: str) -> dict[str, Resul
                 code = os.waitstatus_to_exitcode(status)
             proc.returncode = code if code is not None else -9  # reaped here, not by Popen
             with open(out, "rb") as fo, open(err, "rb") as fe:
-                results[key] = Result(code, fo.read(), fe.read(), usage.ru_maxrss * 1024, time.monotonic() - started)
+                results[key] = Result(
+                    code, fo.read(), fe.read(), usage.ru_maxrss * 1024, time.monotonic() - started
+                )
             del running[pid]
         time.sleep(0.01)  # polling interval of the loop, not a wait for an outcome
     return results
@@ -514,8 +551,10 @@ def suite(template, tmp_path_factory):
     resumed = _run_resumes(list(runs.values()))
     watch.drain()
     watch.close()
-    print(f"\nhostile suite: {len(CASES)} cases x {len(READERS)} CLI readers in {cli_seconds:.1f} s, resumes in "
-          f"{time.monotonic() - started - cli_seconds:.1f} s")
+    print(
+        f"\nhostile suite: {len(CASES)} cases x {len(READERS)} CLI readers in {cli_seconds:.1f} s, resumes in "
+        f"{time.monotonic() - started - cli_seconds:.1f} s"
+    )
     yield {
         "runs": runs,
         "cli": cli,

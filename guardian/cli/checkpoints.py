@@ -192,7 +192,10 @@ def inspect_cmd(path: str, as_json: bool) -> None:
         if info is None:
             _fail(f"no valid checkpoint in {path}", EXIT_NOT_FOUND)
         if not info.valid:
-            _fail(f"{path} is not a valid checkpoint:\n  " + "\n  ".join(map(_line, info.problems)), EXIT_INVALID)
+            _fail(
+                f"{path} is not a valid checkpoint:\n  " + "\n  ".join(map(_line, info.problems)),
+                EXIT_INVALID,
+            )
         components = reader.component_summaries(info.path, info.manifest)
     except GuardianError as e:
         _fail(str(e), e.exit_code)

@@ -109,7 +109,9 @@ def parse(data: bytes, what: str) -> Manifest:
     if not isinstance(obj, dict):
         raise CorruptCheckpointError(f"{what}: manifest is not a JSON object")
     if obj.get("format") != FORMAT_ID:
-        raise CorruptCheckpointError(f"{what}: not a guardian manifest (format={str(obj.get('format'))[:80]!r})")
+        raise CorruptCheckpointError(
+            f"{what}: not a guardian manifest (format={str(obj.get('format'))[:80]!r})"
+        )
     version = obj.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CorruptCheckpointError(f"{what}: invalid format version {str(version)[:40]!r}")

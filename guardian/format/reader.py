@@ -154,7 +154,9 @@ def _check_one_file(path: str, rel: str, entry: manifest_mod.FileEntry, *, deep:
         return [str(e)]
     try:
         if st.st_size != entry.bytes:
-            return [f"{full}: size {st.st_size} bytes, manifest says {entry.bytes} (truncated or overwritten)"]
+            return [
+                f"{full}: size {st.st_size} bytes, manifest says {entry.bytes} (truncated or overwritten)"
+            ]
         if not deep:
             return []
         try:
@@ -182,7 +184,9 @@ def _parse_payload(fd: int, size: int, ckpt_dir: str, rel: str) -> None:
     elif rel.endswith(".json"):
         limit = state_budget(ckpt_dir, rel) if rel.endswith(STATE_FILE) else strictjson.MAX_JSON_BYTES
         if size > limit:
-            raise CorruptCheckpointError(f"{full}: {size} bytes is more than this checkpoint's state can need")
+            raise CorruptCheckpointError(
+                f"{full}: {size} bytes is more than this checkpoint's state can need"
+            )
         strictjson.loads(safeio.read_fd(fd, size, full), what=full)
 
 
@@ -295,7 +299,9 @@ def component_summaries(ckpt_dir: str, man: manifest_mod.Manifest) -> dict[str, 
     return out
 
 
-def _component_summary(comp: Any, entries: dict, tensor_path: str, layout: Any, opener: Any) -> dict[str, Any]:
+def _component_summary(
+    comp: Any, entries: dict, tensor_path: str, layout: Any, opener: Any
+) -> dict[str, Any]:
     if not isinstance(comp, dict) or "state" not in comp:
         raise CorruptCheckpointError(f"{tensor_path}: malformed component entry")
     h = new_hasher()

@@ -54,11 +54,11 @@ class ModuleState:
 
 def _check_module_values(state: Any, live: dict[str, Any], where: str) -> None:
     if not isinstance(state, dict):
-        raise CorruptCheckpointError(f"the checkpoint's {where!r} is a {type(state).__name__}, not a state dict")
+        raise CorruptCheckpointError(
+            f"the checkpoint's {where!r} is a {type(state).__name__}, not a state dict"
+        )
     bad = [
-        k
-        for k, v in state.items()
-        if not isinstance(v, torch.Tensor) and not str(k).endswith("_extra_state")
+        k for k, v in state.items() if not isinstance(v, torch.Tensor) and not str(k).endswith("_extra_state")
     ]
     swapped = [
         f"{k}: stored {state[k].dtype}, model {live[k].dtype}"
@@ -183,7 +183,9 @@ def check_optimizer_structure(state: Any, where: str) -> None:
     elif not isinstance(state.get("param_groups"), list):
         problem = f"has param_groups of type {type(state.get('param_groups')).__name__}, not a list"
     elif not all(
-        isinstance(g, dict) and isinstance(g.get("params"), list) and all(isinstance(n, str) for n in g["params"])
+        isinstance(g, dict)
+        and isinstance(g.get("params"), list)
+        and all(isinstance(n, str) for n in g["params"])
         for g in state["param_groups"]
     ):
         problem = "has a param group without a list of parameter names"

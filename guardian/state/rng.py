@@ -96,7 +96,7 @@ class GeneratorState:
 
         if not isinstance(state, dict) or len(state) != 1:
             raise CorruptCheckpointError(f"the checkpoint's {where!r} is not a generator state")
-        (saved_kind, value), = state.items()
+        ((saved_kind, value),) = state.items()
         live_kind = next(iter(self.state_dict()))
         if saved_kind != live_kind:
             raise StateMismatchError(
@@ -110,7 +110,9 @@ class GeneratorState:
             "python": validate.python_state_problems,
         }[saved_kind](value)
         if problems:
-            raise CorruptCheckpointError(f"the checkpoint's {where!r} {saved_kind} state " + "; ".join(problems))
+            raise CorruptCheckpointError(
+                f"the checkpoint's {where!r} {saved_kind} state " + "; ".join(problems)
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         g = self.gen

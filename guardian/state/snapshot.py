@@ -54,7 +54,9 @@ class Snapshot:
     def state_json(self) -> bytes:
         """The state file; refused here if a reader would refuse it (its budget grows
         with the tensor header, see ``reader.state_budget``)."""
-        data = strictjson.dumps({"format": FORMAT_ID, "version": FORMAT_VERSION, "components": self.components})
+        data = strictjson.dumps(
+            {"format": FORMAT_ID, "version": FORMAT_VERSION, "components": self.components}
+        )
         limit = reader.state_budget_for_header(len(self.layout().header) - 8)
         if len(data) > limit:
             raise UnsupportedStateError(

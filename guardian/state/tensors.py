@@ -99,7 +99,12 @@ def plain_numpy_dtype(spec: Any) -> np.dtype:
     if not isinstance(spec, str) or len(spec) > 8:
         raise ValueError(f"not a plain dtype: {str(spec)[:40]!r}")
     dtype = np.dtype(spec)
-    if dtype.kind not in "biufc" or dtype.subdtype is not None or dtype.fields or dtype.itemsize > MAX_NUMPY_ITEMSIZE:
+    if (
+        dtype.kind not in "biufc"
+        or dtype.subdtype is not None
+        or dtype.fields
+        or dtype.itemsize > MAX_NUMPY_ITEMSIZE
+    ):
         raise ValueError(f"not a plain numeric dtype: {spec!r}")
     return dtype
 

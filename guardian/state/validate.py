@@ -96,7 +96,9 @@ def _check_progress(tree: Any) -> list[str]:
         if not isinstance(start, dict):
             problems.append("epoch_start is not an object")
         else:
-            problems += [f"epoch_start.torch {p}" for p in generator_state_problems(start.get("torch"), "cpu")]
+            problems += [
+                f"epoch_start.torch {p}" for p in generator_state_problems(start.get("torch"), "cpu")
+            ]
             problems += _generator_list(start.get("generators"), "epoch_start.generators", allow_none=False)
     problems += _generator_list(tree.get("loader_generators"), "loader_generators", allow_none=True)
     return problems
@@ -192,7 +194,9 @@ def _check_rng(tree: Any) -> list[str]:
         if not isinstance(cuda, list):
             problems.append(f"cuda is {_show(cuda)}, not a list")
         else:
-            problems += [f"cuda[{i}] {p}" for i, s in enumerate(cuda) for p in generator_state_problems(s, "cuda")]
+            problems += [
+                f"cuda[{i}] {p}" for i, s in enumerate(cuda) for p in generator_state_problems(s, "cuda")
+            ]
     return problems
 
 
