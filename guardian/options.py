@@ -11,17 +11,14 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
-from typing import Any, Literal
+from typing import Any
 
 from . import knobs
-from .config import GuardConfig
+from .config import GuardConfig, OnSaveError
 from .guard import Guard
-from .policies import BestMetric, EarlyStopping, Retention, SaveSchedule
+from .policies import BestMetric, EarlyStopping, Mode, Retention, SaveSchedule
 from .state.discover import is_training_object
-from .writer import SyncWriter
-
-OnSaveError = Literal["raise", "warn"]
-Mode = Literal["min", "max"]
+from .writer import SyncWriter, Writer
 
 
 def protect(
@@ -45,7 +42,7 @@ def protect(
     save_on_exit: bool = True,
     on_save_error: OnSaveError = "raise",
     handle_signals: bool = True,
-    writer: Any = None,
+    writer: Writer | None = None,
     async_save: bool = True,
     tensorboard: bool = False,
     **components: Any,
@@ -110,7 +107,7 @@ def protect(
     return Guard(trainer, components, config, writer or _default_writer(async_save))
 
 
-def _default_writer(async_save: bool) -> Any:
+def _default_writer(async_save: bool) -> Writer:
     if async_save and knobs.async_save():
         from .async_writer import AsyncWriter
 

@@ -31,7 +31,7 @@ from .state import dtensor
 from .state import rng as rng_mod
 from .state import snapshot as snap_mod
 from .state.components import Stateful
-from .writer import SyncWriter
+from .writer import SyncWriter, Writer
 
 
 def best_checkpoint(run_dir: str) -> str | None:
@@ -98,7 +98,7 @@ class SaveRequests:
 
 
 class Saver:
-    def __init__(self, config: GuardConfig, components: dict[str, Stateful], writer: Any) -> None:
+    def __init__(self, config: GuardConfig, components: dict[str, Stateful], writer: Writer) -> None:
         self.run_dir = config.run_dir
         self.components = components
         self.writer = writer
