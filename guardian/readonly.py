@@ -107,7 +107,7 @@ def _refusal(path: str, which: str, refused: list[tuple[str, str]]) -> CorruptCh
 def choose_verified(path: str | os.PathLike[str], which: str = "latest") -> reader.CheckpointInfo:
     """The newest checkpoint ``which`` names whose every file verifies (read-only)."""
     path = os.fspath(path)
-    refused = []
+    refused: list[tuple[str, str]] = []
     for info in _candidates(path, which):
         checked = reader.inspect_checkpoint(info.path, verify=True)
         if checked.format_error is not None:
