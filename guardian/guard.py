@@ -46,6 +46,7 @@ from typing import Any
 from . import commit, hparams, knobs
 from .distributed import World
 from .errors import EXIT_REQUEUE, CheckpointWriteError, GuardianError, StateMismatchError
+from .faults import fault_point
 from .liveness import RunVoice
 from .locking import RunLock
 from .policies import (
@@ -66,6 +67,7 @@ from .state import rng as rng_mod
 from .state.components import OptimizerState
 from .state.data import loader_generators
 from .state.discover import describe, discover
+from .worker_signals import is_worker_death
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +278,8 @@ class Guard:
         if self._preempting and isinstance(exc, SystemExit):
             self.voice.status_best_effort("preempted", **self._status_fields(exit_code=exc.code))
             return
+        if self._preempt_requested() and is_worker_death(exc):
+            self._requeue_without_checkpoint(exc)
         error = {"type": exc_type.__name__, "message": str(exc)[:2000]}
         self.voice.status_best_effort("failed", **self._status_fields(error=error))
         log.error(
@@ -283,6 +287,24 @@ class Guard:
             exc_type.__name__,
             self.last_checkpoint or "none",
         )
+
+    def _requeue_without_checkpoint(self, exc: BaseException | None) -> None:
+        """A preemption signal also killed the workers of a loader guardian did not
+        start (one the program iterates itself, e.g. for evaluation) before the next
+        exact point: no checkpoint can be taken, but this is a preemption, not a crash."""
+        assert self._preempt is not None
+        code = self._preempt.exit_code
+        log.warning(
+            "signal %s received and a DataLoader worker died of it before a checkpoint could be "
+            "taken (%s); exiting %d — the run restarts from %s. Iterate loaders through "
+            "g.batches() to have their workers leave the signal to this process.",
+            self._preempt.signum,
+            exc,
+            code,
+            self.last_checkpoint or "the beginning",
+        )
+        self.voice.status_best_effort("preempted", **self._status_fields(exit_code=code))
+        raise SystemExit(code) from exc
 
     def _status_fields(self, **fields: Any) -> dict[str, Any]:
         return {
@@ -344,6 +366,7 @@ class Guard:
             self._preempt_now(self._take_deferred(reasons))
         if reasons or self._deferred:
             self._save_now(self._take_deferred(reasons))
+            fault_point("step.after_save")  # submitted; an async save may still be in flight
         elif not self._staging_reserved:
             self._staging_reserved = True
             self.saver.reserve(self._collect())
