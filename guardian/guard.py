@@ -43,6 +43,7 @@ from . import commit, hparams
 from .config import GuardConfig
 from .distributed import World
 from .errors import EXIT_REQUEUE, GuardianError
+from .faults import fault_point
 from .history import History
 from .liveness import RunVoice
 from .locking import RunLock
@@ -58,6 +59,7 @@ from .rundir import take_run_dir
 from .saving import SaveFacts, Saver, SaveRequests
 from .state.components import OptimizerState
 from .state.discover import describe, discover
+from .worker_signals import is_worker_death
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +165,30 @@ class Guard:
         if self._preempting and isinstance(exc, SystemExit):
             self.voice.status_best_effort("preempted", **self._status_fields(exit_code=exc.code))
             return
+        if self._preempt_requested() and is_worker_death(exc):
+            self._requeue_without_checkpoint(exc)
         error = {"type": exc_type.__name__, "message": str(exc)[:2000]}
         self.voice.status_best_effort("failed", **self._status_fields(error=error))
         last = self.last_checkpoint or "none"
         log.error("training raised %s; the last good checkpoint is %s", exc_type.__name__, last)
+
+    def _requeue_without_checkpoint(self, exc: BaseException | None) -> None:
+        """A preemption signal also killed the workers of a loader guardian did not
+        start (one the program iterates itself, e.g. for evaluation) before the next
+        exact point: no checkpoint can be taken, but this is a preemption, not a crash."""
+        assert self._preempt is not None
+        code = self._preempt.exit_code
+        log.warning(
+            "signal %s received and a DataLoader worker died of it before a checkpoint could be "
+            "taken (%s); exiting %d — the run restarts from %s. Iterate loaders through "
+            "g.batches() to have their workers leave the signal to this process.",
+            self._preempt.signum,
+            exc,
+            code,
+            self.last_checkpoint or "the beginning",
+        )
+        self.voice.status_best_effort("preempted", **self._status_fields(exit_code=code))
+        raise SystemExit(code) from exc
 
     def _status_fields(self, **fields: Any) -> dict[str, Any]:
         return dict(step=self.global_step, epoch=self.epoch, last_checkpoint=self.last_checkpoint, **fields)
@@ -218,6 +240,7 @@ class Guard:
             self._preempt_now(self.requests.take(reasons))
         if reasons or self.requests.pending:
             self._save_now(self.requests.take(reasons))
+            fault_point("step.after_save")  # submitted; an async save may still be in flight
         else:
             self.saver.reserve_once(self._collect)
 

@@ -290,6 +290,7 @@ class StagedImage:
     """
 
     NOTIFY_EVERY = 4 * 1024 * 1024  # wake the writer at most once per 4 MiB staged
+    STAGER_CHECK = 1.0  # seconds between two looks at whether the stager still exists
 
     def __init__(self, view: memoryview) -> None:
         self.view = view
@@ -298,6 +299,7 @@ class StagedImage:
         self._told = 0
         self._error: BaseException | None = None
         self._cond = threading.Condition()
+        self._stager = threading.current_thread()  # the thread that fills the image
 
     @property
     def complete(self) -> bool:
@@ -325,6 +327,10 @@ class StagedImage:
             return
         with self._cond:
             while self._staged < end and self._error is None:
-                self._cond.wait()
+                # Fail-safe: a stager that is gone (the interpreter is exiting, its main
+                # thread already stopped) will never finish; waiting would keep the
+                # non-daemon writer thread, and so the process, alive forever.
+                if not self._cond.wait(timeout=self.STAGER_CHECK) and not self._stager.is_alive():
+                    self._error = RuntimeError(f"{self._stager.name} ended while the save was being staged")
             if self._error is not None:
                 raise StagingAborted(str(self._error))
