@@ -232,6 +232,8 @@ class Program:
             self.killer.check("fetched", g)
             last = g.batch_in_epoch == len(loader)
             loss = nn.functional.cross_entropy(self.model(xb), yb) / s["accumulate"]
+            if s.get("unseeded_noise"):  # a rule-5 violation the harness must catch (its own test)
+                loss = loss * (1 + 1e-3 * random.Random(os.urandom(8)).random())
             loss.backward()
             train_loss = loss.detach() * s["accumulate"]
             if s["extra"]:

@@ -390,10 +390,40 @@ def summarize(outcomes: list[Outcome], seconds: float, spawn: str) -> dict[str, 
         "exact": sum(1 for o in outcomes if not o.problems),
         "inexact": sum(1 for o in outcomes if o.inexact),
         "failures": failures,
+        "results": [
+            {"seed": o.program["seed"], "kills": o.kills, "runs": o.runs, "exact": not o.problems}
+            for o in outcomes
+        ],
         "seconds": round(seconds, 1),
         "seconds_per_run": round(sum(runs) / len(runs), 3) if runs else None,
         "spawn": spawn,
     }
+
+
+def shrink(failure: dict[str, Any], spawn: str) -> dict[str, Any]:
+    """The smallest program one feature at a time away from a failing one (see
+    loopshape_minimize.py), with what it still gets wrong."""
+    from loopshape_minimize import minimize
+
+    program = {"seed": failure["seed"], "shape": failure["shape"], "kills": failure["kills"]}
+    work = tempfile.mkdtemp(prefix="loopshapes-min-")
+    last: list[Outcome] = []
+
+    def fails(candidate: dict[str, Any]) -> bool:
+        outcome = run_all([candidate], work, 2, spawn, progress=False)[0]
+        if outcome.problems:
+            last[:] = [outcome]
+        return bool(outcome.problems)
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    say(f"minimizing seed {failure['seed']}")
+    try:
+        small = minimize(program, fails, say)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"seed": failure["seed"], "program": small, "what": last[0].problems if last else failure["what"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spawn", choices=("fork", "fresh"), default="fork")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, run directories)")
+    p.add_argument(
+        "--minimize",
+        action="store_true",
+        help="shrink each failing program to a smallest one that still fails",
+    )
     a = p.parse_args(argv)
     if a.program:
         programs = [parse_program(x) for x in a.program]
@@ -424,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(outcomes, time.monotonic() - t0, a.spawn)
     if a.keep:
         summary["work"] = work
+    if a.minimize:
+        summary["minimized"] = [shrink(f, a.spawn) for f in summary["failures"]]
     print(json.dumps(summary) if a.json else json.dumps(summary, indent=1))
     return 0 if not summary["failures"] else 1
 
