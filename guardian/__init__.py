@@ -14,6 +14,7 @@ and the daemon) stays fast and never touches CUDA.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -34,7 +35,8 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .guard import Guard, protect
+    from .guard import Guard
+    from .options import protect
 
 __all__ = [
     "__version__",
@@ -55,7 +57,11 @@ __all__ = [
     "UnsupportedStateError",
 ]
 
-_LAZY = {"protect": "guardian.guard", "Guard": "guardian.guard"}
+_LAZY = {"protect": "guardian.options", "Guard": "guardian.guard"}
+
+# A library's logging stays silent unless asked: a NullHandler here, and protect()
+# adds a stderr handler that steps aside once the application configures logging.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> Any:

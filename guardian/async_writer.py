@@ -36,7 +36,7 @@ import torch
 
 from .background import BackgroundSave
 from .commit import CheckpointTxn, check_free_space
-from .direct_io import image_writer, lower_thread_priority
+from .direct_io import image_writer
 from .format.layout import STATE_FILE, TENSORS_FILE, checkpoint_name, parse_checkpoint_name, rank_prefix
 from .format.manifest import Manifest
 from .staging import (
@@ -48,6 +48,7 @@ from .staging import (
     wait_for_device_copies,
 )
 from .state.snapshot import Snapshot
+from .threads import lower_thread_priority
 from .writer import SPACE_MARGIN, SPACE_SLACK, Committed
 
 log = logging.getLogger("guardian")

@@ -25,37 +25,15 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from . import fsops, knobs
 from .staging import ALIGN, StagedImage
+from .threads import lower_thread_priority
 
 CHUNK = 64 * 1024 * 1024
 _DIRECT_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
-
-
-def lower_thread_priority() -> None:
-    """Make the *calling* thread the lowest-priority CPU user (nice 19); call it first
-    thing in every background thread of a save.
-
-    Why: with few cores the persist work (the writer's syscalls, the hash) competes
-    with the training loop's own threads; at nice 0 it slowed a 2-thread foreground
-    matmul loop by ~35 % on this 2-vCPU VM, at nice 19 the scheduler gives the
-    trainer the CPU whenever both want it, and the persist runs in the gaps (it is
-    mostly waiting on the disk anyway). On Linux a thread id passed to
-    ``setpriority(PRIO_PROCESS, tid)`` changes only that thread (the trainer keeps its
-    priority); threads it starts inherit the value. Elsewhere, or where refused, this
-    is a no-op: the save is still correct, only less polite.
-    """
-    nice = knobs.background_nice()
-    if nice is None:
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (OSError, AttributeError):
-        pass
 
 
 def image_writer(path: str, *, chunk: int = CHUNK, direct: bool | None = None) -> Callable:

@@ -121,8 +121,8 @@ class DistributedAsyncWriter(BackgroundSave):
         own: Snapshot,
         on_committed: Committed,
     ) -> None:
-        from .direct_io import lower_thread_priority
         from .dist_commit import save_distributed
+        from .threads import lower_thread_priority
 
         lower_thread_priority()  # the trainer runs again; it gets the CPU first
         try:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger("guardian")
+log = logging.getLogger(__name__)
 
 # Handles of finished collectives, kept alive on purpose. A gloo worker thread holds
 # its own reference to each work item and drops it just after the work completes. If
@@ -119,6 +119,21 @@ class World:
 
     def barrier(self) -> None:
         self.all_max([0])
+
+    def any_of(self, *flags: bool) -> list[bool]:
+        """Rank-local facts (a signal, a wall clock) become one decision for all ranks:
+        if any rank saw it, every rank acts on it at this same step."""
+        return [bool(v) for v in self.all_max([int(f) for f in flags])]
+
+    def leave(self) -> None:
+        """Every rank has saved and is about to exit: tear the process group down in step
+        on all ranks. A rank that exits while a peer's communication threads still hold
+        connections to it makes that peer abort (SIGABRT) instead of exiting cleanly."""
+        if not self.distributed:
+            return
+        self.barrier()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     def agree_ok(self, ok: bool) -> bool:
         """True on every rank iff it was True on every rank."""

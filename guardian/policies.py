@@ -48,12 +48,13 @@ class SaveSchedule:
             if v is not None and v <= 0:
                 raise ValueError(f"{name} must be positive or None, got {v}")
 
-    def step_reason(self, steps_since_save: int, seconds_since_save: float) -> str | None:
-        if self.every_steps and steps_since_save >= self.every_steps:
-            return "steps"
-        if self.every_seconds and seconds_since_save >= self.every_seconds:
-            return "seconds"
-        return None
+    def steps_due(self, global_step: int) -> bool:
+        """Step saves fall on multiples of ``every_steps`` (5, 10, 15 … for 5), whatever
+        else was saved in between: a schedule a user can predict and a supervisor check."""
+        return bool(self.every_steps) and global_step % self.every_steps == 0
+
+    def seconds_due(self, seconds_since_save: float) -> bool:
+        return bool(self.every_seconds) and seconds_since_save >= self.every_seconds
 
     def epoch_due(self, epochs_completed: int) -> bool:
         return bool(self.every_epochs) and epochs_completed % self.every_epochs == 0
@@ -89,11 +90,12 @@ class BestMetric:
 
 @dataclass
 class EarlyStopping:
-    """Stop after ``patience`` epochs without improvement of the monitored metric."""
+    """Stop after ``patience`` consecutive epochs without improvement of the monitored
+    metric — the Keras/Lightning meaning: ``patience=2`` stops at the end of the second
+    epoch in a row that did not improve (before 0.2 it was the third)."""
 
     patience: int
     min_delta: float = 0.0
-    restore_best: bool = True
 
     def __post_init__(self) -> None:
         if self.patience < 0:
@@ -132,7 +134,7 @@ def early_stopping_update(
         st.bad_epochs = 0
     else:
         st.bad_epochs += 1
-        if st.bad_epochs > stop.patience:
+        if st.bad_epochs >= max(stop.patience, 1):
             st.stopped = True
 
 

@@ -260,7 +260,7 @@ class _PageToucher:
     def run_quietly(self) -> None:
         """The background thread's body: lowest priority; a failure only means pages
         fault later, during a copy."""
-        from .direct_io import lower_thread_priority
+        from .threads import lower_thread_priority
 
         lower_thread_priority()
         try:

@@ -41,7 +41,7 @@ from guardian.format import reader  # noqa: E402
 from guardian.runfiles import read_heartbeat  # noqa: E402
 
 JOB = os.path.join(ROOT, "tests", "trainlib.py")
-SAVED = re.compile(r"guardian: saved (step-\d+(?:-\d+)?) ")
+SAVED = re.compile(r"saved (step-\d+(?:-\d+)?) ")
 
 
 def job_config(ballast: int) -> dict[str, Any]:

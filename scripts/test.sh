@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the whole test suite. This is what CI runs.
+# Set up (scripts/setup.sh), check the code's standing rules, and run the whole test
+# suite; then run the timing-sensitive tests (daemon, distributed) a second time with
+# two CPU-bound processes beside them, as on a busy training server. This is what CI runs.
 #
 # Under CI=true as root it also starts a private single-node Slurm for the real
 # requeue test (scripts/slurm-localhost.sh) and stops it afterwards; elsewhere that
-# one test skips and says why.
+# one test skips and says why. Extra arguments go to the first pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+PY=.venv/bin/python
+
+echo "== lint: ruff, import contracts, types"
+$PY -m ruff check guardian tests scripts
+$PY -m ruff format --check guardian tests scripts
+.venv/bin/lint-imports
+$PY -m mypy guardian
+
 started_slurm=""
 if [ "${CI:-}" = true ] && [ "$(id -u)" = 0 ]; then
   if conf=$(bash scripts/slurm-localhost.sh 2>&1 | sed -n 's/^SLURM_CONF=//p') && [ -n "$conf" ]; then
@@ -17,7 +27,19 @@ if [ "${CI:-}" = true ] && [ "$(id -u)" = 0 ]; then
   fi
 fi
 status=0
-.venv/bin/python -m pytest -q "$@" || status=$?
+echo "== the test suite"
+$PY -m pytest -q "$@" || status=$?
+
+if [ "$status" = 0 ]; then
+  echo "== daemon and distributed tests again, beside two CPU hogs"
+  $PY scripts/cpuhog.py 2 &
+  hogs=$!
+  $PY -m pytest -q -p no:cacheprovider tests/test_daemon_units.py tests/test_daemon_files.py \
+    tests/test_daemon_hostile.py tests/test_daemon_integration.py tests/test_daemon_nproc.py \
+    tests/test_heartbeat.py tests/test_distributed.py || status=$?
+  kill "$hogs" 2>/dev/null || true
+  wait "$hogs" 2>/dev/null || true
+fi
 if [ -n "$started_slurm" ]; then
   pkill -x slurmd || true
   pkill -x slurmctld || true

@@ -4,7 +4,7 @@
 
 ``save``: DTensors (even, uneven, column-sharded, replicated, int, bf16) and an FSDP2
 model + Adam after one step, written per rank through guardian's own writer path
-(Encoder with ``sharded.encode_ext`` → Snapshot → CheckpointTxn/write_files), one
+(Encoder with ``dtensor.encode_ext`` → Snapshot → CheckpointTxn/write_files), one
 checkpoint ``ckpt-rR`` per rank. Rank 0 also writes ``expected.safetensors`` (the
 full tensors, gathered with DTensor.full_tensor) for the checker.
 
@@ -33,7 +33,7 @@ from guardian.format.layout import rank_prefix
 from guardian.format.manifest import Manifest
 from guardian.format.reader import inspect_checkpoint
 from guardian.format.tree import Encoder
-from guardian.state import sharded, snapshot
+from guardian.state import dtensor, sharded, snapshot
 from guardian.state.components import ModuleState, OptimizerState
 
 # name → (global shape, dtype, saved placement, placement the load asks for)
@@ -86,7 +86,7 @@ def adapters(model, opt) -> tuple[ModuleState, OptimizerState]:
 
 def capture(states: dict[str, tuple[str, object]]) -> snapshot.Snapshot:
     """``snapshot.capture`` with the two callbacks the lead swaps in:
-    ``sharded.is_plain_tensor`` and ``sharded.encode_ext``."""
+    ``dtensor.is_plain_tensor`` and ``dtensor.encode_ext``."""
     snap = snapshot.Snapshot()
 
     def put(component: str):
@@ -99,7 +99,7 @@ def capture(states: dict[str, tuple[str, object]]) -> snapshot.Snapshot:
         return _put
 
     for name, (kind, tree) in states.items():
-        encoder = Encoder(sharded.is_plain_tensor, put(name), sharded.encode_ext)
+        encoder = Encoder(dtensor.is_plain_tensor, put(name), dtensor.encode_ext)
         snap.components[name] = {"kind": kind, "state": encoder.encode(tree, (), name)}
     return snap
 
@@ -139,7 +139,7 @@ def save(rank: int, world: int, run_dir: str) -> None:
         "model": ("module", mod.state_dict()),
         "optimizer": ("optimizer", optim.state_dict()),
     }
-    assert sharded.contains_dtensor(states["model"][1]) and sharded.contains_dtensor(states["optimizer"][1])
+    assert dtensor.contains_dtensor(states["model"][1]) and dtensor.contains_dtensor(states["optimizer"][1])
     snap = capture(states)
     write_checkpoint(run_dir, f"ckpt-r{rank}", snap, rank_prefix(rank, world))
     expected = expected_tensors(fulls, mod.state_dict(), optim.state_dict())
@@ -152,7 +152,7 @@ def save(rank: int, world: int, run_dir: str) -> None:
 def check_partial_refused(mesh) -> None:
     partial = DTensor.from_local(torch.ones(2), mesh, [Partial()])
     try:
-        sharded.encode_dtensor(partial, "x")
+        dtensor.encode_dtensor(partial, "x")
     except UnsupportedStateError as e:
         assert "Partial" in str(e), e
     else:

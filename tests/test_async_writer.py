@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import guardian
-from guardian import direct_io, fsops
+from guardian import direct_io, fsops, threads
 from guardian.async_writer import AsyncWriter
 from guardian.errors import CheckpointWriteError
 from guardian.format import reader
@@ -212,7 +212,7 @@ def test_a_save_never_waits_for_a_starved_reservation_thread(monkeypatch):
     from guardian.staging import HUGE_PAGE, StagingArena
 
     go = threading.Event()
-    monkeypatch.setattr(direct_io, "lower_thread_priority", lambda: go.wait(60))
+    monkeypatch.setattr(threads, "lower_thread_priority", lambda: go.wait(60))
     arena = StagingArena()
     arena.reserve(20 * HUGE_PAGE + 5)
     stuck = arena._reserving
@@ -398,7 +398,7 @@ def test_sigkill_during_background_persist_loses_nothing_committed(tmp_path):
 
 
 def _saved_names(line: str) -> list[str]:
-    return [line.split("guardian: saved ")[1].split()[0]] if "guardian: saved " in line else []
+    return [line.split("saved ")[1].split()[0]] if " saved step-" in " " + line else []
 
 
 def test_staging_failure_aborts_the_pipelined_persist(tmp_path, monkeypatch):

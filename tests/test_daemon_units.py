@@ -16,7 +16,7 @@ import types
 import psutil
 import pytest
 
-from guardian.daemon import UnsafeJobError, knobs, policy, procs, reconcile, service
+from guardian.daemon import UnsafeJobError, gates, knobs, policy, procs, reconcile, service
 from guardian.daemon import registry as reg
 from guardian.daemon.gpu import Gpus
 from guardian.daemon.heartbeat import HangClock
@@ -101,11 +101,11 @@ def test_step_back_only_after_two_deaths_at_the_same_checkpoint():
 
 
 def test_hang_clock_learns_and_widens_while_saving():
-    t0 = 1000.0
-    c = HangClock(started=t0, pid=7)
+    t0, m = 1000.0, 50.0  # wall time in the beats; the daemon's monotonic clock
+    c = HangClock(started=t0, pid=7, quiet_since=m)
     assert c.timeout(K) == K.startup
-    assert c.verdict(K, now=t0 + K.startup - 1) is None
-    assert "before its first heartbeat" in c.verdict(K, now=t0 + K.startup + 1)
+    assert c.verdict(K, now=m + K.startup - 1) is None
+    assert "before its first heartbeat" in c.verdict(K, now=m + K.startup + 1)
     for i in range(20):
         c.observe({"pid": 7, "step": i * 10, "phase": "train", "time": t0 + i * 100.0})  # 10 s/step
     assert c.p99() == pytest.approx(10.0)
@@ -115,7 +115,25 @@ def test_hang_clock_learns_and_widens_while_saving():
     c.observe({"pid": 7, "step": 200, "phase": "save", "time": t0 + 2001})
     assert c.timeout(K) == K.save_timeout
     c.observe({"pid": 7, "step": 200, "phase": "done", "time": t0 + 2002})
-    assert c.verdict(K, now=t0 + 10**6) is None
+    assert c.verdict(K, now=m + 10**6) is None
+
+
+def test_hang_clock_counts_silence_the_daemon_saw_not_the_beat_time():
+    """Silence runs on the daemon's clock from the look that saw the last new beat; an
+    unchanged file does not reset it, and a starved loop (a long gap between looks)
+    restarts it: the daemon cannot blame the job for time it could not watch."""
+    k = knobs.Knobs(poll=1.0, hang_min=10, startup=10)
+    c = HangClock(started=0.0, pid=7, quiet_since=0.0)
+    beat = {"pid": 7, "step": 3, "phase": "train", "time": 1.0}
+    for t in range(0, 12):  # a look every second; the job wrote one beat, long ago
+        c.look(beat, k, now=float(t))
+    assert c.verdict(k, now=11.0) is not None and "step 3" in c.verdict(k, now=11.0)
+    c.look({**beat, "step": 4, "time": 2.0}, k, now=12.0)  # a new beat, whatever its time says
+    assert c.verdict(k, now=12.5) is None
+    c.look({**beat, "step": 4, "time": 2.0}, k, now=13.0)
+    c.look({**beat, "step": 4, "time": 2.0}, k, now=60.0)  # the loop was starved for 47 s
+    assert c.verdict(k, now=60.0) is None and c.verdict(k, now=69.0) is None
+    assert c.verdict(k, now=71.0) is not None
 
 
 def test_hang_clock_ignores_other_processes_and_stale_beats():
@@ -262,8 +280,8 @@ def test_run_dir_in_use_by_another_live_process_holds(tmp_path):
     run = str(tmp_path / "run")
     os.makedirs(run)
     runfiles.write_status(run, "running")  # written by this (live) test process
-    assert "not starting a second copy" in reconcile.run_dir_owner(run, [])
-    assert reconcile.run_dir_owner(run, [{"pid": os.getpid()}]) is None
+    assert "not starting a second copy" in gates.run_dir_owner(run, [])
+    assert gates.run_dir_owner(run, [{"pid": os.getpid()}]) is None
 
 
 # ---------------------------------------------------------------------------- NVML (faked: no GPU here)
@@ -349,7 +367,9 @@ def test_service_install_writes_unit(tmp_path):
 
 def test_daemon_and_status_help_never_import_torch():
     code = (
-        "import sys, guardian.daemon.supervisor, guardian.cli.daemon; "
+        "import sys, pkgutil, importlib, guardian.daemon, guardian.cli.daemon; "
+        "[importlib.import_module('guardian.daemon.' + m.name) "
+        " for m in pkgutil.iter_modules(guardian.daemon.__path__)]; "
         "from click.testing import CliRunner; from guardian.cli import main; "
         "r = CliRunner().invoke(main, ['status', '--help']); assert r.exit_code == 0, r.output; "
         "r = CliRunner().invoke(main, ['watch', '--help']); assert r.exit_code == 0, r.output; "

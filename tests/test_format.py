@@ -115,14 +115,14 @@ def test_two_stream_restore_into_live_tensors_is_exact(tmp_path, monkeypatch):
 
     class Shrinking:  # the reader validated the header, then the file lost its tail
         def __init__(self):
-            self.real = snapshot._preadv_exactly
+            self.real = snapshot.preadv_exactly
 
         def __call__(self, fd, views, offset, path):
             with open(path, "r+b") as f:
                 f.truncate(5000)
             return self.real(fd, views, offset, path)
 
-    monkeypatch.setattr(snapshot, "_preadv_exactly", Shrinking())
+    monkeypatch.setattr(snapshot, "preadv_exactly", Shrinking())
     with pytest.raises(CorruptCheckpointError, match="truncated"):
         snapshot.read_tensors(str(p), into=live)
 
@@ -180,8 +180,13 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
             pass
     assert "safetensors" in str(e.value) or "header" in str(e.value)
     assert not marker.exists()
-    # auto-resume sets it aside (never deletes it) and starts fresh instead
-    with guardian.protect(model=model, dir=str(run)) as g:
+    # auto-resume refuses to start over silently: the only checkpoint cannot be restored
+    with pytest.raises(guardian.CorruptCheckpointError, match="none can be restored.*step-000000000"):
+        with guardian.protect(model=model, dir=str(run)):
+            pass
+    assert not marker.exists() and not (run / "set-aside").exists()
+    # a fresh start, when asked for, sets it aside (never deletes it)
+    with guardian.protect(model=model, dir=str(run), resume=False) as g:
         assert g.resumed_from is None
     assert not marker.exists()
     assert os.listdir(run / "set-aside")

@@ -255,7 +255,7 @@ def test_early_stopping_restores_best_weights(tmp_path):
             if losses[epoch] == 2.0:
                 best_weight = model.weight.detach().clone()
             g.report(val_loss=losses[epoch])
-    assert g.should_stop and g.epoch == 5  # stopped after 3 bad epochs, never saw the 1.0
+    assert g.should_stop and g.epoch == 4  # stopped after 2 bad epochs (patience=2), never saw the 1.0
     assert torch.equal(model.weight, best_weight)
     status = json.load(open(tmp_path / "run.json"))
     assert status["state"] == "finished" and status["early_stopped"] is True

@@ -19,7 +19,7 @@ try:
 
     protect.__name__  # noqa: B018 (the lazy attribute may point at a module not written yet)
 except (ImportError, AttributeError, ModuleNotFoundError):
-    from guardian.guard import protect
+    from guardian import protect
 
 FACTORY_NEW = "test_migrate_support:NewNet"
 FACTORY_OLD = "test_migrate_support:OldNet"

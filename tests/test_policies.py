@@ -20,9 +20,8 @@ from guardian.policies import (
 
 def test_schedule_combines_triggers():
     s = SaveSchedule(every_steps=10, every_seconds=60, every_epochs=2)
-    assert s.step_reason(9, 1.0) is None
-    assert s.step_reason(10, 1.0) == "steps"
-    assert s.step_reason(3, 61.0) == "seconds"
+    assert not s.steps_due(9) and s.steps_due(10) and s.steps_due(20) and not s.steps_due(21)
+    assert not s.seconds_due(59.0) and s.seconds_due(61.0)
     assert s.epoch_due(2) and not s.epoch_due(3)
     with pytest.raises(ValueError):
         SaveSchedule(every_steps=0)
@@ -63,11 +62,19 @@ def test_to_float():
 def test_early_stopping_patience():
     st = PolicyState()
     es, rule = EarlyStopping(patience=2), BestMetric("m", "min")
-    for v in [5, 4, 4.5, 4.2]:
+    for v in [5, 4, 4.5]:
         early_stopping_update(es, rule, st, v)
-    assert not st.stopped and st.bad_epochs == 2
-    early_stopping_update(es, rule, st, 4.1)
-    assert st.stopped
+    assert not st.stopped and st.bad_epochs == 1
+    early_stopping_update(es, rule, st, 4.2)  # the second epoch in a row without improvement
+    assert st.stopped and st.bad_epochs == 2  # Keras/Lightning: patience=2 stops here
+
+
+def test_early_stopping_improvement_resets_patience():
+    st = PolicyState()
+    es, rule = EarlyStopping(patience=2), BestMetric("m", "min")
+    for v in [5, 6, 4, 4.5]:
+        early_stopping_update(es, rule, st, v)
+    assert not st.stopped and st.bad_epochs == 1
 
 
 def _ckpts(n, best_at=()):

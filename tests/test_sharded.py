@@ -20,8 +20,9 @@ import safetensors.torch
 import torch
 
 from guardian.errors import CorruptCheckpointError, GuardianError, StateMismatchError
-from guardian.state import sharded, snapshot
-from guardian.state.sharded import ShardRecord, assemble_full, assemble_region, shard_region
+from guardian.state import dtensor, sharded, snapshot
+from guardian.state.dtensor import ShardRecord, shard_region
+from guardian.state.sharded import assemble_full, assemble_region
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(TESTS, "sharded_worker.py")
@@ -65,13 +66,13 @@ def payload(full: torch.Tensor, mesh_shape, placements, coordinate) -> dict:
         "coordinate": list(coordinate),
         "offsets": list(offsets),
         "local_shape": list(local_shape),
-        "local": local if sharded.owns_data(placements, coordinate) else None,
+        "local": local if dtensor.owns_data(placements, coordinate) else None,
     }
 
 
 def simulate(full: torch.Tensor, mesh_shape, placements) -> list[ShardRecord]:
     """Every saved rank's record, through the real decoder (and its validation)."""
-    return [sharded.decode_dtensor(payload(full, mesh_shape, placements, c)) for c in coordinates(mesh_shape)]
+    return [dtensor.decode_dtensor(payload(full, mesh_shape, placements, c)) for c in coordinates(mesh_shape)]
 
 
 def reshard_everywhere(records, full, mesh_shape, placements) -> None:
@@ -266,13 +267,13 @@ def test_decode_rejects_inconsistent_payloads(field, value, message):
     p = payload(random_tensor((8, 4)), (2,), ["S0"], (1,))
     p[field] = value
     with pytest.raises(CorruptCheckpointError, match=message):
-        sharded.decode_dtensor(p)
+        dtensor.decode_dtensor(p)
 
 
 def test_decode_rejects_non_dict_payload():
     with pytest.raises(CorruptCheckpointError, match="malformed"):
-        sharded.decode_ext("dtensor", [1, 2])
-    assert sharded.decode_ext("torch.dtype", "float16") is torch.float16  # falls through
+        dtensor.decode_ext("dtensor", [1, 2])
+    assert dtensor.decode_ext("torch.dtype", "float16") is torch.float16  # falls through
 
 
 # ---------------------------------------------------------------------------- trees
@@ -301,14 +302,14 @@ def test_walk_pairs_reads_lazy_plain_leaves(tmp_path):
 
 def test_contains_dtensor_and_records():
     rec = simulate(random_tensor((2,)), (1,), ["R"])[0]
-    assert not sharded.contains_dtensor({"a": [torch.ones(2), (1, "x")]})
-    assert sharded.contains_records({"a": [1, (rec,)]}) and not sharded.contains_records({"a": 1})
-    assert not sharded.is_plain_tensor(3) and sharded.is_plain_tensor(torch.ones(1))
+    assert not dtensor.contains_dtensor({"a": [torch.ones(2), (1, "x")]})
+    assert dtensor.contains_records({"a": [1, (rec,)]}) and not dtensor.contains_records({"a": 1})
+    assert not dtensor.is_plain_tensor(3) and dtensor.is_plain_tensor(torch.ones(1))
 
 
 def test_global_meta_shapes():
     rec = simulate(random_tensor((7, 3)), (2,), ["S0"])[1]
-    meta = sharded.global_meta({"w": rec, "k": [1]})
+    meta = dtensor.global_meta({"w": rec, "k": [1]})
     assert meta["w"].shape == (7, 3) and meta["w"].is_meta and meta["k"] == [1]
 
 
@@ -436,7 +437,7 @@ def test_one_checkpoint_with_rank_dirs_verifies_and_loads(tmp_path):
     info = inspect_checkpoint(path, verify=True)
     assert info.valid, info.problems
     trees = [t["m"][1] for t in sharded.load_all_ranks(path, 2)]
-    assert isinstance(trees[1]["w"].data, sharded.LazyTensor)
+    assert isinstance(trees[1]["w"].data, dtensor.LazyTensor)
     assert same_bits(sharded.walk_pairs(trees, {"w": torch.zeros(7, 5)})["w"], full)
-    meta = sharded.global_meta(sharded.load_all_ranks(path, 2, lazy=False)[0]["m"][1])
+    meta = dtensor.global_meta(sharded.load_all_ranks(path, 2, lazy=False)[0]["m"][1])
     assert meta["w"].shape == (7, 5)

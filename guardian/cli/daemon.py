@@ -106,7 +106,7 @@ def watch(
 
 
 def _setup_logging(h: reg.Home, verbose: bool) -> None:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger = logging.getLogger("guardian.daemon")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     for handler in (logging.FileHandler(h.path("daemon.log"), mode="a"), logging.StreamHandler(sys.stderr)):
@@ -133,6 +133,13 @@ def _setup_logging(h: reg.Home, verbose: bool) -> None:
     type=click.IntRange(min=1),
     help="Run N ranks under torchrun (--standalone --max-restarts=0): guardian restarts the group.",
 )
+@click.option(
+    "--env",
+    "keep_env",
+    multiple=True,
+    metavar="NAME",
+    help="Store this variable even if its name looks like a secret (*TOKEN*, *KEY*, ...). Repeatable.",
+)
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
@@ -141,6 +148,7 @@ def run(
     run_dir: str | None,
     replace: bool,
     nproc: int | None,
+    keep_env: tuple[str, ...],
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -150,7 +158,12 @@ def run(
     daemon runs it as `python -m torch.distributed.run --standalone --nproc-per-node N
     --max-restarts=0 train.py ARGS`; a rank that dies takes the group down and guardian
     restarts all of it from the newest checkpoint every rank completed.
+
+    The job's environment is stored (mode 0600) without variables whose names look like
+    secrets (TOKEN, SECRET, PASSWORD, KEY, CREDENTIAL); name one with --env to keep it.
     """
+    from ..daemon.records import filter_env
+
     h = _home(home)
     try:
         h.ensure()
@@ -162,12 +175,13 @@ def run(
             argv=_job_argv(nproc, command),
             cwd=os.getcwd(),
             run_dir=rd,
-            env=dict(os.environ),
+            env=filter_env(dict(os.environ), keep_env),
             owner_uid=os.getuid(),
             nproc=nproc,
         )
+        os.makedirs(os.path.dirname(rd), exist_ok=True)  # the daemon creates rd itself
         reg.save_spec(h, spec)
-    except DaemonError as e:
+    except (DaemonError, OSError) as e:
         _fail(e)
     pid = daemon_pid(h)
     note = (
@@ -203,8 +217,14 @@ def _default_name(run_dir: str | None, command: tuple[str, ...]) -> str:
 def _check_replace(h: reg.Home, name: str, replace: bool) -> None:
     if not os.path.exists(h.job_file(name, "job.json")):
         return
-    st = reg.load_state(h, name)
-    state = st.state if st else reg.PENDING
+    try:
+        st = reg.load_state(h, name)
+        state = st.state if st else reg.PENDING
+    except DaemonError:
+        state = reg.HELD  # an unusable state.json: the daemon holds the job
+        if replace:  # keep it as evidence, out of the way of the fresh start
+            path = h.job_file(name, "state.json")
+            os.replace(path, f"{path}.unreadable-{int(time.time())}")
     if not replace:
         raise DaemonError(
             f"job {name!r} already exists (state {state}); choose another --name, or "
@@ -217,47 +237,6 @@ def _check_replace(h: reg.Home, name: str, replace: bool) -> None:
 # ---------------------------------------------------------------------------- status
 
 
-def job_summary(h: reg.Home, name: str) -> dict[str, Any]:
-    """One job as ``guardian status --json`` shows it."""
-    from ..runfiles import read_heartbeat
-
-    st = reg.load_state(h, name) or reg.JobState(name=name)
-    spec = _spec_or_none(h, name)
-    cur = st.current
-    hb = read_heartbeat(spec.run_dir) if spec else None
-    running = st.state in (reg.RUNNING, reg.STOPPING) and cur is not None
-    return {
-        "name": name,
-        "state": st.state,
-        "reason": st.reason,
-        "attempts": len(st.attempts),
-        "restarts": st.restarts,
-        "failures_without_progress": st.failures,
-        "pid": (cur.child or {}).get("pid") if running else None,
-        "last_checkpoint": st.last_checkpoint,
-        "resume_from": cur.resume_from if cur else None,
-        "exit_code": cur.exit_code if cur else None,
-        "signal": cur.signal if cur else None,
-        "classification": cur.classification if cur else None,
-        "heartbeat_age": round(time.time() - float(hb["time"]), 1) if hb and "time" in hb else None,
-        "step": hb.get("step") if hb else None,
-        "phase": hb.get("phase") if hb else None,
-        "gpus": cur.gpus if cur else [],
-        "next_start_at": st.next_start_at,
-        "stderr_tail": st.stderr_tail,
-        "run_dir": spec.run_dir if spec else None,
-        "argv": spec.argv if spec else None,
-        "nproc": spec.nproc if spec else None,
-    }
-
-
-def _spec_or_none(h: reg.Home, name: str) -> reg.JobSpec | None:
-    try:
-        return reg.load_spec(h, name)
-    except (DaemonError, OSError, TypeError):
-        return None
-
-
 @click.command()
 @home_option
 @click.argument("name", required=False)
@@ -268,6 +247,8 @@ def status(home: str | None, name: str | None, as_json: bool) -> None:
     names = [name] if name else h.job_names()
     if name and name not in h.job_names():
         _fail(DaemonError(f"no job named {name!r} in {h.root}"))
+    from ..daemon.status import job_summary
+
     jobs = [job_summary(h, n) for n in names]
     pid = daemon_pid(h)
     if as_json:
@@ -276,6 +257,13 @@ def status(home: str | None, name: str | None, as_json: bool) -> None:
     click.echo(f"daemon: {f'pid {pid}' if pid else 'not running'}  ({h.root})")
     for j in jobs:
         _print_job(j, detail=bool(name))
+
+
+def _state_or_none(h: reg.Home, name: str) -> reg.JobState | None:
+    try:
+        return reg.load_state(h, name)
+    except DaemonError:
+        return None
 
 
 def _print_job(j: dict[str, Any], detail: bool) -> None:
@@ -287,6 +275,8 @@ def _print_job(j: dict[str, Any], detail: bool) -> None:
         f"checkpoint={j['last_checkpoint'] or '-'} gpus={','.join(j['gpus']) or '-'}"
     )
     click.echo(f"    {j['reason']}")
+    if j.get("heartbeat_problem"):
+        click.echo(f"    heartbeat: {j['heartbeat_problem']}")
     if j["stderr_tail"] and (detail or j["state"] in (reg.FAILED, reg.HELD, reg.INCOMPLETE)):
         click.echo("    last lines of stderr:")
         for line in j["stderr_tail"][-10:]:
@@ -316,7 +306,7 @@ def logs(home: str | None, name: str, attempt: int | None, which: str, events: b
         for e in [] if as_json else evs:
             click.echo(f"{time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['event']}: {e['reason']}")
         return
-    st = reg.load_state(h, name)
+    st = _state_or_none(h, name)
     n = attempt or (st.current.n if st and st.current else None)
     if n is None:
         _fail(DaemonError(f"job {name!r} has not started yet"))
@@ -350,7 +340,7 @@ def stop(home: str | None, name: str, grace: float | None, wait: bool, timeout: 
     pid = daemon_pid(h)
     if wait and pid:
         _wait_stopped(h, name, timeout)
-    st = reg.load_state(h, name)
+    st = _state_or_none(h, name)
     note = "" if pid else "; no daemon is running — the job stops when `guardian watch` next runs"
     _emit(
         as_json,
@@ -362,7 +352,7 @@ def stop(home: str | None, name: str, grace: float | None, wait: bool, timeout: 
 def _wait_stopped(h: reg.Home, name: str, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        st = reg.load_state(h, name)
+        st = _state_or_none(h, name)
         if (
             st
             and st.state not in (reg.RUNNING, reg.STOPPING)
@@ -399,9 +389,10 @@ def install(home: str | None, user_mode: bool, unit_dir: str | None, print_only:
         click.echo(text)
         return
     path = svc.unit_path(user_mode, unit_dir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+    try:
+        svc.write_unit(path, text)
+    except OSError as e:
+        _fail(e)
     _emit(
         as_json,
         {"unit": path, "home": h.root, "next": svc.next_steps(user_mode)},

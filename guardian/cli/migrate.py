@@ -6,6 +6,8 @@
     guardian migrate revert DST -o SRC2 [--force] [--force-lossy]
     guardian migrate signature TARGET -o FILE
 
+``--auto`` applies only confident suggestions; ``--accept-guesses`` applies the rest
+too and the report says GUESSED, never CLEAN (the exit code is 0: the user asked).
 Exit codes: 0 clean, 10 blocked (something unresolved), 11 verification failed,
 12 input rejected. torch is imported only inside the commands (``guardian --help``
 stays torch-free).
@@ -97,6 +99,12 @@ _auto = click.option("--auto", is_flag=True, help="apply suggestions at or above
 _threshold = click.option(
     "--threshold", type=float, default=0.8, show_default=True, help="minimum confidence for --auto"
 )
+_guesses = click.option(
+    "--accept-guesses",
+    is_flag=True,
+    help="with --auto, also apply suggestions below --threshold and ties; the report marks them "
+    "GUESSED (never CLEAN) and the output records them",
+)
 _component = click.option("--component", help="which model of a multi-model checkpoint to migrate")
 _json = click.option("--json", "as_json", is_flag=True, help="machine-readable output (versioned schema)")
 
@@ -107,6 +115,7 @@ _json = click.option("--json", "as_json", is_flag=True, help="machine-readable o
 @_rules
 @_auto
 @_threshold
+@_guesses
 @_component
 @click.option("-o", "--output", "plan_out", type=click.Path(dir_okay=False), help="write the plan file here")
 @_json
@@ -116,6 +125,7 @@ def plan_cmd(
     rules: str | None,
     auto: bool,
     threshold: float,
+    accept_guesses: bool,
     component: str | None,
     plan_out: str | None,
     as_json: bool,
@@ -125,10 +135,18 @@ def plan_cmd(
     def body() -> int:
         from guardian.migrate import api, report
 
-        p = api.plan(src, target, rules, auto=auto, threshold=threshold, component=component)
+        p = api.plan(
+            src,
+            target,
+            rules,
+            auto=auto,
+            threshold=threshold,
+            component=component,
+            accept_guesses=accept_guesses,
+        )
         if plan_out:
             api.save_plan(p, plan_out)
-        _emit(report.to_json(p), report.render(p), as_json)
+        _emit(report.to_json(p), report.render(p, color=_color()), as_json)
         return EXIT_BLOCKED if p.blocked else EXIT_CLEAN
 
     _guarded(as_json, body)
@@ -166,6 +184,7 @@ def apply_cmd(src: str, plan_path: str, dst: str, force: bool, as_json: bool) ->
 @_rules
 @_auto
 @_threshold
+@_guesses
 @_component
 @click.option("--force", is_flag=True, help="replace an existing output")
 @click.option("--numeric", "old_factory", help="also compare outputs: the OLD model's package.module:factory")
@@ -173,6 +192,7 @@ def apply_cmd(src: str, plan_path: str, dst: str, force: bool, as_json: bool) ->
     "--input-shape", default="1,1,28,28", show_default=True, help="seeded input shape for --numeric"
 )
 @click.option("--atol", type=float, default=1e-6, show_default=True)
+@click.option("--input-high", type=int, help="--numeric with integer inputs in [0, N) (token ids)")
 @_json
 def run_cmd(
     src: str,
@@ -181,11 +201,13 @@ def run_cmd(
     rules: str | None,
     auto: bool,
     threshold: float,
+    accept_guesses: bool,
     component: str | None,
     force: bool,
     old_factory: str | None,
     input_shape: str,
     atol: float,
+    input_high: int | None,
     as_json: bool,
 ) -> None:
     """Plan, apply and verify in one go; refuses when anything is unresolved."""
@@ -199,6 +221,7 @@ def run_cmd(
                 "old": old_factory,
                 "input_shape": [int(d) for d in input_shape.split(",")],
                 "atol": atol,
+                "input_high": input_high,
             }
         result = api.migrate(
             src,
@@ -210,13 +233,14 @@ def run_cmd(
             force=force,
             component=component,
             numeric=numeric,
+            accept_guesses=accept_guesses,
         )
         payload = report.to_json(result.plan) | {
             "path": result.path,
             "notes": result.notes,
             "numeric_diff": result.numeric_diff,
         }
-        _emit(payload, report.render(result.plan) + "\n" + _done_text(result), as_json)
+        _emit(payload, report.render(result.plan, color=_color()) + "\n" + _done_text(result), as_json)
         return EXIT_CLEAN
 
     _guarded(as_json, body)
@@ -266,8 +290,17 @@ def signature_cmd(target: str, out: str, as_json: bool) -> None:
     _guarded(as_json, body)
 
 
+def _color() -> bool:
+    return sys.stdout.isatty()
+
+
 def _done_text(result: Any) -> str:
     lines = [f"wrote {result.path}"]
+    if result.plan.guesses:
+        lines.append(
+            f"GUESSED: {len(result.plan.guesses)} mapping(s) applied without confidence; "
+            "listed in the output's migration record (extra.migration.accepted_guesses)"
+        )
     lines += [f"note: {n}" for n in result.notes]
     if result.numeric_diff is not None:
         lines.append(f"numeric check: max |old - new| = {result.numeric_diff:g}")

@@ -11,7 +11,9 @@ import logging
 import time
 from typing import Any
 
-log = logging.getLogger("guardian.daemon")
+import psutil
+
+log = logging.getLogger(__name__)
 
 XID_EVENT_NAMES = (
     "nvmlEventTypeXidCriticalError",
@@ -37,7 +39,7 @@ class Gpus:
             self._register_events()
         except Exception as e:  # ImportError, NVMLError_LibraryNotFound, DriverNotLoaded...
             self.nvml, self.why_not = None, f"NVML unavailable ({type(e).__name__}: {e}); GPU checks off"
-            log.info("guardian watch: %s", self.why_not)
+            log.info("%s", self.why_not)
         return self
 
     @property
@@ -65,7 +67,7 @@ class Gpus:
                 if any(p.pid in pids for p in procs):
                     out[self._uuid(h)] = used
         except self.nvml.NVMLError as e:
-            log.warning("guardian watch: NVML query failed: %s", e)
+            log.warning("NVML query failed: %s", e)
         return out
 
     def wait_released(self, pids: set[int], timeout: float, poll: float = 0.5) -> bool:
@@ -89,7 +91,7 @@ class Gpus:
                 self.nvml.nvmlDeviceRegisterEvents(h, kinds, es)
             self._events = es
         except Exception as e:  # not supported on some boards / in containers
-            log.info("guardian watch: GPU Xid/ECC events unavailable: %s", e)
+            log.info("GPU Xid/ECC events unavailable: %s", e)
 
     def drain_events(self) -> list[dict[str, Any]]:
         """Xid/ECC events that happened since the last call (non-blocking)."""
@@ -108,4 +110,28 @@ class Gpus:
             try:
                 self.nvml.nvmlShutdown()
             except self.nvml.NVMLError as e:  # shutting down anyway; nothing is at stake
-                log.info("guardian watch: nvmlShutdown: %s", e)
+                log.info("nvmlShutdown: %s", e)
+
+
+def note_gpus(gpus: Gpus, st: Any, journal: Any) -> None:
+    """Record which GPUs the attempt uses (the restart gate waits for them to be freed)."""
+    if not gpus.available or not st.current.child:
+        return
+    pids = {st.current.child["pid"]}
+    try:
+        pids |= {c.pid for c in psutil.Process(st.current.child["pid"]).children(recursive=True)}
+    except psutil.Error:
+        pass
+    used = sorted(gpus.usage(pids))
+    if used and used != st.current.gpus:
+        st.current.gpus = used
+        journal.event(st, "gpus", f"uses {', '.join(used)}", gpus=used)
+        journal.save(st)
+
+
+def gpu_event(jobs: Any, ev: dict[str, Any], journal: Any) -> None:
+    """Attach an NVML Xid/ECC event to every running job on that GPU."""
+    for st in jobs:
+        if st.state in ("running", "stopping") and ev["gpu"] in (st.current.gpus or []):
+            reason = f"NVML event type {ev['type']} (Xid {ev['xid']}) on {ev['gpu']}"
+            journal.event(st, "gpu-error", reason, **ev)

@@ -1,30 +1,32 @@
 """Hang detection from the library's heartbeat file.
 
 The library rewrites RUN/heartbeat.json atomically (about once a second while
-training). A job is *hung* when its heartbeat is older than a timeout that depends
-on what it said it was doing:
+training). A job is *hung* when the daemon has seen no new heartbeat for longer than
+a timeout that depends on what the job said it was doing:
 
     no heartbeat yet (or a stale one from an earlier attempt) → ``startup`` allowance
     phase init / load / save / eval                            → ``save_timeout``
     phase train                                                → max(hang_min, hang_factor × p99 step interval)
     phase done                                                 → never
 
+Silence is counted on the daemon's own monotonic clock, from the pass that last saw
+the heartbeat change — not from the time written in the file, which the library
+throttles and which a wall-clock step would distort. And only time the daemon could
+observe counts: when its own loop was starved (a pass came much later than ``poll``
+asked, as on a machine whose cores are all busy), the silence restarts at the pass
+that resumed, giving the job a full timeout to be seen beating again.
+
 The p99 step interval is the larger of what the library reports and what the daemon
 observed (time between heartbeats ÷ steps advanced). GPU utilisation is never used:
-a job stuck in an NCCL collective can show 100 %.
-
-``watchdog`` delivers file events so the loop wakes at once; the loop also polls
-(``stat`` every ``poll`` seconds) because inotify sees nothing on NFS/Lustre/GPFS.
+a job stuck in an NCCL collective can show 100 %. Whether a silent job is hung at
+all — its processes must still be alive — is the supervisor's call, not this clock's.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from dataclasses import dataclass, field
 
-from ..runfiles import read_heartbeat
 from .knobs import Knobs
 
 MAX_SAMPLES = 512
@@ -42,10 +44,24 @@ class Beat:
 class HangClock:
     """Per-attempt view of the heartbeat: last beat seen and learned step intervals."""
 
-    started: float
+    started: float  # wall time the attempt started: older beats are an earlier attempt's
     pid: int | None
     last: Beat | None = None
     intervals: list[float] = field(default_factory=list)
+    quiet_since: float = field(default_factory=time.monotonic)  # when the daemon last saw a new beat
+    last_look: float | None = None  # monotonic time of the previous look
+
+    def look(self, hb: dict | None, k: Knobs, now: float | None = None) -> Beat | None:
+        """One loop pass's look at the heartbeat file (``hb``: its content, or None)."""
+        now = time.monotonic() if now is None else now
+        if self.last_look is not None and now - self.last_look > starved_after(k):
+            self.quiet_since = now  # the daemon could not watch: that silence is not the job's
+        self.last_look = now
+        before = self.last
+        beat = self.observe(hb)
+        if beat is not None and beat != before:
+            self.quiet_since = now
+        return beat
 
     def observe(self, hb: dict | None) -> Beat | None:
         """Take a heartbeat read from disk; ignore one written by another process."""
@@ -91,76 +107,19 @@ class HangClock:
         p99 = self.p99()
         return max(k.hang_min, k.hang_factor * p99) if p99 else max(k.hang_min, 0.0)
 
-    def silence(self, now: float) -> float:
-        return now - (self.last.time if self.last else self.started)
-
     def verdict(self, k: Knobs, now: float | None = None) -> str | None:
-        """A human reason if the job is hung, else None."""
-        now = time.time() if now is None else now
+        """A human reason if the job has been silent too long, else None."""
+        now = time.monotonic() if now is None else now
         limit = self.timeout(k)
-        quiet = self.silence(now)
+        quiet = now - self.quiet_since
         if limit is None or quiet <= limit:
             return None
         where = (
             f"step {self.last.step}, phase {self.last.phase}" if self.last else "before its first heartbeat"
         )
-        return f"no heartbeat for {quiet:.1f} s (limit {limit:.1f} s; {where})"
+        return f"no new heartbeat seen for {quiet:.1f} s (limit {limit:.1f} s; {where})"
 
 
-def poll(clock: HangClock, run_dir: str) -> Beat | None:
-    return clock.observe(read_heartbeat(run_dir))
-
-
-class Waker:
-    """Wakes the supervisor loop on file events (watchdog), if watchdog works here.
-
-    Failure to start an observer (no inotify, too many watches) is not an error:
-    the loop polls anyway.
-    """
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self._observer = None
-        self._watched: dict[str, object] = {}
-
-    def start(self) -> None:
-        try:
-            from watchdog.observers import Observer
-        except ImportError:
-            return
-        self._observer = Observer()
-        self._observer.daemon = True
-        self._observer.start()
-
-    def watch(self, path: str) -> None:
-        if self._observer is None or path in self._watched or not os.path.isdir(path):
-            return
-        from watchdog.events import FileSystemEventHandler
-
-        waker = self
-
-        class _Handler(FileSystemEventHandler):
-            def on_any_event(self, event: object) -> None:
-                waker.event.set()
-
-        try:
-            self._watched[path] = self._observer.schedule(_Handler(), path, recursive=False)
-        except OSError:
-            self._watched[path] = None  # polling covers it
-
-    def unwatch(self, path: str) -> None:
-        handle = self._watched.pop(path, None)
-        if handle is not None and self._observer is not None:
-            try:
-                self._observer.unschedule(handle)
-            except (KeyError, ValueError):
-                pass
-
-    def wait(self, timeout: float) -> None:
-        self.event.wait(timeout)
-        self.event.clear()
-
-    def stop(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
+def starved_after(k: Knobs) -> float:
+    """A gap between two passes longer than this means the daemon's loop was starved."""
+    return max(2.0, 5 * k.poll)

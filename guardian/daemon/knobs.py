@@ -24,6 +24,7 @@ class Knobs:
     max_failures: int = 3  # failures without a newer valid checkpoint before giving up
     thrash_count: int = 4  # this many failures ...
     thrash_window: float = 600.0  # ... within this many seconds → give up
+    max_requeues: int = 20  # exit-75 requeues in a row without a newer checkpoint before giving up
     max_restarts: int = 100  # hard cap on attempts of one job, whatever the reason
     hang_min: float = 300.0  # a training heartbeat is never "late" before this
     hang_factor: float = 5.0  # ... nor before this × the p99 step interval

@@ -10,7 +10,10 @@ Classifications
     permanent   exit 78, or a deterministic Python error (SyntaxError, ImportError,
                 NameError, TypeError, ...) raised before any new checkpoint: the next
                 attempt would fail the same way, so restarting only burns GPU hours.
-    hang        killed by the daemon after the heartbeat stopped.
+    unrunnable  exit 126/127 or the shim could not start the command (not found, not
+                executable): not a crash — the job is held with the reason.
+    hang        killed by the daemon after the heartbeat stopped while its processes
+                were alive (never decided for an attempt that exited on its own).
     crash       anything else (a signal, the OOM killer, an exception after progress).
     reboot      the host went down under the job: resume; no budget used.
 
@@ -48,6 +51,8 @@ DETERMINISTIC_ERRORS = frozenset(
     }
 )
 # torchrun's own traceback after a rank fails: the rank's error, logged above it, is the cause.
+# The shell's (and the shim's) "could not run it": a restart would fail the same way.
+UNRUNNABLE_EXITS = {126: "the command is not executable", 127: "the command was not found"}
 LAUNCHER_ERRORS = frozenset({"ChildFailedError"})
 # "Traceback ...\n  ...\nsome.module.NameError: message" — the last such line of stderr.
 _EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Exit|Interrupt))(?::|$)")
@@ -67,6 +72,7 @@ class ExitFacts:
     nproc: int | None = None  # ranks under torchrun (guardian run --nproc-per-node), else None
     rank_exits: dict[int, int] | None = None  # torchrun's failure summary: rank → exit code
     rank_detail: str | None = None  # filled by classify: which rank ended how
+    spawn_error: str | None = None  # the shim could not start the command (its OSError)
 
 
 @dataclass
@@ -92,6 +98,12 @@ def error_type_from_stderr(lines: list[str]) -> str | None:
 def classify(f: ExitFacts) -> Verdict:
     if f.stop_requested:
         return Verdict("stopped", "stopped on request (guardian stop)")
+    if f.spawn_error or f.exit_code in UNRUNNABLE_EXITS:
+        why = f.spawn_error or UNRUNNABLE_EXITS[f.exit_code]
+        return Verdict(
+            "unrunnable",
+            f"exit {f.exit_code}: {why}; fix the command, then `guardian run --replace`",
+        )
     if f.exit_code == EXIT_OK:
         if f.run_state == "finished":
             return Verdict("done", "exited 0 and run.json says finished")
@@ -148,6 +160,31 @@ def give_up_reason(
     if attempts >= k.max_restarts:
         return f"hard cap of {k.max_restarts} attempts reached"
     return None
+
+
+def requeue_delay(requeues: int, k: Knobs, rng: random.Random | None = None) -> float:
+    """Delay before restarting after the ``requeues``-th exit 75 in a row (counts from 1).
+
+    The first requeue restarts at once (a preemption that checkpointed); a job that
+    keeps exiting 75 without a newer checkpoint backs off like a crash, so it cannot
+    spin through attempts.
+    """
+    return 0.0 if requeues <= 1 else backoff(requeues - 1, k, rng)
+
+
+def requeue_limit_reason(requeues: int, k: Knobs) -> str | None:
+    if requeues >= k.max_requeues:
+        return f"{requeues} requeues (exit 75) in a row without a newer valid checkpoint (limit {k.max_requeues})"
+    return None
+
+
+def hang_limit_reason(hangs: int) -> str | None:
+    """Two hangs without a newer checkpoint in between: a third try would hang too.
+
+    Counted per hang decision, not by comparing the heartbeat's step (the library
+    throttles heartbeats, so two hangs at one step can report different steps).
+    """
+    return f"hung {hangs} times without a newer valid checkpoint" if hangs >= 2 else None
 
 
 def backoff(failures: int, k: Knobs, rng: random.Random | None = None) -> float:

@@ -74,12 +74,23 @@ def is_alive(pid_id: ProcId | None) -> bool:
     return now is not None and abs(now.create_time - pid_id.create_time) < 0.05
 
 
+def attempt_alive(shim: dict | None, child: dict | None) -> bool:
+    """Whether an attempt's shim or job still runs; True when we may not look (fail closed)."""
+    try:
+        return is_alive(ProcId.from_dict(shim)) or is_alive(ProcId.from_dict(child))
+    except Unknowable:
+        return True
+
+
 def spawn_shim(attempt_dir: str, argv: list[str], cwd: str, env: dict[str, str]) -> subprocess.Popen:
     """Start one attempt: ``python -m guardian.daemon.shim`` in a new session.
 
     The shim's stdio are /dev/null; it opens the attempt's logs itself (append mode)
     so the logs do not depend on the daemon's file descriptors staying open.
+    ``argv`` must be a list: a string would be run as one (oddly named) program.
     """
+    if isinstance(argv, str) or not all(isinstance(a, str) for a in argv):
+        raise TypeError("argv must be a list of strings (no shell); for a shell line use ['sh', '-c', LINE]")
     cmd = [sys.executable, "-m", "guardian.daemon.shim", attempt_dir, "--", *argv]
     return subprocess.Popen(
         cmd,

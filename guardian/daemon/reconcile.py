@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import psutil
 
-from ..runfiles import read_status
 from .procs import ProcId, Unknowable, is_alive
 from .registry import Attempt
 from .shim import EXIT_FILE
@@ -77,30 +76,4 @@ def _find_unrecorded(a: Attempt, attempt_dir: str) -> Decision:
         "reboot",
         f"attempt {a.n} was being started when the daemon stopped and never ran; "
         "starting it (no crash budget used)",
-    )
-
-
-def run_dir_owner(run_dir: str, ours: list[dict]) -> str | None:
-    """A reason to hold if run.json says another live process trains into ``run_dir``.
-
-    The pid in run.json counts only if that process was created before run.json was
-    last updated — a pid reused after a reboot is newer than the file.
-    """
-    status = read_status(run_dir)
-    if not status or status.get("state") != "running" or not isinstance(status.get("pid"), int):
-        return None
-    pid = status["pid"]
-    if any(o.get("pid") == pid for o in ours):
-        return None
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE or proc.create_time() > float(status.get("updated") or 0):
-            return None
-    except psutil.NoSuchProcess:
-        return None
-    except psutil.AccessDenied:
-        pass
-    return (
-        f"{run_dir}: run.json says pid {pid} is training into this directory and that process is "
-        "alive; not starting a second copy. Stop it, then `guardian run --replace`."
     )

@@ -24,22 +24,34 @@ import os
 import re
 import stat
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from ..errors import GuardianError
 from ..format import strictjson
 from ..smallfiles import write_small_file_atomically
 from . import DaemonError, UnsafeJobError
+from .records import (  # noqa: F401  (re-exported: the registry's vocabulary)
+    BACKOFF,
+    DONE,
+    FAILED,
+    HELD,
+    INCOMPLETE,
+    JOB_FORMAT,
+    PENDING,
+    RUNNING,
+    STATE_FORMAT,
+    STOPPED,
+    STOPPING,
+    TERMINAL,
+    Attempt,
+    JobSpec,
+    JobState,
+)
+from .safefiles import JOB_FILE_LIMIT, STATE_FILE_LIMIT, BadFileError, read_json_object, read_tail
 
-JOB_FORMAT = "guardian.job/1"
-STATE_FORMAT = "guardian.jobstate/1"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-# Job states. Terminal ones are never left by the daemon on its own.
-PENDING, RUNNING, BACKOFF, STOPPING = "pending", "running", "backoff", "stopping"
-DONE, FAILED, STOPPED, INCOMPLETE, HELD = "done", "failed", "stopped", "incomplete", "held"
-TERMINAL = (DONE, FAILED, STOPPED, INCOMPLETE)
+EVENTS_LIMIT = 64 << 20  # ``guardian logs --events`` reads at most this much
 
 
 def check_name(name: str) -> str:
@@ -48,81 +60,6 @@ def check_name(name: str) -> str:
             f"job name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (it becomes a directory name)"
         )
     return name
-
-
-@dataclass
-class JobSpec:
-    """What the owner registered. The daemon runs exactly this and nothing else."""
-
-    name: str
-    argv: list[str]
-    cwd: str
-    run_dir: str
-    env: dict[str, str]
-    owner_uid: int
-    created: float = field(default_factory=time.time)
-    format: str = JOB_FORMAT
-    nproc: int | None = None  # ranks under torchrun (``--nproc-per-node``); argv is then the launcher
-
-
-@dataclass
-class Attempt:
-    n: int
-    boot_id: str
-    started: float
-    resume_from: str | None = None  # the checkpoint the library will load (newest valid)
-    resume_override: str | None = None  # set when the daemon forced GUARDIAN_RESUME_FROM
-    shim: dict | None = None  # {pid, create_time}
-    child: dict | None = None
-    sid: int | None = None
-    ended: float | None = None
-    exit_code: int | None = None
-    signal: str | None = None
-    classification: str | None = None
-    reason: str | None = None
-    last_step: int | None = None
-    newest_checkpoint: str | None = None
-    gpus: list[str] = field(default_factory=list)
-    adopted: bool = False
-
-
-@dataclass
-class JobState:
-    name: str
-    state: str = PENDING
-    reason: str = "registered"
-    attempts: list[Attempt] = field(default_factory=list)
-    failures: int = 0  # failures since the last new valid checkpoint
-    failure_times: list[float] = field(default_factory=list)
-    progress_mark: list[int] | None = None  # (seq, step) of the newest valid checkpoint seen
-    last_checkpoint: str | None = None
-    next_start_at: float | None = None
-    resume_override: str | None = None
-    stepped_back: bool = False
-    hang_steps: list[int] = field(default_factory=list)
-    stderr_tail: list[str] = field(default_factory=list)
-    stop: dict | None = None  # {"why": "request"|"hang", "stage": "usr2"|"term"|"kill", "deadline": t}
-    gate: dict | None = None  # the restart gate that is holding us back, and since when
-    events: int = 0
-    spec_created: float = 0.0  # job.json's "created": a newer one (guardian run --replace) resets the job
-    format: str = STATE_FORMAT
-
-    @property
-    def current(self) -> Attempt | None:
-        return self.attempts[-1] if self.attempts else None
-
-    @property
-    def restarts(self) -> int:
-        return max(0, len(self.attempts) - 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> JobState:
-        d = dict(d)
-        d["attempts"] = [Attempt(**a) for a in d.get("attempts", [])]
-        return cls(**d)
 
 
 class Home:
@@ -166,18 +103,13 @@ class Home:
 
 
 def write_json(path: str, record: dict[str, Any]) -> None:
-    write_small_file_atomically(path, strictjson.dumps_pretty(record))
+    """Atomically, at mode 0600: job files hold a command line and an environment."""
+    write_small_file_atomically(path, strictjson.dumps_pretty(record), mode=0o600)
 
 
-def read_json(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path, "rb") as f:
-            obj = strictjson.loads(f.read(), what=path)
-    except FileNotFoundError:
-        return None
-    except GuardianError as e:
-        raise DaemonError(f"{path}: unreadable ({e}); move it aside to continue") from e
-    return obj if isinstance(obj, dict) else None
+def read_json(path: str, limit: int = JOB_FILE_LIMIT) -> dict[str, Any] | None:
+    """A daemon-side JSON object, or None if absent; ``BadFileError`` if unusable."""
+    return read_json_object(path, limit)
 
 
 def check_owned(path: str) -> None:
@@ -195,6 +127,8 @@ def check_owned(path: str) -> None:
 
 
 def save_spec(home: Home, spec: JobSpec) -> None:
+    if isinstance(spec.argv, str):
+        raise DaemonError("argv must be a list of strings; to run a shell line use ['sh', '-c', LINE]")
     d = home.job_dir(spec.name)
     for sub in (d, os.path.join(d, "attempts")):
         os.makedirs(sub, mode=0o700, exist_ok=True)
@@ -202,17 +136,22 @@ def save_spec(home: Home, spec: JobSpec) -> None:
 
 
 def load_spec(home: Home, name: str) -> JobSpec:
-    """The job's definition, after checking that only the daemon's owner could write it."""
+    """The job's definition, after checking that only the daemon's owner could write it.
+
+    Raises ``UnsafeJobError`` (someone else could have written it), ``BadFileError``
+    (unreadable, hostile or invalid) or ``FileNotFoundError`` (not registered yet).
+    """
     d = home.job_dir(name)
     path = os.path.join(d, "job.json")
     check_owned(d)
-    check_owned(path)
     raw = read_json(path)
-    if raw is None or raw.get("format") != JOB_FORMAT:
-        raise DaemonError(f"{path}: not a {JOB_FORMAT} job definition")
-    if raw.get("owner_uid") != os.getuid():
-        raise UnsafeJobError(f"{path}: registered by uid {raw.get('owner_uid')}, not {os.getuid()}")
-    return JobSpec(**raw)
+    if raw is None:
+        raise FileNotFoundError(path)
+    check_owned(path)
+    spec = JobSpec.from_dict(raw, path)
+    if spec.owner_uid != os.getuid():
+        raise UnsafeJobError(f"{path}: registered by uid {spec.owner_uid}, not {os.getuid()}")
+    return spec
 
 
 def save_state(home: Home, st: JobState) -> None:
@@ -220,18 +159,33 @@ def save_state(home: Home, st: JobState) -> None:
 
 
 def load_state(home: Home, name: str) -> JobState | None:
-    raw = read_json(home.job_file(name, "state.json"))
-    return JobState.from_dict(raw) if raw else None
+    """The job's state, None if it has none yet; ``BadFileError`` if it is unusable.
+
+    A state.json that exists but is not a valid state is never "absent": treating it so
+    could run a finished job again.
+    """
+    path = home.job_file(name, "state.json")
+    raw = read_json(path, STATE_FILE_LIMIT)
+    return None if raw is None else JobState.from_dict(raw, path)
 
 
 def append_event(home: Home, name: str, event: str, reason: str, **evidence: Any) -> dict[str, Any]:
-    """One line per decision. O_APPEND + a single write keeps lines whole."""
+    """One line per decision. O_APPEND + a single write keeps lines whole.
+
+    O_NONBLOCK|O_NOFOLLOW and an fstat: a FIFO or symlink named events.jsonl must not
+    block the daemon or redirect its writes (``BadFileError`` instead).
+    """
     record = {"time": time.time(), "job": name, "event": event, "reason": reason, **evidence}
     line = strictjson.dumps(record) + b"\n"
-    fd = os.open(
-        home.job_file(name, "events.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
-    )
+    path = home.job_file(name, "events.jsonl")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        raise BadFileError(f"{path}: cannot append ({e.strerror}); it must be a regular file") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadFileError(f"{path}: not a regular file; remove it")
         os.write(fd, line)
         os.fsync(fd)
     finally:
@@ -240,16 +194,18 @@ def append_event(home: Home, name: str, event: str, reason: str, **evidence: Any
 
 
 def read_events(home: Home, name: str) -> list[dict[str, Any]]:
-    out = []
     try:
-        with open(home.job_file(name, "events.jsonl"), "rb") as f:
-            for line in f:
-                try:
-                    out.append(strictjson.loads(line, what="events.jsonl"))
-                except GuardianError:
-                    continue  # a torn last line after a power cut
-    except FileNotFoundError:
-        pass
+        data = read_tail(home.job_file(name, "events.jsonl"), EVENTS_LIMIT)
+    except BadFileError:
+        return []
+    out = []
+    for line in data.splitlines():
+        try:
+            rec = strictjson.loads(line, what="events.jsonl")
+        except GuardianError:
+            continue  # a torn last line after a power cut
+        if isinstance(rec, dict):
+            out.append(rec)
     return out
 
 

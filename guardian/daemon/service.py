@@ -15,6 +15,8 @@ import shlex
 import shutil
 import sys
 
+from ..smallfiles import write_small_file_atomically
+
 UNIT_NAME = "guardian.service"
 
 
@@ -65,3 +67,9 @@ def next_steps(user_mode: bool) -> list[str]:
             f"loginctl enable-linger {user}   # start at boot, without a login",
         ]
     return ["systemctl daemon-reload", "systemctl enable --now guardian"]
+
+
+def write_unit(path: str, text: str) -> None:
+    """Write the unit atomically: systemd (or a reader) never sees half of one."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_small_file_atomically(path, text.encode(), mode=0o644)

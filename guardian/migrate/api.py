@@ -64,18 +64,40 @@ def plan(
     auto: bool = False,
     threshold: float = DEFAULT_THRESHOLD,
     component: str | None = None,
+    accept_guesses: bool = False,
 ) -> Plan:
-    """Plan a migration; writes nothing."""
+    """Plan a migration; writes nothing. ``accept_guesses`` (with ``auto``) also applies
+    suggestions below ``threshold`` and ties, each listed in ``plan.guesses``."""
     source = load_source(src, component)
-    return plan_source(source, _as_target(to), _as_rules(rules), auto=auto, threshold=threshold)
+    return plan_source(
+        source,
+        _as_target(to),
+        _as_rules(rules),
+        auto=auto,
+        threshold=threshold,
+        accept_guesses=accept_guesses,
+    )
 
 
 def plan_source(
-    source: Source, target: Target, rules: Rules, *, auto: bool = False, threshold: float = DEFAULT_THRESHOLD
+    source: Source,
+    target: Target,
+    rules: Rules,
+    *,
+    auto: bool = False,
+    threshold: float = DEFAULT_THRESHOLD,
+    accept_guesses: bool = False,
 ) -> Plan:
     info = source.describe() | {"model_digest": model_digest(source.model), "order": list(source.model)}
     p = make_plan(
-        source.specs, target, rules, source=info, auto=auto, threshold=threshold, values=source.model
+        source.specs,
+        target,
+        rules,
+        source=info,
+        auto=auto,
+        threshold=threshold,
+        values=source.model,
+        accept_guesses=accept_guesses,
     )
     p.notes.extend(source.notes)
     return p
@@ -147,8 +169,11 @@ def _init_values(p: Plan, target: Target | None) -> dict[str, Any] | None:
 
         from .targets import resolve_factory
 
-        torch.manual_seed(0)
-        return dict(resolve_factory(factory)().state_dict())
+        # a fixed seed makes the new parameters reproducible; forking keeps the caller's
+        # global RNG exactly as it was (a library must not reseed its user's training)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return dict(resolve_factory(factory)().state_dict())
     if checkpoint:
         return load_source(checkpoint).model
     return None
@@ -185,6 +210,11 @@ def _record(source: Source, p: Plan) -> dict[str, Any]:
         "source_manifest": manifest_fields(source.manifest),
         "param_groups_before": groups,
         "lossy": p.lossy,
+        "verdict": p.verdict,
+        "accepted_guesses": [
+            {"from": g["from"], "to": g["to"], "confidence": g["confidence"], "guess": g["guess"]}
+            for g in p.guesses
+        ],
         "plan": p.to_json(),
     }
 
@@ -209,15 +239,22 @@ def migrate(
     force: bool = False,
     component: str | None = None,
     numeric: dict[str, Any] | None = None,
+    accept_guesses: bool = False,
 ) -> Result:
     """One shot: plan, refuse if anything is unresolved, apply, verify.
 
-    ``numeric``: {"old": factory, "input_shape": (...), "atol": 1e-6, "seed": 0}
-    adds the old-vs-new output comparison.
+    ``numeric``: {"old": factory, "input_shape": (...), "atol": 1e-6, "seed": 0,
+    "input_high": None} (``input_high``: integer probes, e.g. a vocabulary size)
+    adds the old-vs-new output comparison; ``result.numeric_diff`` is the largest
+    absolute difference. ``accept_guesses``: see ``plan``; the output's migration
+    record lists every guess.
     """
     target = _as_target(to)
     source = load_source(src, component)
-    p = plan_source(source, target, _as_rules(rules), auto=auto, threshold=threshold)
+    rules = _as_rules(rules)
+    p = plan_source(source, target, rules, auto=auto, threshold=threshold, accept_guesses=accept_guesses)
+    if p.blocked and auto and numeric and target.factory:
+        p = _break_ties_numerically(p, source, target, rules, numeric, threshold, accept_guesses)
     if p.blocked:
         raise PlanBlockedError(
             f"{src}: migration blocked ({len(p.issues)} unresolved rows, "
@@ -238,8 +275,34 @@ def migrate(
             tuple(numeric["input_shape"]),
             seed=numeric.get("seed", 0),
             atol=numeric.get("atol", 1e-6),
+            input_high=numeric.get("input_high"),
         )
     return result
+
+
+def _break_ties_numerically(
+    p: Plan,
+    source: Source,
+    target: Target,
+    rules: Rules,
+    numeric: dict[str, Any],
+    threshold: float,
+    guesses: bool,
+) -> Plan:
+    """Settle tied rows by running both models (probe.py); the decision becomes rules
+    with a ``why``, so the plan and the output's provenance show how it was made."""
+    from .probe import resolve_ties
+
+    decided = resolve_ties(p, source.model, target, numeric)
+    if not decided:
+        return p
+    doc = rules.to_json()
+    doc["rules"] = list(doc["rules"]) + decided
+    again = plan_source(
+        source, target, parse_rules(doc), auto=True, threshold=threshold, accept_guesses=guesses
+    )
+    again.notes.append(f"{len(decided)} tied mapping(s) decided numerically; they are rules in the plan")
+    return again
 
 
 def revert(

@@ -57,11 +57,11 @@ def migrate_model(
 def _initial_value(e: Entry, init_values: dict[str, Any] | None) -> Any:
     import torch
 
-    from ..state.tensors import ST_TO_TORCH
+    from ..state.codec import torch_dtype
 
     dst, (shape, dtype) = e.dsts[0], e.dst_specs[0]
     if e.init == "zeros":
-        return torch.zeros(shape, dtype=ST_TO_TORCH[dtype])
+        return torch.zeros(shape, dtype=torch_dtype(dtype))
     if init_values is None or dst not in init_values:
         raise InputRejectedError(
             f"{e.rule}: {dst} should come from the new model's initialisation, but the target "
@@ -123,7 +123,7 @@ def _move_state(states: list[Any], e: Entry, notes: list[str]) -> list[Any] | No
 def _move_field(values: list[Any], e: Entry) -> list[Any] | None:
     """Tensors of the parameter's shape go through the ops; anything else must agree
     across the sources and is copied (``step``, ``None`` momentum buffers)."""
-    from .sources import tensor_spec
+    from ..state.codec import tensor_spec
 
     if all(_is_tensor(v) for v in values) and all(
         tensor_spec(v)[0] == spec[0] for v, spec in zip(values, e.src_specs, strict=False)
@@ -230,12 +230,11 @@ def write_checkpoint(
 ) -> str:
     """Write ``components`` as a checkpoint at ``dst`` through the commit protocol."""
     from ..commit import CheckpointTxn, delete_checkpoint
-    from ..state import snapshot
+    from ..state.codec import write_components
 
     parent, name = check_destination(dst, source_path, force)
-    snap = snapshot.capture(components)
     with CheckpointTxn(parent, name) as txn:
-        snapshot.write_files(txn, snap)
+        kinds = write_components(txn, components)
         man = Manifest(
             name=name,
             step=int(fields.get("step", 0)),
@@ -245,7 +244,7 @@ def write_checkpoint(
             reason=list(fields.get("reason", ["migrate"])),
             metrics=dict(fields.get("metrics", {})),
             batch_in_epoch=int(fields.get("batch_in_epoch", 0)),
-            components={n: {"kind": c["kind"]} for n, c in snap.components.items()},
+            components={n: {"kind": k} for n, k in kinds.items()},
             extra=extra,
         )
         if os.path.lexists(os.path.join(parent, name)):  # force: the old output goes only now

@@ -1,30 +1,33 @@
 """Suggesting renames for the keys the rules leave unresolved.
 
-Three passes, coarse to fine, each producing *rules* a human can review:
+Passes, coarse evidence first, each producing *rules* a human can review:
 
-1. Template induction. Keys are grouped by module path with indices collapsed
-   (``layers.{i}.attn``); a source group and a target group are compatible when
-   they hold the same indices and the same leaves with the same shapes. Compatible
-   groups are paired by a global assignment on name similarity, depth and order,
-   and each pair becomes *one* rule — 5 rules to review, not 600 key pairs.
-2. Prefix change. Template pairs that all differ by the same leading prefix
+1. Structural templates (align.py), fine then coarse: module templates with equal
+   structure after index normalisation — hierarchy, leaves, every shape and dtype —
+   paired globally by name affinity; index shifts become ``{i-1}``.
+2. Fused and split projections (fused.py): ``q``+``k``+``v`` ⇄ ``qkv``, proposed only
+   when the name spells the order.
+3. Prefix change: template pairs that all differ by the same leading prefix
    (``encoder.`` → ``backbone.encoder.``) collapse into one ``{rest:*}`` rule.
-3. Residual pairing of same-shape leftovers by name similarity, hierarchy and
-   registration order, again solved globally per shape (Hungarian algorithm).
+4. Residual pairing of same-shape leftovers, solved globally per shape.
 
-Confidence is the relative margin over the runner-up: ``1 - runner_up/score``.
-A pairing with no compatible alternative scores 1.0; a tie scores 0 (AMBIGUOUS).
+Confidence is contrastive (names.py): the margin by which the evidence prefers this
+partner over each compatible alternative, the smallest over all of them; 1.0 when
+there is no alternative, 0 for a tie. Registration order only breaks ties, and then
+gives at most ``ORDER_ONLY``. A tie is never applied, whatever the threshold.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
+from . import names
+from .align import TIE, build_groups, confidence, induce_rule, member_pairs, pair_groups
+from .assign import assign, hungarian  # noqa: F401 (hungarian: re-exported for callers)
+from .fused import Fusion, find_fusions
 from .ops import Spec
-
-INCOMPATIBLE = 1e9
 
 
 @dataclass
@@ -33,15 +36,25 @@ class Suggestion:
     dst_pattern: str
     pairs: list[tuple[str, str]]
     confidence: float
-    kind: str  # "template" | "prefix" | "pair"
+    kind: str  # "template" | "prefix" | "pair" | "merge" | "split"
     runner_up: str = ""
+    tied: list[str] = field(default_factory=list)
+    rules: list[dict[str, Any]] = field(default_factory=list)  # what to paste; empty: none known
+    fused: list[tuple[list[str], list[str], list[dict[str, Any]]]] = field(default_factory=list)
+    message: str = ""
+
+    @property
+    def undecided(self) -> bool:
+        """A tie, or no single rule known (e.g. a fusion order its name does not spell):
+        never applied without `accept_guesses`."""
+        return self.confidence <= TIE or not self.rules
 
     def snippet(self) -> str:
-        """Ready-to-paste TOML."""
-        return (
-            f"[[rules]]  # {self.kind}, confidence {self.confidence:.2f}\n"
-            f"from = {json.dumps(self.src_pattern)}\nto = {json.dumps(self.dst_pattern)}\n"
-        )
+        """Ready-to-paste TOML ('' when no single answer is known)."""
+        return "".join(_toml_rule(r, f"{self.kind}, confidence {self.confidence:.2f}") for r in self.rules)
+
+    def rows(self) -> list[tuple[list[str], list[str], list[dict[str, Any]]]]:
+        return [([a], [b], []) for a, b in self.pairs] + list(self.fused)
 
     def to_json(self) -> dict:
         return {
@@ -50,109 +63,101 @@ class Suggestion:
             "kind": self.kind,
             "confidence": round(self.confidence, 4),
             "pairs": [list(p) for p in self.pairs],
+            "fused": [[s, d, o] for s, d, o in self.fused],
             "runner_up": self.runner_up,
+            "tied": list(self.tied),
+            "rules": list(self.rules),
             "rule": self.snippet(),
         }
 
 
-@dataclass
-class _Group:
-    template: str  # module path with "{}" for each index segment
-    members: dict[tuple[str, str], tuple[tuple[str, ...], str]] = field(default_factory=dict)
-    rank: float = 0.0  # position of its first key among the leftovers, 0..1
+def _toml_value(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)
 
 
-def suggest(src: dict[str, Spec], dst: dict[str, Spec]) -> list[Suggestion]:
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").isalpha() else json.dumps(k)
+
+
+def _toml_rule(rule: dict[str, Any], comment: str) -> str:
+    lines = [f"[[rules]]  # {comment}"] + [f"{k} = {_toml_value(v)}" for k, v in rule.items()]
+    return "\n".join(lines) + "\n"
+
+
+def suggest(src: dict[str, Spec], dst: dict[str, Spec], *, ordered: bool = True) -> list[Suggestion]:
     """Suggestions for unresolved source keys ``src`` against unresolved target keys ``dst``
-    (both in registration order)."""
-    templates, used_s, used_d = _template_pass(src, dst)
-    out = _collapse_prefixes(templates, src)
-    rest_s = {k: v for k, v in src.items() if k not in used_s}
-    rest_d = {k: v for k, v in dst.items() if k not in used_d}
-    return out + _residual_pass(rest_s, rest_d)
+    (both in registration order when ``ordered``; a ``.safetensors`` source is not)."""
+    out: list[Suggestion] = []
+    left_s, left_d = dict(src), dict(dst)
+    for coarse in (False, True):
+        found = _template_pass(left_s, left_d, coarse, ordered)
+        out += found
+        _consume(found, left_s, left_d)
+    found = _fusion_pass(left_s, left_d)
+    out += found
+    _consume(found, left_s, left_d)
+    out = _collapse_prefixes(out, src)
+    return out + _residual_pass(left_s, left_d, ordered)
 
 
-# ------------------------------------------------------------------ templates
+def _consume(found: list[Suggestion], left_s: dict[str, Spec], left_d: dict[str, Spec]) -> None:
+    for s in found:
+        for srcs, dsts, _ops in s.rows():
+            for k in srcs:
+                left_s.pop(k, None)
+            for k in dsts:
+                left_d.pop(k, None)
 
 
-def _split_key(key: str) -> tuple[str, tuple[str, ...], str] | None:
-    parts = key.split(".")
-    if len(parts) < 2 or "{" in key or "}" in key:
-        return None
-    mod = parts[:-1]
-    idx = tuple(p for p in mod if p.isdigit())
-    return ".".join("{}" if p.isdigit() else p for p in mod), idx, parts[-1]
+def _template_pass(
+    src: dict[str, Spec], dst: dict[str, Spec], coarse: bool, ordered: bool
+) -> list[Suggestion]:
+    out = []
+    for m in pair_groups(build_groups(src, coarse), build_groups(dst, coarse), ordered):
+        rule = induce_rule(m)
+        conf = m.confidence if rule is not None else 0.0
+        src_p = rule["from"] if rule else m.src.template + ".{p}"
+        dst_p = rule["to"] if rule else m.dst.template + ".{p}"
+        out.append(
+            Suggestion(
+                src_p, dst_p, member_pairs(m), conf, "template", m.runner_up, m.tied, [rule] if rule else []
+            )
+        )
+    return out
 
 
-def _groups(specs: dict[str, Spec]) -> dict[str, _Group]:
-    groups: dict[str, _Group] = {}
-    n = max(len(specs) - 1, 1)
-    for pos, (key, spec) in enumerate(specs.items()):
-        split = _split_key(key)
-        if split is None:
-            continue
-        tmpl, idx, leaf = split
-        g = groups.setdefault(tmpl, _Group(tmpl, rank=pos / n))
-        g.members[(idx, leaf)] = (spec, key)
-    return groups
+def _fusion_pass(src: dict[str, Spec], dst: dict[str, Spec]) -> list[Suggestion]:
+    gs, gd = build_groups(src, False), build_groups(dst, False)
+    fusions = find_fusions(gs, gd, split=False) + find_fusions(gd, gs, split=True)
+    return [_from_fusion(f) for f in fusions]
 
 
-def _group_sig(g: _Group) -> frozenset:
-    return frozenset((idx, leaf, spec) for (idx, leaf), (spec, _k) in g.members.items())
+def _from_fusion(f: Fusion) -> Suggestion:
+    parts = " + ".join(g.template for g in f.parts)
+    src_p, dst_p = (f.whole.template, parts) if f.split else (parts, f.whole.template)
+    return Suggestion(
+        src_p,
+        dst_p,
+        [],
+        f.confidence if f.rules else 0.0,
+        "split" if f.split else "merge",
+        rules=f.rules,
+        fused=f.rows(),
+        message=f.message,
+    )
 
 
-def _group_score(a: _Group, b: _Group) -> float:
-    name = difflib.SequenceMatcher(None, a.template, b.template).ratio()
-    depth = 1.0 if a.template.count(".") == b.template.count(".") else 0.0
-    return 0.3 * name + 0.5 * (1 - abs(a.rank - b.rank)) + 0.2 * depth
-
-
-def _template_pass(src: dict[str, Spec], dst: dict[str, Spec]):
-    gs = [g for g in _groups(src).values()]
-    gd = [g for g in _groups(dst).values()]
-    sig_s, sig_d = [_group_sig(g) for g in gs], [_group_sig(g) for g in gd]
-    scores = [
-        [_group_score(a, b) if sig_s[i] == sig_d[j] else None for j, b in enumerate(gd)]
-        for i, a in enumerate(gs)
-    ]
-    out, used_s, used_d = [], set(), set()
-    for i, j in _assign(scores):
-        conf, runner = _confidence(scores, i, j, [g.template for g in gs], [g.template for g in gd])
-        a, b = gs[i], gd[j]
-        src_p, dst_p = _template_patterns(a.template, b.template)
-        pairs = [(a.members[m][1], b.members[m][1]) for m in a.members]
-        out.append(Suggestion(src_p, dst_p, pairs, conf, "template", runner))
-        used_s.update(p[0] for p in pairs)
-        used_d.update(p[1] for p in pairs)
-    return out, used_s, used_d
-
-
-def _template_patterns(ts: str, td: str) -> tuple[str, str]:
-    names = iter("ijklmnab")
-    src_names = []
-
-    def fill_src(t: str) -> str:
-        out = []
-        for part in t.split("."):
-            if part == "{}":
-                name = next(names)
-                src_names.append(name)
-                out.append(f"{{{name}:int}}")
-            else:
-                out.append(part)
-        return ".".join(out)
-
-    src = fill_src(ts)
-    it = iter(src_names)
-    dst = ".".join(f"{{{next(it)}}}" if p == "{}" else p for p in td.split("."))
-    return src + ".{p}", dst + ".{p}"
-
-
-def _collapse_prefixes(templates: list[Suggestion], src: dict[str, Spec]) -> list[Suggestion]:
-    """Template pairs sharing one prefix change become one ``{rest:*}`` rule, but only
-    when that rule would claim exactly the keys they cover."""
+def _collapse_prefixes(found: list[Suggestion], src: dict[str, Spec]) -> list[Suggestion]:
+    """Template pairs sharing one plain prefix change become one ``{rest:*}`` rule, but
+    only when that rule would claim exactly the keys they cover."""
     by_change: dict[tuple[str, str], list[Suggestion]] = {}
-    for s in templates:
+    for s in found:
+        if s.kind != "template" or s.undecided or any("index_map" in r for r in s.rules):
+            continue
         a, b = s.src_pattern.split("."), s.dst_pattern.split(".")
         k = 0
         while k < min(len(a), len(b)) and a[-1 - k].replace(":int", "") == b[-1 - k]:
@@ -160,7 +165,7 @@ def _collapse_prefixes(templates: list[Suggestion], src: dict[str, Spec]) -> lis
         pa, pb = ".".join(a[: len(a) - k]), ".".join(b[: len(b) - k])
         if pa and "{" not in pa and "{" not in pb and k > 1:
             by_change.setdefault((pa, pb), []).append(s)
-    out = [s for s in templates]
+    out = list(found)
     for (pa, pb), group in by_change.items():
         covered = {p[0] for s in group for p in s.pairs}
         claimed = {k for k in src if k.startswith(pa + ".")}
@@ -169,101 +174,34 @@ def _collapse_prefixes(templates: list[Suggestion], src: dict[str, Spec]) -> lis
         for s in group:
             out.remove(s)
         dst = f"{pb}.{{rest:*}}" if pb else "{rest:*}"
+        src_p = f"{pa}.{{rest:*}}"
         pairs = [p for s in group for p in s.pairs]
-        out.append(Suggestion(f"{pa}.{{rest:*}}", dst, pairs, min(s.confidence for s in group), "prefix"))
+        conf = min(s.confidence for s in group)
+        out.append(Suggestion(src_p, dst, pairs, conf, "prefix", rules=[{"from": src_p, "to": dst}]))
     return out
 
 
-# ------------------------------------------------------------------ residual pairs
-
-
-def _pair_score(a: str, b: str, ra: float, rb: float) -> float:
-    name = difflib.SequenceMatcher(None, a, b).ratio()
-    leaf = 1.0 if a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1] else 0.0
-    depth = 1.0 if a.count(".") == b.count(".") else 0.0
-    return 0.3 * name + 0.2 * leaf + 0.1 * depth + 0.4 * (1 - abs(ra - rb))
-
-
-def _residual_pass(src: dict[str, Spec], dst: dict[str, Spec]) -> list[Suggestion]:
-    rank_s = _ranks(src)
-    rank_d = _ranks(dst)
+def _residual_pass(src: dict[str, Spec], dst: dict[str, Spec], ordered: bool) -> list[Suggestion]:
+    rank_s, rank_d = _ranks(src), _ranks(dst)
     out = []
     for spec in dict.fromkeys(src.values()):
         ks = [k for k, v in src.items() if v == spec and "{" not in k and "}" not in k]
         kd = [k for k, v in dst.items() if v == spec and "{" not in k and "}" not in k]
         if not ks or not kd:
             continue
-        scores = [[_pair_score(a, b, rank_s[a], rank_d[b]) for b in kd] for a in ks]
-        for i, j in _assign(scores):
-            conf, runner = _confidence(scores, i, j, ks, kd)
-            out.append(Suggestion(ks[i], kd[j], [(ks[i], kd[j])], conf, "pair", runner))
+        scores = [
+            [names.affinity(a, b) + (0.01 * (1 - abs(rank_s[a] - rank_d[b])) if ordered else 0) for b in kd]
+            for a in ks
+        ]
+        ok = [[True] * len(kd) for _ in ks]
+        ranks = ([rank_s[a] for a in ks], [rank_d[b] for b in kd]) if ordered else None
+        for i, j in assign(scores):
+            conf, runner, tied = confidence(i, j, ok, ks, kd, ranks)
+            rules = [{"from": ks[i], "to": kd[j]}]
+            out.append(Suggestion(ks[i], kd[j], [(ks[i], kd[j])], conf, "pair", runner, tied, rules))
     return out
 
 
 def _ranks(specs: dict[str, Spec]) -> dict[str, float]:
     n = max(len(specs) - 1, 1)
     return {k: i / n for i, k in enumerate(specs)}
-
-
-def _confidence(scores, i: int, j: int, rows: list[str], cols: list[str]) -> tuple[float, str]:
-    s = scores[i][j]
-    best, name = 0.0, ""
-    for jj, v in enumerate(scores[i]):
-        if jj != j and v is not None and v > best:
-            best, name = v, f"{rows[i]} → {cols[jj]}"
-    for ii in range(len(scores)):
-        v = scores[ii][j]
-        if ii != i and v is not None and v > best:
-            best, name = v, f"{rows[ii]} → {cols[j]}"
-    conf = max(0.0, 1.0 - best / s) if s > 0 else 0.0
-    return conf, name
-
-
-# ------------------------------------------------------------------ assignment
-
-
-def _assign(scores: list[list[float | None]]) -> list[tuple[int, int]]:
-    """Maximum-score matching (None = not allowed), solved globally."""
-    if not scores or not scores[0]:
-        return []
-    cost = [[INCOMPATIBLE if v is None else 1.0 - v for v in row] for row in scores]
-    pairs = hungarian(cost)
-    return [(i, j) for i, j in pairs if scores[i][j] is not None]
-
-
-def hungarian(cost: list[list[float]]) -> list[tuple[int, int]]:
-    """Minimum-cost assignment on a rectangular matrix (Kuhn–Munkres with potentials,
-    O(n²m)); returns (row, col) pairs for min(n, m) rows/cols."""
-    n, m = len(cost), len(cost[0])
-    if n > m:
-        return [(i, j) for j, i in hungarian([list(col) for col in zip(*cost, strict=False)])]
-    inf = float("inf")
-    u, v, p, way = [0.0] * (n + 1), [0.0] * (m + 1), [0] * (m + 1), [0] * (m + 1)
-    for i in range(1, n + 1):
-        p[0], j0 = i, 0
-        minv, used = [inf] * (m + 1), [False] * (m + 1)
-        while True:
-            used[j0] = True
-            i0, delta, j1 = p[j0], inf, 0
-            row = cost[i0 - 1]
-            for j in range(1, m + 1):
-                if not used[j]:
-                    cur = row[j - 1] - u[i0] - v[j]
-                    if cur < minv[j]:
-                        minv[j], way[j] = cur, j0
-                    if minv[j] < delta:
-                        delta, j1 = minv[j], j
-            for j in range(m + 1):
-                if used[j]:
-                    u[p[j]] += delta
-                    v[j] -= delta
-                else:
-                    minv[j] -= delta
-            j0 = j1
-            if p[j0] == 0:
-                break
-        while j0:
-            j1 = way[j0]
-            p[j0] = p[j1]
-            j0 = j1
-    return sorted((p[j] - 1, j - 1) for j in range(1, m + 1) if p[j])

@@ -195,7 +195,7 @@ def run(ops: list[dict[str, Any]], tensors: list[Any]) -> list[Any]:
     """Apply ``ops`` to real tensors (torch imported here so planning stays torch-free)."""
     import torch
 
-    from ..state.tensors import ST_TO_TORCH
+    from ..state.codec import torch_dtype
 
     for op in ops:
         kind = op["op"]
@@ -205,7 +205,7 @@ def run(ops: list[dict[str, Any]], tensors: list[Any]) -> list[Any]:
         elif kind == "reshape":
             tensors = [tensors[0].reshape(tuple(op["shape"])).clone()]
         elif kind == "cast":
-            tensors = [tensors[0].to(ST_TO_TORCH[op["dtype"]])]
+            tensors = [tensors[0].to(torch_dtype(op["dtype"]))]
         elif kind == "slice_rows":
             tensors = [tensors[0][int(op.get("start", 0)) : int(op["stop"])].clone()]
         elif kind == "pad_rows":

@@ -23,6 +23,7 @@ STATUS_ORDER = (
     "TRANSFORMED",
     "DROPPED",
     "MISSING-EXPECTED",
+    "GUESSED",
     "MISSING",
     "UNEXPECTED",
     "MISMATCH",
@@ -116,7 +117,7 @@ def summary(plan: Plan) -> dict[str, dict[str, int]]:
 def to_json(plan: Plan) -> dict[str, Any]:
     return {
         "schema": REPORT_SCHEMA,
-        "status": "blocked" if plan.blocked else "clean",
+        "status": plan.verdict,
         "exit_code": EXIT_BLOCKED if plan.blocked else EXIT_CLEAN,
         "lossy": plan.lossy,
         "source": plan.source,
@@ -127,6 +128,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
         "diagnosis": list(plan.diagnosis),
         "suggestions": [s.to_json() for s in plan.suggestions],
         "applied_suggestions": list(plan.applied),
+        "accepted_guesses": list(plan.guesses),
         "notes": list(plan.notes),
     }
 
@@ -139,22 +141,33 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def render(plan: Plan) -> str:
-    """The human table."""
+RED, RESET = "\x1b[1;31m", "\x1b[0m"
+
+
+def render(plan: Plan, color: bool = False) -> str:
+    """The human table. ``color``: show accepted guesses in red (for a terminal)."""
     lines = [f"migrate {plan.source.get('path', '?')} → {plan.target.get('description', '?')}", ""]
     table = [("STATUS", "SOURCE → TARGET", "N", "PARAMS", "BYTES", "RULE")]
     hints = []
     for r in rows(plan):
         status = r["status"] + (
-            f"({r['confidence']:.2f})" if r["status"] == "SUGGESTED" and r["confidence"] is not None else ""
+            f"({r['confidence']:.2f})"
+            if r["status"] in ("SUGGESTED", "GUESSED") and r["confidence"] is not None
+            else ""
         )
         arrow = f"{r['source'] or '∅'} → {r['target'] or '∅'}"
         table.append(
             (status, arrow, str(r["count"]), f"{r['params']:,}", _human_bytes(r["bytes"]), r["rule"] or "-")
         )
-        if r["status"] in ("MISSING", "UNEXPECTED", "MISMATCH", "AMBIGUOUS", "SUGGESTED", "DROPPED") and (
-            r["hint"] or r["message"]
-        ):
+        if r["status"] in (
+            "MISSING",
+            "UNEXPECTED",
+            "MISMATCH",
+            "AMBIGUOUS",
+            "SUGGESTED",
+            "DROPPED",
+            "GUESSED",
+        ) and (r["hint"] or r["message"]):
             hints.append((r["status"], arrow, r["message"], r["hint"]))
     widths = [min(max(len(row[i]) for row in table), 60) for i in range(len(table[0]))]
     for row in table:
@@ -177,8 +190,26 @@ def render(plan: Plan) -> str:
     if plan.applied:
         lines.append("\napplied suggestions (written into the plan):")
         lines.extend("  " + a["rule"].strip().replace("\n", "\n  ") for a in plan.applied)
-    verdict = "BLOCKED: resolve the rows and problems above" if plan.blocked else "CLEAN: nothing unresolved"
+    lines.extend(_guess_lines(plan, color))
+    verdict = {
+        "blocked": "BLOCKED: resolve the rows and problems above",
+        "guessed": f"GUESSED: {len(plan.guesses)} mapping(s) applied without confidence (--accept-guesses); "
+        "NOT CLEAN — check each one, or name it in a rules file",
+        "clean": "CLEAN: nothing unresolved",
+    }[plan.verdict]
+    if plan.verdict == "guessed" and color:
+        verdict = RED + verdict + RESET
     lines.append(
         f"\n{verdict}{' (lossy: revert will need --force-lossy)' if plan.lossy and not plan.blocked else ''}"
     )
     return "\n".join(lines)
+
+
+def _guess_lines(plan: Plan, color: bool) -> list[str]:
+    if not plan.guesses:
+        return []
+    head = "\n!!! GUESSES ACCEPTED (recorded in the output's provenance) !!!"
+    out = [RED + head + RESET if color else head]
+    for g in plan.guesses:
+        out.append(f"  {g['from']} → {g['to']}  (confidence {g['confidence']:.2f}; {g['guess']})")
+    return out

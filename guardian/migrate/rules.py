@@ -13,6 +13,15 @@ TOML (read with the standard library's ``tomllib``) or JSON::
     to = "head.weight"
     ops = [{op = "transpose", dims = [0, 1]}]
 
+    [[rules]]                      # index arithmetic: layer1..3 became stages.0..2
+    from = "layer{i:int}.{rest:*}"
+    to = "stages.{i-1}.{rest:*}"
+
+    [[rules]]                      # or a table, when the indices are not a shift
+    from = "blocks.{i:int}.{p}"
+    to = "layers.{i}.{p}"
+    index_map = {i = {"1" = 0, "3" = 1}}
+
     [[rules]]                      # drop, always with a reason
     from = "aux_head.{rest:*}"
     drop = "auxiliary head removed in v2"
@@ -45,7 +54,18 @@ from .errors import RulesError
 from .patterns import Pattern, Regex, compile_pair, compile_pattern, compile_regex
 
 MAX_RULES_BYTES = 1024 * 1024
-RULE_FIELDS = {"from", "to", "ops", "drop", "lossy", "regex", "inverse_regex", "inverse_to", "why"}
+RULE_FIELDS = {
+    "from",
+    "to",
+    "ops",
+    "drop",
+    "lossy",
+    "regex",
+    "inverse_regex",
+    "inverse_to",
+    "why",
+    "index_map",
+}
 MISSING_FIELDS = {"pattern", "init", "why"}
 INITS = ("model", "zeros")
 
@@ -87,6 +107,14 @@ class Rule:
             return None
         srcs = [key] + [p.format(values) for p in self.srcs[1:]]
         return srcs, [p.format(values) for p in self.dsts]
+
+    def unclaim(self, dst: str) -> str | None:
+        """The source key this rule's inverse gives for its first target key: a rule
+        is only usable where ``unclaim(claim(k)[1][0]) == k``."""
+        if self.regex is not None:
+            return self.regex.unmap(dst)
+        values = self.dsts[0].match(dst) if self.dsts else None
+        return None if values is None else self.srcs[0].format(values)
 
 
 @dataclass
@@ -190,6 +218,8 @@ def _compile_rule(i: int, spec: Any, origin: str) -> Rule:
         )
     rule = Rule(index=i, spec=dict(spec), lossy=bool(spec.get("lossy", False)))
     rule.ops = [ops_mod.validate(op, where) for op in spec.get("ops", [])]
+    if "index_map" in spec and ("regex" in spec or "drop" in spec):
+        raise RulesError(f"{where}: index_map belongs to a from/to rename (a regex shifts with \\g<1-1>)")
     if "regex" in spec:
         if rule.ops or "drop" in spec:
             raise RulesError(f"{where}: a regex rule only renames (no ops, no drop)")
@@ -221,9 +251,13 @@ def _compile_rename(rule: Rule, spec: dict, where: str) -> Rule:
     dsts = spec["to"] if isinstance(spec["to"], list) else [spec["to"]]
     if not srcs or not dsts:
         raise RulesError(f"{where}: 'from' and 'to' must not be empty")
-    first, _ = compile_pair(srcs[0], dsts[0], where)
+    maps = _index_maps(spec.get("index_map"), where)
+    first, _ = compile_pair(srcs[0], dsts[0], where, maps)
     rule.srcs = [first] + [_follower(t, first, where) for t in srcs[1:]]
-    rule.dsts = [_follower(t, first, where) for t in dsts]
+    rule.dsts = [_follower(t, first, where, maps) for t in dsts]
+    unknown = set(maps) - set(first.names)
+    if unknown:
+        raise RulesError(f"{where}: index_map names {sorted(unknown)}, which 'from' does not use")
     kinds = [op["op"] for op in rule.ops]
     if len(srcs) > 1 and "concat" not in kinds:
         raise RulesError(f"{where}: several 'from' keys need a concat op")
@@ -232,10 +266,35 @@ def _compile_rename(rule: Rule, spec: dict, where: str) -> Rule:
     return rule
 
 
-def _follower(text: str, first: Pattern, where: str) -> Pattern:
+def _index_maps(obj: Any, where: str) -> dict[str, dict[int, int]]:
+    """``index_map = {i = {"1" = 0, "3" = 1}}``: per placeholder, a one-to-one table from
+    the source's index to the target's (one-to-one, or the rule could not be inverted)."""
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise RulesError(f'{where}: index_map must be a table, e.g. index_map = {{i = {{"1" = 0}}}}')
+    out: dict[str, dict[int, int]] = {}
+    for name, table in obj.items():
+        if not isinstance(table, dict) or not table:
+            raise RulesError(f"{where}: index_map.{name} must be a non-empty table of index = index")
+        try:
+            pairs = {int(k): int(v) for k, v in table.items() if not isinstance(v, bool)}
+        except (TypeError, ValueError) as e:
+            raise RulesError(f"{where}: index_map.{name}: indices must be whole numbers ({e})") from e
+        if len(pairs) != len(table) or min(pairs) < 0 or min(pairs.values()) < 0:
+            raise RulesError(f"{where}: index_map.{name}: indices must be whole numbers ≥ 0")
+        if len(set(pairs.values())) != len(pairs):
+            raise RulesError(f"{where}: index_map.{name} sends two indices to one; it cannot be inverted")
+        out[str(name)] = pairs
+    return out
+
+
+def _follower(
+    text: str, first: Pattern, where: str, maps: dict[str, dict[int, int]] | None = None
+) -> Pattern:
     """Secondary patterns are filled from the first's placeholders (and must use all of
     them, so the rule stays invertible)."""
-    p = compile_pattern(text, where)
+    p = compile_pattern(text, where, maps)
     if set(p.names) != set(first.names):
         raise RulesError(
             f"{where}: {text!r} must use the same placeholders as {first.text!r} "

@@ -39,6 +39,7 @@ class Source:
     components: dict[str, tuple[str, Any]] | None = None
     manifest: Manifest | None = None
     notes: list[str] = field(default_factory=list)
+    ordered: bool = True  # keys in registration order (a .safetensors file is sorted)
 
     @property
     def specs(self) -> dict[str, Spec]:
@@ -51,6 +52,7 @@ class Source:
             "fingerprint": self.fingerprint,
             "component": self.component,
             "prefix": self.prefix,
+            "ordered": self.ordered,
         }
 
 
@@ -61,9 +63,9 @@ def _is_tensor(value: Any) -> bool:
 
 
 def tensor_spec(t: Any) -> Spec:
-    from ..state.tensors import st_dtype
+    from ..state.codec import tensor_spec as spec_of
 
-    return tuple(int(d) for d in t.shape), st_dtype(t)
+    return spec_of(t)
 
 
 def load_source(path: str | os.PathLike[str], component: str | None = None) -> Source:
@@ -86,7 +88,7 @@ def load_source(path: str | os.PathLike[str], component: str | None = None) -> S
 
 
 def _load_guardian(path: str, component: str | None) -> Source:
-    from ..state import snapshot
+    from ..state.codec import read_components
 
     info = reader.inspect_checkpoint(path, verify=True)
     if not info.valid:
@@ -97,7 +99,8 @@ def _load_guardian(path: str, component: str | None) -> Source:
             f"{path}: multi-rank checkpoints (world_size={man.world_size}) are not supported yet"
         )
     fingerprint = reader.checkpoint_digest(reader.component_summaries(path, man))
-    components = snapshot.load(path)
+    stored = read_components(path)
+    components = stored.components
     name = choose_component(components, component, path)
     modules = [n for n, (k, _) in components.items() if k == MODULE_KIND]
     prefix = "" if len(modules) == 1 else f"{name}."
@@ -114,6 +117,7 @@ def _load_guardian(path: str, component: str | None) -> Source:
         prefix=prefix,
         components=components,
         manifest=man,
+        ordered=name in stored.ordered,
     )
 
 
@@ -136,11 +140,11 @@ def choose_component(components: dict[str, tuple[str, Any]], wanted: str | None,
 
 
 def _load_safetensors(path: str) -> Source:
-    from ..state import snapshot
+    from ..state.codec import read_tensor_file
 
     safetensors_io.read_layout(path)  # strict validation before any tensor is built
-    tensors = snapshot.read_tensors(path)
-    return Source(path=path, kind="safetensors", model=tensors, fingerprint=hash_file(path)[0])
+    tensors = read_tensor_file(path)
+    return Source(path=path, kind="safetensors", model=tensors, fingerprint=hash_file(path)[0], ordered=False)
 
 
 def _load_torch(path: str) -> Source:
@@ -198,7 +202,7 @@ def check_keys(state: dict[str, Any], path: str) -> None:
 def model_digest(model: dict[str, Any]) -> str:
     """A canonical hash of a flat state dict (names, dtypes, shapes, bytes), order-free."""
     from ..format import strictjson
-    from ..state.tensors import cpu_bytes
+    from ..state.codec import tensor_bytes
 
     h = new_hasher()
     for key in sorted(model):
@@ -208,5 +212,5 @@ def model_digest(model: dict[str, Any]) -> str:
             continue
         shape, dtype = tensor_spec(t)
         h.update(strictjson.dumps([key, dtype, list(shape)]))
-        h.update(cpu_bytes(t))
+        h.update(tensor_bytes(t))
     return h.hexdigest()

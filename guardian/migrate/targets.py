@@ -105,8 +105,7 @@ def from_factory(spec: str) -> Target:
 
 def from_module(model: Any, description: str = "") -> Target:
     """Signature of a live (or meta) module: its state_dict plus tied groups."""
-    from ..state.components import unwrap_module
-    from .sources import tensor_spec
+    from ..state.codec import tensor_spec, unwrap_module
 
     model = unwrap_module(model)
     sd = model.state_dict(keep_vars=True)

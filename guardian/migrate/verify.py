@@ -17,7 +17,7 @@ from .targets import Target, build_meta, resolve_factory
 
 def verify_structure(model_sd: dict[str, Any], target: Target) -> None:
     """Raise ``VerificationError`` unless ``model_sd`` fits ``target`` exactly."""
-    from .sources import tensor_spec
+    from ..state.codec import tensor_spec
 
     if target.factory:
         _load_meta(model_sd, target.factory)
@@ -56,15 +56,20 @@ def verify_numeric(
     *,
     seed: int = 0,
     atol: float = 1e-6,
+    input_high: int | None = None,
 ) -> float:
     """Run old model + old weights and new model + migrated weights on one seeded input;
-    return the largest absolute difference, raising if it exceeds ``atol``."""
+    return the largest absolute difference, raising if it exceeds ``atol``.
+
+    The probe is standard-normal floats, or with ``input_high`` integers in
+    ``[0, input_high)`` (token ids for a language model). It is drawn from a private
+    generator: the caller's global RNG is not touched.
+    """
     import torch
 
-    old = _instantiate(old_factory, old_sd)
-    new = _instantiate(new_factory, new_sd)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(input_shape, generator=gen)
+    old = instantiate(old_factory, old_sd)
+    new = instantiate(new_factory, new_sd)
+    x = probe_input(input_shape, seed, input_high)
     with torch.no_grad():
         a, b = old(x), new(x)
     diff = float((a - b).abs().max()) if a.shape == b.shape else float("inf")
@@ -76,8 +81,23 @@ def verify_numeric(
     return diff
 
 
-def _instantiate(factory: Any, sd: dict[str, Any]) -> Any:
+def probe_input(input_shape: tuple[int, ...], seed: int = 0, input_high: int | None = None) -> Any:
+    """A seeded probe from a private generator: floats, or integers in [0, input_high)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    if input_high is not None:
+        return torch.randint(0, int(input_high), input_shape, generator=gen)
+    return torch.randn(input_shape, generator=gen)
+
+
+def instantiate(factory: Any, sd: dict[str, Any]) -> Any:
+    """Build and load a model without consuming the caller's global RNG (the factory's
+    initialisers draw from it, and the weights are overwritten anyway)."""
+    import torch
+
     fn = resolve_factory(factory) if isinstance(factory, str) else factory
-    model = fn()
+    with torch.random.fork_rng(devices=[]):
+        model = fn()
     model.load_state_dict(sd, strict=True)
     return model.eval()

@@ -18,7 +18,7 @@ from ..errors import NothingToProtectError
 from . import components as C
 from .rng import GeneratorState, is_generator
 
-log = logging.getLogger("guardian")
+log = logging.getLogger(__name__)
 
 RESERVED = {"rng", "progress", "policy", "extra"}
 
@@ -39,6 +39,11 @@ def _classify(value: Any) -> str | None:
     if isinstance(value, C.Stateful) and not isinstance(value, type):
         return "stateful"
     return None
+
+
+def is_training_object(value: Any) -> bool:
+    """True for anything ``protect()`` saves or reads (a DataLoader's position)."""
+    return _classify(value) is not None
 
 
 def _candidates(trainer: Any) -> list[tuple[str, Any]]:

@@ -24,8 +24,9 @@ from ..format import safetensors_io, strictjson
 from ..format.layout import FORMAT_ID, FORMAT_VERSION, STATE_FILE, TENSORS_FILE
 from ..format.reader import load_state_json
 from ..format.tree import Decoder, Encoder
-from . import sharded
+from . import dtensor
 from . import tensors as T
+from .fileread import preadv_exactly
 
 
 def _escape(part: str) -> str:
@@ -78,8 +79,10 @@ def capture(states: dict[str, tuple[str, Any]]) -> Snapshot:
 
     for name, (kind, tree) in states.items():
         # DTensors are tensors too: they must reach the sharded encoder, not put_tensor
-        encoder = Encoder(sharded.is_plain_tensor, put(name), sharded.encode_ext)
+        encoder = Encoder(dtensor.is_plain_tensor, put(name), dtensor.encode_ext)
         snap.components[name] = {"kind": kind, "state": encoder.encode(tree, (), name)}
+        if kind == "module" and isinstance(tree, dict):  # state.json sorts keys; keep registration order
+            snap.components[name]["order"] = [k for k in tree if isinstance(k, str)]
     return snap
 
 
@@ -185,7 +188,7 @@ def _read_in_two_streams(fd: int, batches: list[tuple[int, list[memoryview]]], p
 
     def read(part: list[tuple[int, list[memoryview]]]) -> None:
         for offset, views in part:
-            _preadv_exactly(fd, views, offset, path)
+            preadv_exactly(fd, views, offset, path)
 
     total = sum(len(v) for _, views in batches for v in views)
     if total < PARALLEL_READ_MIN or (os.cpu_count() or 1) < 2:
@@ -199,19 +202,6 @@ def _read_in_two_streams(fd: int, batches: list[tuple[int, list[memoryview]]], p
         second = pool.submit(read, batches[cut:])
         read(batches[:cut])
         second.result()
-
-
-def _preadv_exactly(fd: int, views: list[memoryview], offset: int, path: str) -> None:
-    while views:
-        n = os.preadv(fd, views, offset)
-        if not n:
-            raise CorruptCheckpointError(f"{path}: file ended early (truncated)")
-        offset += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views = views[1:]
-        if n:
-            views = [views[0][n:], *views[1:]]
 
 
 def load(
@@ -248,7 +238,7 @@ def decode_components(
         except (KeyError, TypeError):
             raise CorruptCheckpointError(f"{tensors_path}: state references missing tensor {key!r}") from None
 
-    decoder = Decoder(get, sharded.decode_ext)
+    decoder = Decoder(get, dtensor.decode_ext)
     out = {}
     for name, comp in state["components"].items():
         if not isinstance(comp, dict) or "kind" not in comp or "state" not in comp:

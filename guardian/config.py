@@ -1,0 +1,26 @@
+"""The options of a protected run, as ``protect()`` checked them (``options.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .policies import BestMetric, EarlyStopping, Retention, SaveSchedule
+
+
+@dataclass
+class GuardConfig:
+    """The options of ``protect()``, checked."""
+
+    run_dir: str
+    schedule: SaveSchedule
+    best: BestMetric | None
+    save_best: bool
+    retention: Retention
+    early: EarlyStopping | None
+    restore_best: bool | None
+    resume: Any
+    strict: bool
+    save_on_exit: bool
+    on_save_error: str
+    handle_signals: bool

@@ -1,0 +1,74 @@
+"""What ``guardian status`` shows for one job, read from the daemon's files alone.
+
+Works with or without a running daemon, and never blocks or fails on a bad file: a
+job whose job.json or state.json cannot be used is shown ``held`` with the reason,
+exactly as the daemon holds it; a hostile heartbeat leaves the heartbeat columns empty
+and names the problem.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from . import DaemonError
+from . import registry as reg
+from .records import JobSpec, JobState
+from .safefiles import BadFileError, read_run_heartbeat
+
+
+def job_summary(h: reg.Home, name: str) -> dict[str, Any]:
+    """One job as ``guardian status --json`` shows it."""
+    spec, problem = _spec(h, name)
+    try:
+        st = reg.load_state(h, name) or JobState(name=name)
+    except BadFileError as e:
+        st, problem = JobState(name=name), problem or str(e)
+    if problem:
+        st.state, st.reason = reg.HELD, problem
+    hb, hb_problem = _heartbeat(spec)
+    cur = st.current
+    running = st.state in (reg.RUNNING, reg.STOPPING) and cur is not None
+    beat_time = hb.get("time") if hb else None
+    return {
+        "name": name,
+        "state": st.state,
+        "reason": st.reason,
+        "attempts": len(st.attempts),
+        "restarts": st.restarts,
+        "failures_without_progress": st.failures,
+        "pid": (cur.child or {}).get("pid") if running else None,  # the job's, never the shim's
+        "last_checkpoint": st.last_checkpoint,
+        "resume_from": cur.resume_from if cur else None,
+        "exit_code": cur.exit_code if cur else None,
+        "signal": cur.signal if cur else None,
+        "classification": cur.classification if cur else None,
+        "heartbeat_age": round(time.time() - beat_time, 1) if isinstance(beat_time, (int, float)) else None,
+        "heartbeat_problem": hb_problem,
+        "step": hb.get("step") if hb else None,
+        "phase": hb.get("phase") if hb else None,
+        "gpus": cur.gpus if cur else [],
+        "next_start_at": st.next_start_at,
+        "stderr_tail": st.stderr_tail,
+        "run_dir": spec.run_dir if spec else None,
+        "argv": spec.argv if spec else None,
+        "nproc": spec.nproc if spec else None,
+    }
+
+
+def _spec(h: reg.Home, name: str) -> tuple[JobSpec | None, str | None]:
+    try:
+        return reg.load_spec(h, name), None
+    except FileNotFoundError:
+        return None, None  # guardian run is still writing it
+    except (DaemonError, OSError) as e:
+        return None, str(e)
+
+
+def _heartbeat(spec: JobSpec | None) -> tuple[dict | None, str | None]:
+    if spec is None:
+        return None, None
+    try:
+        return read_run_heartbeat(spec.run_dir), None
+    except BadFileError as e:
+        return None, str(e)

@@ -1,0 +1,129 @@
+"""``guardian.protect()`` and its options, checked before anything starts.
+
+Keyword arguments that are not options are the objects to protect
+(``protect(model=m, optimizer=opt)``). That convenience must not swallow a typo: a
+keyword whose value is not a training object (``every_step=5``, ``keep_lst=1``) is a
+``TypeError`` that names the option it was probably meant to be.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+from typing import Any, Literal
+
+from . import knobs
+from .config import GuardConfig
+from .guard import Guard
+from .policies import BestMetric, EarlyStopping, Retention, SaveSchedule
+from .state.discover import is_training_object
+from .writer import SyncWriter
+
+OnSaveError = Literal["raise", "warn"]
+Mode = Literal["min", "max"]
+
+
+def protect(
+    trainer: Any = None,
+    *,
+    dir: str | os.PathLike[str] | None = None,
+    every_steps: int | None = None,
+    every_seconds: float | None = None,
+    every_epochs: int | None = 1,
+    monitor: str | None = None,
+    mode: Mode = "min",
+    min_delta: float = 0.0,
+    save_best: bool = True,
+    keep_last: int | None = 3,
+    keep_best: int = 1,
+    keep_every: int | None = None,
+    patience: int | None = None,
+    restore_best: bool | None = None,
+    resume: bool | str | os.PathLike[str] = True,
+    strict: bool = True,
+    save_on_exit: bool = True,
+    on_save_error: OnSaveError = "raise",
+    handle_signals: bool = True,
+    writer: Any = None,
+    async_save: bool = True,
+    **components: Any,
+) -> Guard:
+    """Wrap a training loop (see ``guardian.guard`` for the loop API and its rules).
+
+    ``dir``: the run directory; defaults to ``$GUARDIAN_RUN_DIR`` (set by ``guardian run``).
+    ``trainer``: an object whose attributes hold the model(s), optimizer(s),
+    scheduler(s), GradScaler and any object with ``state_dict``/``load_state_dict``;
+    or a dict of them; extra ones may be passed as keywords.
+    ``every_steps`` / ``every_seconds`` / ``every_epochs``: periodic saves (combinable);
+    step saves fall on multiples of ``every_steps``.
+    ``monitor``/``mode``/``min_delta``: the metric (given to ``g.report``) that defines
+    the best checkpoint; ``save_best`` saves whenever it improves.
+    ``keep_last`` / ``keep_best`` / ``keep_every``: retention; the newest, the best and
+    the resumed-from checkpoints are never deleted.
+    ``patience``: early stopping after that many consecutive epochs without
+    improvement of ``monitor`` (by more than ``min_delta``).
+    ``restore_best``: load the best checkpoint's weights into the model when the block
+    ends — None (default): only when early stopping fired; True: always (when a best
+    checkpoint exists); False: never.
+    ``resume``: True (newest checkpoint that can be restored), False (start fresh:
+    existing checkpoints are set aside, never deleted), or a checkpoint path/name.
+    ``on_save_error``: "raise" (default) stops training when a save fails (disk
+    full…); "warn" logs an error and tries again at the next save point.
+    ``async_save``: True (default) copies the state to a staging buffer at each save and
+    persists it in the background; False, or GUARDIAN_ASYNC=0, saves synchronously.
+    ``writer`` overrides both.
+    """
+    _refuse_unknown_options(components)
+    dir = dir if dir is not None else knobs.run_dir()
+    if dir is None:
+        raise ValueError(
+            "protect() needs dir= (the run's checkpoint directory), or GUARDIAN_RUN_DIR "
+            "in the environment as `guardian run --dir` sets it"
+        )
+    if on_save_error not in ("raise", "warn"):
+        raise ValueError(f"on_save_error must be 'raise' or 'warn', got {on_save_error!r}")
+    best = BestMetric(monitor, mode, min_delta) if monitor else None
+    if patience is not None and best is None:
+        raise ValueError("early stopping (patience=) needs monitor= to know what to watch")
+    if restore_best and best is None:
+        raise ValueError("restore_best=True needs monitor= to know which checkpoint is the best")
+    config = GuardConfig(
+        run_dir=os.fspath(dir),
+        schedule=SaveSchedule(every_steps, every_seconds, every_epochs),
+        best=best,
+        save_best=save_best,
+        retention=Retention(keep_last, keep_best, keep_every),
+        early=EarlyStopping(patience, min_delta) if patience is not None else None,
+        restore_best=restore_best,
+        resume=resume,
+        strict=strict,
+        save_on_exit=save_on_exit,
+        on_save_error=on_save_error,
+        handle_signals=handle_signals,
+    )
+    return Guard(trainer, components, config, writer or _default_writer(async_save))
+
+
+def _default_writer(async_save: bool) -> Any:
+    if async_save and knobs.async_save():
+        from .async_writer import AsyncWriter
+
+        return AsyncWriter()
+    return SyncWriter()
+
+
+OPTIONS = [n for n in inspect.signature(protect).parameters if n not in ("trainer", "components")]
+
+
+def _refuse_unknown_options(components: dict[str, Any]) -> None:
+    for name, value in components.items():
+        if value is None or is_training_object(value):  # None: an optional piece left out
+            continue
+        close = difflib.get_close_matches(name, OPTIONS, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}=?" if close else ""
+        raise TypeError(
+            f"protect() got an unexpected keyword argument {name!r}{hint} "
+            f"(a keyword that is not an option must be a training object to protect, like "
+            f"model=… or optimizer=…; {type(value).__name__} is not one)"
+        )
