@@ -88,17 +88,16 @@ def minimize(
     """The smallest program reached from ``program`` for which ``fails`` holds."""
     current = copy.deepcopy(program)
     current["kills"] = [k for k in current["kills"] if k["how"] != "moment"] or current["kills"]
-    passed: set[str] = set()
+    seen = {json.dumps(current, sort_keys=True)}  # tried: never revisit (no A -> B -> A cycles)
     progress = True
     while progress:
         progress = False
         for candidate in list(candidates(current)):
             key = json.dumps(candidate, sort_keys=True)
-            if key in passed:
+            if key in seen:
                 continue
-            if not fails(candidate):
-                passed.add(key)
-            else:
+            seen.add(key)
+            if fails(candidate):
                 log(f"  still fails: {_difference(current, candidate)}")
                 current = candidate
                 progress = True
