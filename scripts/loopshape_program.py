@@ -135,8 +135,36 @@ class Killer:
         sig = signal.SIGKILL if spec["how"] == "sigkill" else signal.SIGTERM
         if spec.get("target") == "group":
             os.killpg(os.getpgid(0), sig)
+            if sig == signal.SIGTERM:
+                _wait_for_the_group_to_die()
         else:
             os.kill(os.getpid(), sig)
+
+
+def _wait_for_the_group_to_die(deadline: float = 30.0) -> None:
+    """After SIGTERM to the whole group, let the other members (DataLoader workers)
+    die before this process goes on, as they would during any real training step:
+    the signal reaches every process at once and workers exit in milliseconds. Makes
+    the group kill reproducible instead of a race with the next batch fetch."""
+    import time
+
+    me, group = os.getpid(), os.getpgid(0)
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        alive = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == me:
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == group and fields[0] != "Z":
+                alive.append(entry)
+        if not alive:
+            return
+        time.sleep(0.005)
 
 
 def build(shape: dict[str, Any]) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def _shape(**overrides) -> dict:
 # Every failure the generator found on main, shrunk by `--minimize` to what it needs.
 # Each resumes inexactly (or crashes) before the library's fix and exactly after.
 def _case(label: int, kills: list[dict], **shape: object) -> dict:
-    return {"seed": label, "shape": _shape(seed=label, **shape), "kills": kills}
+    return {"seed": label, "shape": _shape(**{"seed": label, **shape}), "kills": kills}
 
 
 def _fault(point: str, nth: int) -> dict:
@@ -159,6 +159,30 @@ REGRESSIONS: dict[str, dict] = {
     # model is exact, the generator is left at its construction seed.
     "loader_generator_after_the_last_epoch": _case(
         109, [_fault("save.parent_fsynced", 2)], loader_gen="loader", every_epochs=1
+    ),
+    # DataLoader workers prefetch index batches, so by a mid-epoch checkpoint the
+    # sampler has already drawn its end-of-epoch randperm from its own generator;
+    # restoring that generator after the skipped batches makes the draw happen twice
+    # and the next epoch shuffles differently.
+    "sampler_generator_with_workers_mid_epoch": _case(
+        110,
+        [_kill("sigkill", "fetched", step=5)],
+        workers=2,
+        loader_gen="sampler",
+        epochs=3,
+        every_steps=4,
+        every_epochs=None,
+    ),
+    # A preemption noticed at g.step() exits there, before the report() that follows
+    # g.step() in the same iteration; the resume starts at the next batch, so that
+    # report never runs (here: the best metric it set is missing).
+    "preempted_at_gstep_skips_the_report_after_it": _case(
+        111,
+        [_kill("sigterm", "after_gstep", step=2)],
+        seed=4207145805,  # its training loss at step 3 is a new best
+        dropout=0.5,
+        monitor="train_loss",
+        report_mid=3,
     ),
     # SIGTERM to the whole process group (Slurm) while DataLoader workers run: the
     # workers die first and the run crashed with "DataLoader worker ... killed".
