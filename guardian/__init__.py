@@ -37,11 +37,15 @@ from .errors import (
 if TYPE_CHECKING:
     from .guard import Guard
     from .options import protect
+    from .readonly import export_weights, load, open
 
 __all__ = [
     "__version__",
     "protect",
     "Guard",
+    "load",
+    "open",
+    "export_weights",
     "EXIT_REQUEUE",
     "EXIT_NEVER_RETRY",
     "GuardianError",
@@ -57,7 +61,14 @@ __all__ = [
     "UnsupportedStateError",
 ]
 
-_LAZY = {"protect": "guardian.options", "Guard": "guardian.guard"}
+_LAZY = {
+    "protect": "guardian.options",
+    "Guard": "guardian.guard",
+    # read-only access from outside a run (guardian/readonly.py: never locks or writes)
+    "load": "guardian.readonly",
+    "open": "guardian.readonly",
+    "export_weights": "guardian.readonly",
+}
 
 # A library's logging stays silent unless asked: a NullHandler here, and protect()
 # adds a stderr handler that steps aside once the application configures logging.

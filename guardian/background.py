@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import CheckpointWriteError, GuardianError
 from .format.manifest import Manifest
-from .writer import Committed
+from .writer import Committed, WriterMode
 
 log = logging.getLogger("guardian")
 
@@ -31,6 +31,8 @@ log = logging.getLogger("guardian")
 class BackgroundSave:
     """Base of the asynchronous writers; subclasses start work with ``_start`` and
     report it with ``_succeeded``/``_failed`` from the background thread."""
+
+    mode: WriterMode  # set by each subclass; declared here so the writers satisfy writer.Writer
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None

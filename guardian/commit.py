@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import secrets
+import stat
 import time
 from collections.abc import Callable, Iterable
 
@@ -30,7 +31,7 @@ from .format.hashing import new_hasher
 from .format.layout import MANIFEST_FILE, SET_ASIDE_DIR, TMP_PREFIX, TRASH_PREFIX
 from .format.manifest import FileEntry, Manifest
 
-log = logging.getLogger("guardian")
+log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -92,7 +93,7 @@ class CheckpointTxn:
         except FileNotFoundError:
             pass
         except OSError as e:  # leftover temp dirs are harmless; the next writer removes them
-            log.warning("guardian: could not remove %s after a failed save: %s", self.tmp_dir, e)
+            log.warning("could not remove %s after a failed save: %s", self.tmp_dir, e)
 
     def _ensure_parent(self, rel: str) -> None:
         parts = rel.split("/")[:-1]
@@ -187,28 +188,67 @@ def delete_checkpoint(run_dir: str, name: str) -> None:
     fault_point("retention.deleted")
 
 
+MAX_ASIDE_ALTERNATIVES = 100
+
+
+def _aside_root(run_dir: str) -> str:
+    """RUN/set-aside, created if absent — but never through a symlink and never on
+    top of a file: when that name is taken by something else, the first free or
+    real-directory ``set-aside.N`` is used instead (readers ignore both)."""
+    for n in range(MAX_ASIDE_ALTERNATIVES):
+        candidate = os.path.join(run_dir, SET_ASIDE_DIR if n == 0 else f"{SET_ASIDE_DIR}.{n}")
+        try:
+            mode = os.lstat(candidate).st_mode
+        except FileNotFoundError:
+            fsops.fs.mkdir(candidate)
+            fsops.fs.fsync_dir(run_dir)
+            return candidate
+        if stat.S_ISDIR(mode):
+            return candidate
+        if n == 0:
+            log.warning(
+                "%s is not a directory (a symlink or a file?); setting checkpoints aside elsewhere", candidate
+            )
+    raise CheckpointWriteError(
+        f"cannot set a checkpoint aside in {run_dir}: '{SET_ASIDE_DIR}' and its alternatives are taken "
+        "by files or links; remove them"
+    )
+
+
 def set_aside(run_dir: str, name: str, why: str) -> str:
     """Move a checkpoint to RUN/set-aside/ (never deleted) and say so."""
-    aside_root = os.path.join(run_dir, SET_ASIDE_DIR)
-    if not os.path.isdir(aside_root):
-        fsops.fs.mkdir(aside_root)
-        fsops.fs.fsync_dir(run_dir)
+    aside_root = _aside_root(run_dir)
     dest = os.path.join(aside_root, f"{name}.{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}")
     fsops.fs.rename(os.path.join(run_dir, name), dest)
     fsops.fs.fsync_dir(aside_root)
     fsops.fs.fsync_dir(run_dir)
-    log.warning("guardian: set aside %s → %s (%s)", name, dest, why)
+    log.warning("set aside %s → %s (%s)", name, dest, why)
     return dest
 
 
 def clean_stale(run_dir: str) -> list[str]:
-    """Remove temp and trash dirs left by crashed writers. Call only while holding the
-    run lock: otherwise another live writer's temp dir could be removed."""
+    """Remove temp and trash entries left by crashed writers. Call only while holding
+    the run lock: otherwise another live writer's temp dir could be removed.
+
+    A directory is removed with its contents; anything else under those names (a
+    symlink, a file) is unlinked itself — never followed. One that cannot be removed
+    is logged and left: a leftover temp entry costs disk space, never data."""
     removed = []
     for entry in os.listdir(run_dir):
-        if entry.startswith((TMP_PREFIX, TRASH_PREFIX)):
-            fsops.fs.rmtree(os.path.join(run_dir, entry))
-            removed.append(entry)
+        if not entry.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            continue
+        path = os.path.join(run_dir, entry)
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                fsops.fs.rmtree(path)
+            else:
+                fsops.fs.unlink(path)
+        except FileNotFoundError:
+            continue
+        except (OSError, RecursionError) as e:
+            log.warning("could not remove the leftover %s: %s", path, e)
+            continue
+        removed.append(entry)
     return removed
 
 

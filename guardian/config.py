@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .policies import BestMetric, EarlyStopping, Retention, SaveSchedule
+
+OnSaveError = Literal["raise", "warn"]  # a failed save stops training, or is logged and training goes on
 
 
 @dataclass
@@ -22,5 +24,6 @@ class GuardConfig:
     resume: Any
     strict: bool
     save_on_exit: bool
-    on_save_error: str
+    on_save_error: OnSaveError
     handle_signals: bool
+    tensorboard: bool = False

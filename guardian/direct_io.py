@@ -24,7 +24,12 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import logging
+import mmap
 import os
+import random
+import secrets
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,13 +37,18 @@ from . import fsops, knobs
 from .staging import ALIGN, StagedImage
 from .threads import lower_thread_priority
 
+log = logging.getLogger(__name__)
+
 CHUNK = 64 * 1024 * 1024
 _DIRECT_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
+PROBE_BYTES = 4 * 1024 * 1024  # large enough to span several device requests
+PROBE_PREFIX = ".tmp-direct-probe-"  # a temp name: readers ignore it, clean_stale removes it
 
 
 def image_writer(path: str, *, chunk: int = CHUNK, direct: bool | None = None) -> Callable:
     """A ``writer(fd, chunks, hasher)`` for ``CheckpointTxn.add_file`` that writes one
-    aligned buffer (the staging arena) to ``path``, the file ``fd`` refers to."""
+    aligned buffer (the staging arena) to ``path``, the file ``fd`` refers to.
+    O_DIRECT is used only where it has proven itself (``direct_io_proven``)."""
     use_direct = knobs.direct_io() if direct is None else direct
 
     def write(fd: int, chunks: Iterable[memoryview | StagedImage], hasher) -> int:
@@ -47,11 +57,118 @@ def image_writer(path: str, *, chunk: int = CHUNK, direct: bool | None = None) -
             staged = image if isinstance(image, StagedImage) else None
             view = memoryview(staged.view if staged else image).cast("B")
             seam_is_real = type(fsops.fs) is fsops.FS
-            direct = use_direct and seam_is_real and pos == 0
+            direct = use_direct and seam_is_real and pos == 0 and direct_io_proven(os.path.dirname(path))
             pos = _write_image(fd, path, view, pos, hasher, chunk, direct, staged)
         return pos
 
     return write
+
+
+# ---------------------------------------------------------------------- the probe
+
+_proven: dict[int, bool] = {}  # st_dev → O_DIRECT writes read back intact there
+_proven_lock = threading.Lock()
+
+
+def direct_io_proven(directory: str) -> bool:
+    """Whether O_DIRECT writes into ``directory``'s file system come back intact.
+
+    Why: a file system can accept O_DIRECT and silently corrupt large writes (seen on
+    a FUSE file system with its own page cache) — every save then "succeeds" and none
+    verifies. So before the first direct write to a file system, this process writes
+    a probe file there with O_DIRECT, reads it back buffered (page cache dropped),
+    and compares. On a mismatch or a refusal the answer is False for the rest of the
+    process, said once in the log, and that file system gets buffered writes (the
+    same bytes, only slower). A probe that cannot run (disk full) is not remembered."""
+    try:
+        device = os.stat(directory).st_dev
+    except OSError:
+        return False
+    with _proven_lock:
+        if device not in _proven:
+            verdict = _probe(directory)
+            if verdict is None:
+                return False
+            _proven[device] = verdict
+        return _proven[device]
+
+
+def _probe(directory: str) -> bool | None:
+    """True: intact; False: refused or corrupted (logged); None: could not probe."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    path = os.path.join(directory, f"{PROBE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+    pattern = random.Random(secrets.randbits(64)).randbytes(PROBE_BYTES)
+    try:
+        problem = _write_direct_probe(path, pattern, flag)
+        if problem is None and _read_back(path) != pattern:
+            problem = "the bytes read back differ from the bytes written"
+    except OSError as e:
+        log.debug("could not probe O_DIRECT in %s: %s", directory, e)
+        return None
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    if problem is not None:
+        log.warning(
+            "O_DIRECT writes in %s are not trustworthy (%s); writing checkpoints there buffered",
+            directory,
+            problem,
+        )
+        return False
+    return True
+
+
+def _write_direct_probe(path: str, pattern: bytes, flag: int) -> str | None:
+    """Write ``pattern`` with O_DIRECT from an aligned buffer; a refusal is returned as
+    the reason, any other error raised."""
+    buf = mmap.mmap(-1, len(pattern))  # anonymous mmap memory is page-aligned
+    try:
+        buf[:] = pattern
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flag, 0o600)
+        except OSError as e:
+            if e.errno in _DIRECT_REFUSED:
+                return f"O_DIRECT refused at open: {e.strerror}"
+            raise
+        try:
+            view, done = memoryview(buf), 0
+            while done < len(pattern):
+                try:
+                    n = os.write(fd, view[done:])
+                except OSError as e:
+                    if e.errno in _DIRECT_REFUSED:
+                        return f"O_DIRECT write refused: {e.strerror}"
+                    raise
+                if n <= 0:
+                    return "O_DIRECT write made no progress"
+                done += n
+            view.release()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        buf.close()
+    return None
+
+
+def _read_back(path: str) -> bytes:
+    """The probe file's bytes as the file system now returns them (buffered, with this
+    file's cached pages dropped first so the read reaches the file system)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        chunks, offset = [], 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _write_image(

@@ -51,6 +51,10 @@ class FS:
     def rmtree(self, path: str) -> None:
         shutil.rmtree(path)
 
+    def unlink(self, path: str) -> None:
+        """Remove one non-directory entry (a symlink itself, never its target)."""
+        os.unlink(path)
+
 
 fs: FS = FS()
 
@@ -60,3 +64,38 @@ def set_fs(new: FS) -> FS:
     global fs
     old, fs = fs, new
     return old
+
+
+def make_dirs_durably(path: str, mode: int = 0o755) -> list[str]:
+    """Create ``path`` and any missing parents, making each new entry durable.
+
+    ``os.makedirs`` leaves a new directory's entry in its parent's page cache: a power
+    cut can lose the whole run directory on a file system that does not journal it.
+    Here each directory created is followed by an fsync of its parent (deepest last,
+    so every entry is durable before anything is written inside it). Returns the
+    directories created, outermost first (empty when ``path`` existed). Raises
+    ``OSError`` as ``os.makedirs`` does, including ``FileExistsError`` when ``path``
+    exists but is not a directory.
+    """
+    path = os.path.abspath(path)
+    missing = []
+    probe = path
+    while not os.path.isdir(probe):
+        if os.path.lexists(probe):
+            raise FileExistsError(17, "exists and is not a directory", probe)
+        missing.append(probe)
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    created = []
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+            continue
+        FS().fsync_dir(os.path.dirname(directory))  # outside any run: never the test seam
+        created.append(directory)
+    return created

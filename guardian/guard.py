@@ -43,6 +43,7 @@ from . import commit, hparams
 from .config import GuardConfig
 from .distributed import World
 from .errors import EXIT_REQUEUE, GuardianError
+from .history import History
 from .liveness import RunVoice
 from .locking import RunLock
 from .logs import ensure_visible_logging
@@ -80,6 +81,8 @@ class Guard:
         self.world = World()  # detected in __enter__: the process group may be set up after protect()
         self.saver = Saver(config, self.components, writer)
         self.voice = RunVoice(self.run_dir)
+        self.history = History(self.run_dir, tensorboard=config.tensorboard)  # history.csv: see history/
+        self.saver.on_commit = self.history.committed
         self.position = LoopPosition()
         self.watch = MetricWatch(config.best, config.early)
         self.requests = SaveRequests()
@@ -90,8 +93,6 @@ class Guard:
         self._restored: Restored | None = None
         self._in_epoch_body = False
         self.boundaries = StepBoundaries(list(self._optimizers.values()))
-        self._staging_reserved = False
-        self._last_save_time = time.monotonic()
         self._preempting = False
 
     # ------------------------------------------------------------------ public state
@@ -123,6 +124,8 @@ class Guard:
             self._script_hparams = hparams.script_values(self._optimizers)
             self.boundaries.attach()
             self._resume()
+            progress = self._restored.progress if self._restored else None
+            self.history.start(leader=self.world.is_leader, progress=progress, checkpoint=self.resumed_from)
             if self._preempt:
                 self._preempt.install()
             self.voice.status("running", **self._status_fields(resumed_from=self.resumed_from))
@@ -162,11 +165,8 @@ class Guard:
             return
         error = {"type": exc_type.__name__, "message": str(exc)[:2000]}
         self.voice.status_best_effort("failed", **self._status_fields(error=error))
-        log.error(
-            "training raised %s; the last good checkpoint is %s",
-            exc_type.__name__,
-            self.last_checkpoint or "none",
-        )
+        last = self.last_checkpoint or "none"
+        log.error("training raised %s; the last good checkpoint is %s", exc_type.__name__, last)
 
     def _status_fields(self, **fields: Any) -> dict[str, Any]:
         return dict(step=self.global_step, epoch=self.epoch, last_checkpoint=self.last_checkpoint, **fields)
@@ -176,6 +176,7 @@ class Guard:
         if self._preempt:
             self._preempt.uninstall()
         self.saver.close()
+        self.history.close()
         if self._lock:
             self._lock.release()
 
@@ -186,6 +187,7 @@ class Guard:
         when early stopping triggers. The end of each iteration is the epoch boundary."""
         while self.epoch < n and not self.policy.stopped:
             self._in_epoch_body = True
+            self.history.epoch_started()
             yield self.epoch
             self._in_epoch_body = False
             self._end_epoch()
@@ -193,24 +195,21 @@ class Guard:
     def batches(self, loader: Any) -> Iterator[Any]:
         """Iterate the training loader for the current epoch, resuming mid-epoch at the
         sampler level when the run was checkpointed inside this epoch."""
-        return self.position.iterate(loader, self._restore_checkpoint_rng)
+        return self.history.batches(self.position.iterate(loader, self._restore_checkpoint_rng))
 
     def step(self, *, boundary: bool | None = None) -> None:
         """Call after each optimizer step (or each micro-batch: boundaries are detected).
-
-        ``boundary`` overrides the detection: False for a micro-batch of an
-        accumulation, True when no discovered optimizer stepped but the state is whole.
-        """
+        ``boundary`` overrides the detection: False for a micro-batch of an accumulation,
+        True when no discovered optimizer stepped but the state is whole."""
         self.position.step_done()
-        now = time.monotonic()
-        self.voice.step_taken(now)
+        self.voice.step_taken(now := time.monotonic())
         boundary = self.boundaries.take(boundary)
         self.voice.beat(self.global_step, self.epoch, "train")
         self.saver.check()
         if not boundary:
             return
         steps_due = self.config.schedule.steps_due(self.global_step)
-        seconds_due = self.config.schedule.seconds_due(now - self._last_save_time)
+        seconds_due = self.config.schedule.seconds_due(now - self.saver.last_save_time)
         preempt, seconds_due, any_busy = self._agree(self._preempt_requested(), seconds_due, self.saver.busy)
         if self.world.distributed and not any_busy:
             self.saver.check(collect=True)  # every rank's save is done: all learn its outcome now
@@ -219,9 +218,8 @@ class Guard:
             self._preempt_now(self.requests.take(reasons))
         if reasons or self.requests.pending:
             self._save_now(self.requests.take(reasons))
-        elif not self._staging_reserved:
-            self._staging_reserved = True
-            self.saver.reserve(self._collect())
+        else:
+            self.saver.reserve_once(self._collect)
 
     def report(self, **metrics: Any) -> None:
         """Record metrics (floats or one-element tensors; graphs are never retained).
@@ -232,11 +230,17 @@ class Guard:
         if self.world.distributed:  # one decision for all ranks: rank 0's values count
             values = {k: self.world.broadcast_float(v) for k, v in sorted(values.items())}
         self.metrics.update(values)
+        self.history.record(self.global_step, self.epoch, values)  # before a save it may trigger
         self.voice.beat(self.global_step, self.epoch, "eval")
         if self.watch.observe(values) and self.config.save_best:
             self._request_save("best")
         if self._at_exact_point() and self._agree(self._preempt_requested())[0]:
             self._preempt_now(self.requests.take([]))
+
+    def log(self, **scalars: Any) -> None:
+        """Append scalars (floats or one-element tensors) to the run's ``history.csv`` at
+        the current step (say the training loss). Unlike ``report()``, never saves."""
+        self.history.record(self.global_step, self.epoch, {k: to_float(v, k) for k, v in scalars.items()})
 
     def save(self, reason: str = "manual") -> str | None:
         """Ask for a checkpoint now. Taken at once where the program stands at an exact
@@ -306,13 +310,13 @@ class Guard:
             hparams=self._script_hparams,
         )
         self.requests.saved(key, reasons)
-        self._last_save_time = time.monotonic()
         path = self.saver.save(self._collect(), facts)
         self.voice.beat(self.global_step, self.epoch, "train", force=True)  # no longer "save"
         return path
 
     def _collect(self) -> dict[str, tuple[str, Any]]:
-        return self.saver.collect(self.position.state_dict(), self.policy.state_dict(), self.extra)
+        progress = {**self.position.state_dict(), **self.history.state(mid_epoch=self.position.mid_epoch)}
+        return self.saver.collect(progress, self.policy.state_dict(), self.extra)
 
     def _preempt_requested(self) -> bool:
         return bool(self._preempt and self._preempt.requested)

@@ -11,17 +11,14 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
-from typing import Any, Literal
+from typing import Any
 
 from . import knobs
-from .config import GuardConfig
+from .config import GuardConfig, OnSaveError
 from .guard import Guard
-from .policies import BestMetric, EarlyStopping, Retention, SaveSchedule
+from .policies import BestMetric, EarlyStopping, Mode, Retention, SaveSchedule
 from .state.discover import is_training_object
-from .writer import SyncWriter
-
-OnSaveError = Literal["raise", "warn"]
-Mode = Literal["min", "max"]
+from .writer import SyncWriter, Writer
 
 
 def protect(
@@ -45,8 +42,9 @@ def protect(
     save_on_exit: bool = True,
     on_save_error: OnSaveError = "raise",
     handle_signals: bool = True,
-    writer: Any = None,
+    writer: Writer | None = None,
     async_save: bool = True,
+    tensorboard: bool = False,
     **components: Any,
 ) -> Guard:
     """Wrap a training loop (see ``guardian.guard`` for the loop API and its rules).
@@ -73,6 +71,9 @@ def protect(
     ``async_save``: True (default) copies the state to a staging buffer at each save and
     persists it in the background; False, or GUARDIAN_ASYNC=0, saves synchronously.
     ``writer`` overrides both.
+    ``tensorboard``: also write the metric history as TensorBoard event files in
+    ``RUN/tensorboard`` (needs ``pip install 'guardian[tensorboard]'``); the history
+    itself, ``RUN/history.csv``, is always kept (docs/history.md).
     """
     _refuse_unknown_options(components)
     dir = dir if dir is not None else knobs.run_dir()
@@ -101,11 +102,12 @@ def protect(
         save_on_exit=save_on_exit,
         on_save_error=on_save_error,
         handle_signals=handle_signals,
+        tensorboard=tensorboard,
     )
     return Guard(trainer, components, config, writer or _default_writer(async_save))
 
 
-def _default_writer(async_save: bool) -> Any:
+def _default_writer(async_save: bool) -> Writer:
     if async_save and knobs.async_save():
         from .async_writer import AsyncWriter
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .errors import MetricError
 
@@ -51,13 +51,25 @@ class SaveSchedule:
     def steps_due(self, global_step: int) -> bool:
         """Step saves fall on multiples of ``every_steps`` (5, 10, 15 … for 5), whatever
         else was saved in between: a schedule a user can predict and a supervisor check."""
-        return bool(self.every_steps) and global_step % self.every_steps == 0
+        every = self.every_steps
+        if not every:
+            return False
+        return global_step % every == 0
 
     def seconds_due(self, seconds_since_save: float) -> bool:
-        return bool(self.every_seconds) and seconds_since_save >= self.every_seconds
+        every = self.every_seconds
+        if not every:
+            return False
+        return seconds_since_save >= every
 
     def epoch_due(self, epochs_completed: int) -> bool:
-        return bool(self.every_epochs) and epochs_completed % self.every_epochs == 0
+        every = self.every_epochs
+        if not every:
+            return False
+        return epochs_completed % every == 0
+
+
+Mode = Literal["min", "max"]  # whether a smaller or a larger metric value is better
 
 
 @dataclass
@@ -65,7 +77,7 @@ class BestMetric:
     """Best-only saving on a monitored metric."""
 
     monitor: str
-    mode: str = "min"
+    mode: Mode = "min"
     min_delta: float = 0.0
 
     def __post_init__(self) -> None:

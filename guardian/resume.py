@@ -65,11 +65,16 @@ class Restored:
 
 
 class Resumer:
-    def __init__(self, run_dir: str, components: dict[str, Any], world: World, *, strict: bool) -> None:
+    def __init__(
+        self, run_dir: str, components: dict[str, Any], world: World, *, strict: bool, partial: bool = False
+    ) -> None:
         self.run_dir = run_dir
         self.components = components
         self.world = world
         self.strict = strict
+        # partial: the live components are a subset the caller picked (guardian.load);
+        # the checkpoint's other components are ignored, never an error.
+        self.partial = partial
         self.seq = 0  # the highest manifest seq seen: new saves continue after it
 
     def resume(self, request: Any, on_load: Any = None) -> Restored | None:
@@ -133,16 +138,27 @@ class Resumer:
             return self._newest_restorable(existing)
         return self._named(str(request), existing)
 
-    def _newest_restorable(self, existing: list[reader.CheckpointInfo]) -> str | None:
+    def first_restorable(
+        self, candidates: list[reader.CheckpointInfo]
+    ) -> tuple[str | None, list[tuple[str, str]]]:
+        """Read-only: the first of ``candidates`` that verifies and fits the live
+        objects, and (name, why) for each one refused before it. Writes nothing."""
         refused: list[tuple[str, str]] = []
-        for info in reversed(existing):
+        for info in candidates:
             problem = self._why_unusable(info.path)
             if problem is None:
-                for name, why in refused:  # only now: an older checkpoint is known to be good
-                    commit.set_aside(self.run_dir, name, why[:500])
-                return info.path
-            log.error("checkpoint %s cannot be used and will be set aside: %s", info.name, problem)
+                return info.path, refused
             refused.append((info.name, problem))
+        return None, refused
+
+    def _newest_restorable(self, existing: list[reader.CheckpointInfo]) -> str | None:
+        chosen, refused = self.first_restorable(list(reversed(existing)))
+        for name, why in refused:
+            log.error("checkpoint %s cannot be used and will be set aside: %s", name, why)
+        if chosen is not None:
+            for name, why in refused:  # only now: an older checkpoint is known to be good
+                commit.set_aside(self.run_dir, name, why[:500])
+            return chosen
         if refused:
             names = ", ".join(n for n, _ in refused)
             raise CorruptCheckpointError(
@@ -272,8 +288,12 @@ class Resumer:
     def _check_component_sets(self, loaded: dict[str, Any], path: str) -> None:
         saved = set(loaded) - RESERVED
         live = set(self.components)
-        if saved == live:
+        if saved == live or (self.partial and live <= saved):
             return
+        if self.partial:
+            raise StateMismatchError(
+                f"{path} has no component {sorted(live - saved)}; it holds {sorted(saved)}."
+            )
         msg = (
             f"{path} does not match what protect() found: only in the checkpoint: "
             f"{sorted(saved - live) or 'nothing'}; only here: {sorted(live - saved) or 'nothing'}."

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from .errors import GuardianError
-from .format import strictjson
+from .format import safeio, strictjson
 from .format.layout import HEARTBEAT_FILE, RUN_STATUS_FILE
 from .smallfiles import write_small_file_atomically
 
@@ -49,11 +49,17 @@ def write_heartbeat(run_dir: str, step: int, epoch: int, phase: str, p99: float 
     )
 
 
+MAX_RUN_FILE_BYTES = 1 << 20
+
+
 def _read(path: str) -> dict[str, Any] | None:
+    """A status file, or None when absent, oversized, not a regular file (a FIFO
+    would block a reader forever) or not a JSON object."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(1 << 20)
-    except FileNotFoundError:
+        data = safeio.read_bounded(
+            os.path.dirname(path) or ".", os.path.basename(path), MAX_RUN_FILE_BYTES, "run file"
+        )
+    except (FileNotFoundError, GuardianError):
         return None
     try:
         obj = strictjson.loads(data, what=path)

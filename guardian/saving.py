@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +31,7 @@ from .state import dtensor
 from .state import rng as rng_mod
 from .state import snapshot as snap_mod
 from .state.components import Stateful
-from .writer import SyncWriter
+from .writer import SyncWriter, Writer
 
 
 def best_checkpoint(run_dir: str) -> str | None:
@@ -96,7 +98,7 @@ class SaveRequests:
 
 
 class Saver:
-    def __init__(self, config: GuardConfig, components: dict[str, Stateful], writer: Any) -> None:
+    def __init__(self, config: GuardConfig, components: dict[str, Stateful], writer: Writer) -> None:
         self.run_dir = config.run_dir
         self.components = components
         self.writer = writer
@@ -107,6 +109,9 @@ class Saver:
         self.seq = 0
         self.last_checkpoint: str | None = None
         self.best_checkpoint: str | None = None  # the newest committed "best" checkpoint
+        self.on_commit: Callable[[str, Manifest], None] | None = None  # after each commit, on rank 0
+        self.last_save_time = time.monotonic()  # for every_seconds
+        self._reserved = False
 
     def attach(self, world: World) -> None:
         """Called on entering the guard, once the process group (if any) is known."""
@@ -141,6 +146,7 @@ class Saver:
         writer is synchronous; a failure follows ``on_save_error``."""
         if self.world.distributed:
             self.wait_in_flight()
+        self.last_save_time = time.monotonic()
         snap = snap_mod.capture(states)
         manifest = self._manifest(facts, snap)
         try:
@@ -181,6 +187,15 @@ class Saver:
             return True
         adapter = self.components.get(name)
         return adapter is not None and (adapter.kind == "generator" or dtensor.contains_dtensor(state))
+
+    def reserve_once(self, collect: Callable[[], States]) -> None:
+        """At the first whole step without a save, let an async writer allocate its
+        staging memory (the optimizer state exists by now, so the size is the real one):
+        the first checkpoint then stalls only for its copy. Every rank reaches this at
+        the same step, so the state_dict calls line up across ranks like a save's."""
+        if not self._reserved:
+            self._reserved = True
+            self.reserve(collect())
 
     def reserve(self, states: States) -> None:
         """Let an async writer allocate its staging memory ahead of the first save.
@@ -251,6 +266,8 @@ class Saver:
         )
         if "best" in manifest.reason:
             self.best_checkpoint = path
+        if self.on_commit is not None:
+            self.on_commit(path, manifest)
         self._apply_retention(manifest)
 
     def _apply_retention(self, newest: Manifest) -> None:
@@ -267,12 +284,15 @@ class Saver:
         ]
         doomed = set(self.retention.doomed(listing, self.best))
         # One checkpoint per step: an older checkpoint of the newest one's step holds an
-        # earlier moment of that step and is superseded by it (its reasons were merged in).
+        # earlier moment of that step and is superseded by it when its reasons were merged
+        # in (same position). A best checkpoint taken mid-epoch at the epoch's last step and
+        # the epoch save after it share a step, not a position: both are kept.
         doomed |= {
             c["name"]
             for c in listing
             if c["step"] == newest.step
             and c["seq"] < newest.seq
+            and set(c["reason"]) <= set(newest.reason)  # the newer one carries all its reasons
             and c["name"] not in self.retention.protected
         }
         for c in listing:

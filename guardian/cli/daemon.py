@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -36,7 +36,7 @@ def _home(home: str | None) -> reg.Home:
     return reg.Home(home or knobs_mod.default_home())
 
 
-def _fail(e: Exception) -> None:
+def _fail(e: Exception) -> NoReturn:
     raise click.ClickException(str(e)) from e
 
 

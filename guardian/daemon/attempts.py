@@ -50,11 +50,11 @@ class Attempts:
         )
 
     def file(self, st: JobState, leaf: str) -> str:
-        return os.path.join(self.home.attempt_dir(st.name, st.current.n), leaf)
+        return os.path.join(self.home.attempt_dir(st.name, st.latest.n), leaf)
 
     def tag(self, st: JobState) -> str:
         """The attempt's GUARDIAN_ATTEMPT_TAG (the shim sets it to its attempt dir)."""
-        return os.path.abspath(self.home.attempt_dir(st.name, st.current.n))
+        return os.path.abspath(self.home.attempt_dir(st.name, st.latest.n))
 
     # ------------------------------------------------------------------ starting
 
@@ -120,7 +120,7 @@ class Attempts:
 
     def finish(self, st: JobState, spec: JobSpec | None) -> None:
         """The attempt's processes are gone: gather the facts, classify, decide."""
-        a = st.current
+        a = st.latest
         shim, child = procs.ProcId.from_dict(a.shim), procs.ProcId.from_dict(a.child)
         leftovers = procs.kill_tree(shim, child, tag=self.tag(st))
         if leftovers:
@@ -137,7 +137,7 @@ class Attempts:
         self.apply(st, verdict, spec)
 
     def exit_facts(self, st: JobState, spec: JobSpec | None) -> policy.ExitFacts:
-        a = st.current
+        a = st.latest
         try:
             rec = read_json_object(self.file(st, EXIT_FILE), 1 << 16) or {}
         except BadFileError as e:
@@ -179,12 +179,12 @@ class Attempts:
             self.journal.event(st, "bad-file", f"{e}; classifying without it")
             return None
         updated = (status or {}).get("updated")
-        if not isinstance(updated, (int, float)) or updated < st.current.started - 1.0:
+        if not isinstance(updated, (int, float)) or updated < st.latest.started - 1.0:
             return None
         return status
 
     def close(self, st: JobState, classification: str, reason: str) -> None:
-        a = st.current
+        a = st.latest
         a.ended = a.ended or time.time()
         a.classification, a.reason = classification, reason
         st.stop = None
@@ -207,8 +207,8 @@ class Attempts:
             return
         if v.classification == "hang":
             st.hangs += 1
-            if st.current.last_step is not None:
-                st.hang_steps = [*st.hang_steps[-49:], st.current.last_step]
+            if st.latest.last_step is not None:
+                st.hang_steps = [*st.hang_steps[-49:], st.latest.last_step]
             why = policy.hang_limit_reason(st.hangs)
             if why:
                 self.journal.set_state(

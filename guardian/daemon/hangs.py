@@ -44,9 +44,9 @@ class HangWatch:
 
     def start_clock(self, st: JobState, spec: JobSpec) -> None:
         """Under torchrun rank 0 beats, not the launcher: the start time alone filters stale beats."""
-        child = procs.ProcId.from_dict(st.current.child)
+        child = procs.ProcId.from_dict(st.latest.child)
         pid = None if spec.nproc or child is None else child.pid
-        self.clocks[st.name] = HangClock(started=st.current.started, pid=pid)
+        self.clocks[st.name] = HangClock(started=st.latest.started, pid=pid)
 
     def check(self, st: JobState, spec: JobSpec | None) -> None:
         clock = self.clocks.get(st.name)
@@ -61,15 +61,18 @@ class HangWatch:
             hb = None
         beat = clock.look(hb, self.k)
         if beat is not None:
-            st.current.last_step = beat.step
+            st.latest.last_step = beat.step
         why = clock.verdict(self.k)
         if why is None or not self.still_working(st, spec):
             return
         self.journal.event(st, "hang", why, step=beat.step if beat else None)
-        child = procs.ProcId.from_dict(st.current.child)
-        targets = (procs.ranks(child) or [child]) if spec.nproc else [child]
-        stderr = os.path.join(self.home.attempt_dir(st.name, st.current.n), STDERR_LOG)
-        for target in targets if child is not None else []:
+        child = procs.ProcId.from_dict(st.latest.child)
+        if child is None:
+            targets = []
+        else:
+            targets = (procs.ranks(child) or [child]) if spec.nproc else [child]
+        stderr = os.path.join(self.home.attempt_dir(st.name, st.latest.n), STDERR_LOG)
+        for target in targets:
             done = procs.dump_stacks(target, stderr, self.k.stack_dump_wait)
             self.journal.event(
                 st, "stacks", "collected evidence before killing: " + "; ".join(done), log=stderr
@@ -82,12 +85,12 @@ class HangWatch:
         An exited job (exit.json written), or a torchrun whose ranks are all gone and
         which is only tearing down, is left to its exit facts.
         """
-        if os.path.exists(os.path.join(self.home.attempt_dir(st.name, st.current.n), EXIT_FILE)):
+        if os.path.exists(os.path.join(self.home.attempt_dir(st.name, st.latest.n), EXIT_FILE)):
             return False
-        child = procs.ProcId.from_dict(st.current.child)
+        child = procs.ProcId.from_dict(st.latest.child)
         try:
             if child is None:
-                return procs.is_alive(procs.ProcId.from_dict(st.current.shim))
+                return procs.is_alive(procs.ProcId.from_dict(st.latest.shim))
             return bool(procs.ranks(child)) if spec.nproc else procs.is_alive(child)
         except procs.Unknowable:
             return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,7 @@ def _coerce(kind: type, raw: str, name: str) -> Any:
         raise ValueError(f"{name}={raw!r}: expected a {kind.__name__}") from e
 
 
-def load(overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Knobs:
+def load(overrides: dict[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Knobs:
     """Defaults, then ``GUARDIAN_DAEMON_<NAME>`` env vars, then non-None ``overrides``."""
     env = os.environ if env is None else env
     knobs = Knobs()
@@ -63,7 +64,7 @@ def load(overrides: dict[str, Any] | None = None, env: dict[str, str] | None = N
     return knobs
 
 
-def default_home(env: dict[str, str] | None = None) -> str:
+def default_home(env: Mapping[str, str] | None = None) -> str:
     """``GUARDIAN_HOME``, else ``$XDG_STATE_HOME/guardian``, else ``~/.local/state/guardian``.
 
     Root's default is /var/lib/guardian, the conventional place for a system service.

@@ -98,8 +98,9 @@ def error_type_from_stderr(lines: list[str]) -> str | None:
 def classify(f: ExitFacts) -> Verdict:
     if f.stop_requested:
         return Verdict("stopped", "stopped on request (guardian stop)")
-    if f.spawn_error or f.exit_code in UNRUNNABLE_EXITS:
-        why = f.spawn_error or UNRUNNABLE_EXITS[f.exit_code]
+    unrunnable = UNRUNNABLE_EXITS.get(f.exit_code) if f.exit_code is not None else None
+    if f.spawn_error or unrunnable:
+        why = f.spawn_error or unrunnable
         return Verdict(
             "unrunnable",
             f"exit {f.exit_code}: {why}; fix the command, then `guardian run --replace`",

@@ -15,7 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import psutil
 
@@ -66,8 +68,11 @@ def identify(pid: int) -> ProcId | None:
         raise Unknowable(f"pid {pid}: access denied") from e
 
 
-def is_alive(pid_id: ProcId | None) -> bool:
-    """True when the recorded process still runs (same pid and same create time)."""
+def is_alive(pid_id: ProcId | None) -> TypeGuard[ProcId]:
+    """True when the recorded process still runs (same pid and same create time).
+
+    Typed as a guard so that code past ``if not is_alive(p): return`` may use ``p.pid``.
+    """
     if pid_id is None:
         return False
     now = identify(pid_id.pid)
@@ -104,7 +109,7 @@ def spawn_shim(attempt_dir: str, argv: list[str], cwd: str, env: dict[str, str])
     )
 
 
-def session_members(sid: int, *, exclude: set[int] = frozenset()) -> list[psutil.Process]:
+def session_members(sid: int, *, exclude: AbstractSet[int] = frozenset()) -> list[psutil.Process]:
     """Live processes of session ``sid`` (the shim's): the job and all it started."""
     out = []
     for p in psutil.process_iter(["pid"]):

@@ -58,8 +58,11 @@ def newest_checked(run_dir: str, *, deep: bool) -> Newest | None:
     return Newest(info.name, info.path, (m.seq, m.step), m.total_bytes)
 
 
-def valid_before(run_dir: str, name: str) -> Newest | None:
-    """The newest fully verified checkpoint older than ``name`` (for stepping back)."""
+def valid_before(run_dir: str, name: str | None) -> Newest | None:
+    """The newest fully verified checkpoint older than ``name`` (for stepping back).
+
+    ``None`` (the attempt started from scratch) has nothing older: the answer is None.
+    """
     try:
         infos = reader.list_checkpoints(run_dir, verify=False)
     except (GuardianError, OSError):

@@ -46,8 +46,9 @@ def decide(a: Attempt, boot: str, attempt_dir: str) -> Decision:
         )
     shim, child = ProcId.from_dict(a.shim), ProcId.from_dict(a.child)
     try:
-        if is_alive(shim) or is_alive(child):
-            who = shim or child
+        alive = shim if is_alive(shim) else child if is_alive(child) else None
+        if alive is not None:
+            who = shim or alive
             return Decision(
                 "adopt", f"attempt {a.n} still running (pid {who.pid}, create time matches); adopted", shim
             )

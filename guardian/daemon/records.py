@@ -108,6 +108,18 @@ class JobState:
         return self.attempts[-1] if self.attempts else None
 
     @property
+    def latest(self) -> Attempt:
+        """The current attempt, for code that only runs once the job has one.
+
+        Why apart from ``current``: most of the daemon handles a job only while an attempt
+        exists; this states that and fails with a clear message (a daemon bug) instead
+        of an ``AttributeError`` on ``None``.
+        """
+        if not self.attempts:
+            raise RuntimeError(f"job {self.name!r} has no attempt yet; this is a guardian daemon bug")
+        return self.attempts[-1]
+
+    @property
     def restarts(self) -> int:
         return max(0, len(self.attempts) - 1)
 

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import IO
 
 import psutil
 
@@ -97,6 +98,23 @@ def become_subreaper() -> bool:
         return False
 
 
+def _spawn_in_own_group(
+    cmd: list[str], out: IO[bytes], err: IO[bytes], env: dict[str, str]
+) -> subprocess.Popen:
+    """Start the job as the leader of a new process group, so a kill reaches all it started.
+
+    ``process_group`` needs Python 3.11; 3.10 (still supported) only has ``preexec_fn``,
+    which is safe here because the shim runs no threads.
+    """
+    if sys.version_info >= (3, 11):
+        return subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, process_group=0, close_fds=True, env=env
+        )
+    return subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, preexec_fn=os.setpgrp, close_fds=True, env=env
+    )
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
         print("usage: python -m guardian.daemon.shim ATTEMPT_DIR -- CMD ARGS...", file=sys.stderr)
@@ -109,9 +127,7 @@ def main(argv: list[str]) -> int:
     become_subreaper()
     env = dict(os.environ, **{ATTEMPT_TAG: os.path.abspath(attempt_dir)})
     try:
-        child = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, process_group=0, close_fds=True, env=env
-        )
+        child = _spawn_in_own_group(cmd, out, err, env)
     except OSError as e:
         err.write(f"guardian shim: cannot start {cmd[0]!r}: {e}\n".encode())
         err.flush()

@@ -28,7 +28,7 @@ def job_summary(h: reg.Home, name: str) -> dict[str, Any]:
         st.state, st.reason = reg.HELD, problem
     hb, hb_problem = _heartbeat(spec)
     cur = st.current
-    running = st.state in (reg.RUNNING, reg.STOPPING) and cur is not None
+    running = cur if st.state in (reg.RUNNING, reg.STOPPING) else None
     beat_time = hb.get("time") if hb else None
     return {
         "name": name,
@@ -37,7 +37,7 @@ def job_summary(h: reg.Home, name: str) -> dict[str, Any]:
         "attempts": len(st.attempts),
         "restarts": st.restarts,
         "failures_without_progress": st.failures,
-        "pid": (cur.child or {}).get("pid") if running else None,  # the job's, never the shim's
+        "pid": (running.child or {}).get("pid") if running else None,  # the job's, never the shim's
         "last_checkpoint": st.last_checkpoint,
         "resume_from": cur.resume_from if cur else None,
         "exit_code": cur.exit_code if cur else None,

@@ -22,13 +22,13 @@ class Stopper:
 
     def begin(self, st: JobState, why: str, stage: str, grace: float, *, nproc: int | None, tag: str) -> None:
         """Start stopping: ``stage`` "usr2" asks for a checkpoint, "term" asks to exit."""
-        child = procs.ProcId.from_dict(st.current.child)
+        child = procs.ProcId.from_dict(st.latest.child)
         sig = signal.SIGUSR2 if stage == "usr2" else signal.SIGTERM
         sent = signal_job(child, sig, nproc)
         st.stop = {"why": why, "stage": stage, "deadline": time.time() + grace}
         reason = (
             f"sent {sig.name} to pid {child.pid}; waiting {grace:.0f} s"
-            if sent
+            if sent and child is not None
             else "the job's process is not running yet; killing its session"
         )
         self.journal.set_state(st, STOPPING, reason, "stopping", why=why)
@@ -41,16 +41,18 @@ class Stopper:
 
     def escalate(self, st: JobState, tag: str, force: bool = False) -> None:
         """usr2 → SIGTERM the job; term → SIGKILL its whole process group and session."""
-        shim, child = procs.ProcId.from_dict(st.current.shim), procs.ProcId.from_dict(st.current.child)
-        if st.stop["stage"] == "usr2" and not force:
+        shim, child = procs.ProcId.from_dict(st.latest.shim), procs.ProcId.from_dict(st.latest.child)
+        stop = st.stop
+        assert stop is not None, "escalate() runs only after begin() recorded the stop"
+        if stop["stage"] == "usr2" and not force:
             procs.signal_process(child, signal.SIGTERM)
-            st.stop.update(stage="term", deadline=time.time() + self.k.kill_grace)
+            stop.update(stage="term", deadline=time.time() + self.k.kill_grace)
             self.journal.event(
                 st, "stop-escalate", "no exit after SIGUSR2 within the grace period; sent SIGTERM"
             )
         else:
             n = procs.kill_tree(shim, child, signal.SIGKILL, tag=tag)
-            st.stop.update(stage="kill", deadline=time.time() + self.k.kill_grace)
+            stop.update(stage="kill", deadline=time.time() + self.k.kill_grace)
             self.journal.event(
                 st, "stop-escalate", f"SIGKILL to the job's process group and session ({n} signalled)"
             )

@@ -211,16 +211,17 @@ class Supervisor:
 
     def reconcile(self, st: JobState, spec: JobSpec) -> None:
         """A job that was running when the daemon last ran: adopt, resume or classify it."""
-        if st.current is None:
+        a = st.latest
+        if a is None:
             self.journal.set_state(st, reg.PENDING, "state said running with no attempt; starting it")
             return
         self.fill_identities(st)
-        decision = reconcile.decide(st.current, self.boot, self.home.attempt_dir(st.name, st.current.n))
+        decision = reconcile.decide(a, self.boot, self.home.attempt_dir(st.name, a.n))
         self.journal.event(st, f"reconcile-{decision.action}", decision.reason)
         if decision.action == "adopt":
-            st.current.adopted = True
+            a.adopted = True
             if decision.shim is not None:
-                st.current.shim = decision.shim.to_dict()
+                a.shim = decision.shim.to_dict()
             self.hangs.start_clock(st, spec)
             self.journal.save(st)
         elif decision.action == "reboot":
@@ -234,7 +235,7 @@ class Supervisor:
 
     def fill_identities(self, st: JobState) -> None:
         """Read shim.json / child.json the shim wrote, if the daemon has not yet."""
-        a = st.current
+        a = st.latest
         adir = self.home.attempt_dir(st.name, a.n)
         if a.shim is None:
             rec = procs.ProcId.from_dict(reg.read_json(os.path.join(adir, SHIM_FILE)))
@@ -302,7 +303,7 @@ class Supervisor:
         popen = self.popens.get(st.name)
         if popen is not None and popen.poll() is not None:
             self.popens.pop(st.name, None)  # reaped; the recorded identities decide below
-        if not procs.attempt_alive(st.current.shim, st.current.child):
+        if not procs.attempt_alive(st.latest.shim, st.latest.child):
             self.end_attempt(st, spec)
             return
         self.note_progress(st, spec)
@@ -330,7 +331,7 @@ class Supervisor:
         newest = self.cache.newest(spec.run_dir) if spec is not None else None
         if newest is None:
             return
-        st.current.newest_checkpoint = newest.name
+        st.latest.newest_checkpoint = newest.name
         if st.progress_mark is None or tuple(newest.mark) > tuple(st.progress_mark):
             st.progress_mark, st.last_checkpoint = list(newest.mark), newest.name
             if st.failures or st.hangs or st.requeues:

@@ -7,7 +7,7 @@ needed because the manifest guards against accidents, not forgery.)
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import xxhash
 
@@ -29,20 +29,31 @@ def hash_chunks(chunks: Iterable[bytes | memoryview]) -> str:
     return h.hexdigest()
 
 
-def hash_file(path: str | os.PathLike[str]) -> tuple[str, int]:
-    """``(hexdigest, size)`` of a file, read in large chunks without following symlinks."""
-    h = new_hasher()
-    size = 0
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+def hash_file(
+    path: str | os.PathLike[str], progress: Callable[[int], object] | None = None
+) -> tuple[str, int]:
+    """``(hexdigest, size)`` of a file, read in large chunks without following symlinks
+    and without blocking on a FIFO. ``progress(n)`` is told of each chunk of ``n`` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = os.readv(fd, [buf])
-            if n == 0:
-                break
-            h.update(view[:n])
-            size += n
+        return hash_fd(fd, progress)
     finally:
         os.close(fd)
+
+
+def hash_fd(fd: int, progress: Callable[[int], object] | None = None) -> tuple[str, int]:
+    """``(hexdigest, size)`` of an open file, from offset 0 (the offset is not moved).
+    ``progress(n)`` is called after each chunk of ``n`` bytes (a CLI progress bar)."""
+    h = new_hasher()
+    size = 0
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while True:
+        n = os.preadv(fd, [buf], size)
+        if n == 0:
+            break
+        h.update(view[:n])
+        size += n
+        if progress is not None:
+            progress(n)
     return h.hexdigest(), size

@@ -37,7 +37,9 @@ TRASH_PREFIX = ".trash-"
 
 HASH_ALGORITHM = "xxh3_128"
 
-CHECKPOINT_NAME_RE = re.compile(r"^step-(\d{9,})(?:-(\d+))?$")
+CHECKPOINT_NAME_RE = re.compile(
+    r"^step-([0-9]{9,})(?:-([0-9]+))?\Z"
+)  # \Z: no trailing newline; ASCII digits only
 
 
 def checkpoint_name(step: int, duplicate: int = 0) -> str:

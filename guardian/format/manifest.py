@@ -15,19 +15,29 @@ Format history:
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._version import __version__
 from ..errors import CorruptCheckpointError, FormatVersionError, UnsafeCheckpointError
-from . import strictjson
+from . import safeio, strictjson
 from .hashing import hash_bytes
 from .layout import FORMAT_ID, FORMAT_VERSION, HASH_ALGORITHM, MANIFEST_FILE
 
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+# The budget of one manifest: a fixed allowance for metrics, reasons and extras, plus
+# room for each entry the checkpoint directory holds (a multi-rank checkpoint lists
+# two files per ``rank-NNNNN/`` entry, ~300 bytes). Checked before the file is read.
+MANIFEST_BASE_BUDGET = 1 << 20
+MANIFEST_BUDGET_PER_ENTRY = 4096
+MAX_WORLD_SIZE = 1 << 20
+MAX_COUNTER = 2**63 - 1
+_HASH_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True)
@@ -99,13 +109,15 @@ def parse(data: bytes, what: str) -> Manifest:
     if not isinstance(obj, dict):
         raise CorruptCheckpointError(f"{what}: manifest is not a JSON object")
     if obj.get("format") != FORMAT_ID:
-        raise CorruptCheckpointError(f"{what}: not a guardian manifest (format={obj.get('format')!r})")
+        raise CorruptCheckpointError(
+            f"{what}: not a guardian manifest (format={str(obj.get('format'))[:80]!r})"
+        )
     version = obj.get("version")
-    if not isinstance(version, int) or version < 1:
-        raise CorruptCheckpointError(f"{what}: invalid format version {version!r}")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CorruptCheckpointError(f"{what}: invalid format version {str(version)[:40]!r}")
     if version > FORMAT_VERSION:
         raise FormatVersionError(
-            f"{what}: written by guardian {obj.get('guardian_version', '?')} in format version "
+            f"{what}: written by guardian {str(obj.get('guardian_version', '?'))[:40]} in format version "
             f"{version}; this guardian {__version__} reads up to {FORMAT_VERSION}. Upgrade guardian "
             "to resume from it."
         )
@@ -114,39 +126,76 @@ def parse(data: bytes, what: str) -> Manifest:
             f"{what}: the manifest's own hash does not match its content (corrupted or edited by hand)"
         )
     try:
-        files = {_check_rel_path(k, what): _file_entry(v) for k, v in obj["files"].items()}
-        return Manifest(
-            name=str(obj["name"]),
-            step=_int(obj["step"]),
-            epoch=_int(obj["epoch"]),
-            seq=_int(obj["seq"]),
-            batch_in_epoch=_int(obj.get("batch_in_epoch", 0)),
-            files=files,
-            reason=[str(r) for r in obj.get("reason", [])],
-            metrics=dict(obj.get("metrics", {})),
-            components=dict(obj.get("components", {})),
-            world_size=_int(obj.get("world_size", 1)),
-            created_unix=float(obj.get("created_unix", 0.0)),
-            guardian_version=str(obj.get("guardian_version", "?")),
-            extra=dict(obj.get("extra", {})),
-        )
+        return _from_json(obj, what)
     except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:
         if isinstance(e, CorruptCheckpointError):
             raise
-        raise CorruptCheckpointError(f"{what}: malformed manifest ({type(e).__name__}: {e})") from e
+        detail = str(e)[:200]
+        raise CorruptCheckpointError(f"{what}: malformed manifest ({type(e).__name__}: {detail})") from e
 
 
-def _int(v: Any) -> int:
+def _from_json(obj: dict[str, Any], what: str) -> Manifest:
+    """Every field type-checked: the manifest hash is unkeyed, so a forger re-hashes."""
+    if obj.get("hash_algorithm", HASH_ALGORITHM) != HASH_ALGORITHM:
+        raise ValueError(f"unknown hash_algorithm {str(obj.get('hash_algorithm'))[:40]!r}")
+    raw_files = _typed(obj["files"], dict, "files")
+    files = {_check_rel_path(k, what): _file_entry(v) for k, v in raw_files.items()}
+    world_size = _int(obj.get("world_size", 1), "world_size")
+    if not 1 <= world_size <= min(MAX_WORLD_SIZE, max(1, len(files))):
+        raise ValueError(f"world_size {world_size} is impossible for a checkpoint of {len(files)} file(s)")
+    return Manifest(
+        name=_typed(obj["name"], str, "name"),
+        step=_int(obj["step"], "step"),
+        epoch=_int(obj["epoch"], "epoch"),
+        seq=_int(obj["seq"], "seq"),
+        batch_in_epoch=_int(obj.get("batch_in_epoch", 0), "batch_in_epoch"),
+        files=files,
+        reason=[_typed(r, str, "reason") for r in _typed(obj.get("reason", []), list, "reason")],
+        metrics=_metrics(obj.get("metrics", {})),
+        components={
+            _typed(k, str, "components"): _typed(v, dict, f"components[{k!r}]")
+            for k, v in _typed(obj.get("components", {}), dict, "components").items()
+        },
+        world_size=world_size,
+        created_unix=_number(obj.get("created_unix", 0.0), "created_unix"),
+        guardian_version=_typed(obj.get("guardian_version", "?"), str, "guardian_version"),
+        extra=_typed(obj.get("extra", {}), dict, "extra"),
+    )
+
+
+def _typed(v: Any, kind: type, field_name: str) -> Any:
+    if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
+        raise TypeError(f"{field_name}: expected {kind.__name__}, got {type(v).__name__}")
+    return v
+
+
+def _number(v: Any, field_name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise TypeError(f"{field_name}: expected a finite number, got {str(v)[:40]!r}")
+    return float(v)
+
+
+def _metrics(v: Any) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for k, m in _typed(v, dict, "metrics").items():
+        out[k] = None if m is None else _number(m, f"metrics[{k!r}]")
+    return out
+
+
+def _int(v: Any, field_name: str = "value") -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"expected an integer, got {v!r}")
+        raise TypeError(f"{field_name}: expected an integer, got {str(v)[:40]!r}")
+    if not 0 <= v <= MAX_COUNTER:
+        raise ValueError(f"{field_name}: {v} is out of range")
     return v
 
 
 def _file_entry(v: Any) -> FileEntry:
+    _typed(v, dict, "file entry")
     size, digest = v["bytes"], v["hash"]
-    if not isinstance(digest, str):
-        raise TypeError("file hash must be a string")
-    return FileEntry(bytes=_int(size), hash=digest)
+    if not isinstance(digest, str) or not _HASH_RE.match(digest):
+        raise TypeError("file hash must be 32 lowercase hex digits")
+    return FileEntry(bytes=_int(size, "bytes"), hash=digest)
 
 
 def _check_rel_path(rel: str, what: str) -> str:
@@ -165,25 +214,25 @@ def _check_rel_path(rel: str, what: str) -> str:
     return rel
 
 
+def budget(ckpt_dir: str) -> int:
+    """How many bytes a manifest of this checkpoint directory can legitimately need."""
+    try:
+        with os.scandir(ckpt_dir) as it:
+            entries = sum(1 for _ in it)
+    except OSError:
+        entries = 0
+    return min(MAX_MANIFEST_BYTES, MANIFEST_BASE_BUDGET + MANIFEST_BUDGET_PER_ENTRY * entries)
+
+
 def read(ckpt_dir: str | os.PathLike[str]) -> Manifest:
-    """Read and parse ``ckpt_dir/manifest.json`` (without hashing any file)."""
+    """Read and parse ``ckpt_dir/manifest.json`` (without hashing any file).
+
+    Opened without following links and without blocking; its size is checked
+    against ``budget`` before a byte is read."""
+    ckpt_dir = os.fspath(ckpt_dir)
     path = os.path.join(ckpt_dir, MANIFEST_FILE)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        data = safeio.read_bounded(ckpt_dir, MANIFEST_FILE, budget(ckpt_dir), "manifest")
     except FileNotFoundError as e:
         raise CorruptCheckpointError(f"{path}: missing (the save never committed)") from e
-    except OSError as e:
-        raise UnsafeCheckpointError(f"{path}: cannot open safely ({e.strerror})") from e
-    try:
-        size = os.fstat(fd).st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise UnsafeCheckpointError(f"{path}: {size} bytes is too large for a manifest")
-        data = b""
-        while len(data) < size:
-            chunk = os.read(fd, size - len(data))
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        os.close(fd)
     return parse(data, what=path)

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError, GuardianError
 from . import manifest as manifest_mod
-from . import safetensors_io, strictjson
-from .hashing import hash_file, new_hasher
+from . import safeio, safetensors_io, strictjson
+from .hashing import hash_fd, new_hasher
 from .layout import MANIFEST_FILE, STATE_FILE, TENSORS_FILE, parse_checkpoint_name, rank_prefix
 from .tree import tensor_refs
+
+Progress = Callable[[int], object]  # told of each n bytes hashed
 
 
 @dataclass
@@ -45,6 +47,10 @@ class CheckpointInfo:
         return (-1, parsed[0], parsed[1])
 
 
+MAX_DEPTH = 8  # a checkpoint nests at most rank-NNNNN/file; deeper is refused, never recursed
+MAX_REPORTED = 20  # problems of one kind listed per checkpoint; the rest are counted
+
+
 def _candidate_names(run_dir: str) -> Iterator[str]:
     try:
         names = os.listdir(run_dir)
@@ -52,21 +58,32 @@ def _candidate_names(run_dir: str) -> Iterator[str]:
         raise CheckpointNotFoundError(f"{run_dir}: no such directory") from e
     except NotADirectoryError as e:
         raise CheckpointNotFoundError(f"{run_dir}: not a directory") from e
+    except OSError as e:
+        raise CheckpointNotFoundError(f"{run_dir}: cannot list it ({e.strerror})") from e
     for name in names:
         if parse_checkpoint_name(name) is not None:
             yield name
 
 
-def list_checkpoints(run_dir: str | os.PathLike[str], *, verify: bool = False) -> list[CheckpointInfo]:
-    """All checkpoints of a run, oldest first. ``verify`` re-hashes every file."""
+def list_checkpoints(
+    run_dir: str | os.PathLike[str], *, verify: bool = False, progress: Progress | None = None
+) -> list[CheckpointInfo]:
+    """All checkpoints of a run, oldest first. ``verify`` re-hashes every file;
+    ``progress(n)`` is told of each ``n`` bytes hashed."""
     run_dir = os.fspath(run_dir)
-    infos = [inspect_checkpoint(os.path.join(run_dir, n), verify=verify) for n in _candidate_names(run_dir)]
+    infos = [
+        inspect_checkpoint(os.path.join(run_dir, n), verify=verify, progress=progress)
+        for n in _candidate_names(run_dir)
+    ]
     infos.sort(key=lambda i: i.sort_key)
     return infos
 
 
-def inspect_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> CheckpointInfo:
-    """Check one checkpoint directory; problems are collected, never raised."""
+def inspect_checkpoint(
+    path: str | os.PathLike[str], *, verify: bool = True, progress: Progress | None = None
+) -> CheckpointInfo:
+    """Check one checkpoint directory; problems are collected, never raised.
+    ``progress(n)`` is told of each ``n`` bytes hashed (a CLI progress bar)."""
     path = os.fspath(path)
     info = CheckpointInfo(path=path, name=os.path.basename(path.rstrip("/")), manifest=None)
     try:
@@ -89,39 +106,55 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> 
     except GuardianError as e:
         info.problems.append(str(e))
         return info
-    except (ValueError, TypeError, KeyError, OverflowError, RecursionError, UnicodeError) as e:
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError, UnicodeError, MemoryError) as e:
         # A parser bug must not make one hostile checkpoint crash the whole listing.
-        info.problems.append(f"{path}: unreadable manifest ({type(e).__name__}: {e})")
+        info.problems.append(f"{path}: unreadable manifest ({type(e).__name__}: {str(e)[:200]})")
         return info
-    info.problems.extend(_check_files(path, info.manifest, deep=verify))
+    except OSError as e:
+        info.problems.append(f"{path}: unreadable manifest ({e.strerror or e})")
+        return info
+    info.problems.extend(_check_files(path, info.manifest, deep=verify, progress=progress))
     info.verified = verify
     return info
 
 
-def _check_files(path: str, man: manifest_mod.Manifest, *, deep: bool) -> list[str]:
+def _check_files(
+    path: str, man: manifest_mod.Manifest, *, deep: bool, progress: Progress | None = None
+) -> list[str]:
     problems = _missing_rank_parts(path, man)
     for rel, entry in sorted(man.files.items()):
-        problems.extend(_check_one_file(path, rel, entry, deep=deep))
+        problems.extend(_check_one_file(path, rel, entry, deep=deep, progress=progress))
     listed = set(man.files) | {MANIFEST_FILE}
+    unexpected = []
     for rel in _walk_files(path):
         if rel not in listed:
-            problems.append(f"{os.path.join(path, rel)}: not listed in the manifest (unexpected file)")
-    return problems
+            unexpected.append(f"{os.path.join(path, rel)}: not listed in the manifest (unexpected file)")
+    return problems + _capped(unexpected, f"{path}: … and {{n}} more unexpected file(s)")
+
+
+def _capped(problems: list[str], more: str) -> list[str]:
+    if len(problems) <= MAX_REPORTED:
+        return problems
+    return problems[:MAX_REPORTED] + [more.format(n=len(problems) - MAX_REPORTED)]
 
 
 def _missing_rank_parts(path: str, man: manifest_mod.Manifest) -> list[str]:
-    """A multi-rank checkpoint is whole only with every rank's state file listed."""
+    """A multi-rank checkpoint is whole only with every rank's state file listed
+    (``world_size`` is bounded by the number of listed files when parsed)."""
     if man.world_size <= 1:
         return []
-    return [
+    missing = [
         f"{path}: rank {r}'s part ({rank_prefix(r, man.world_size)}{STATE_FILE}) is missing from the "
         f"manifest of a {man.world_size}-rank checkpoint"
         for r in range(man.world_size)
         if rank_prefix(r, man.world_size) + STATE_FILE not in man.files
     ]
+    return _capped(missing, f"{path}: … and {{n}} more ranks' parts missing")
 
 
-def _check_one_file(path: str, rel: str, entry: manifest_mod.FileEntry, *, deep: bool) -> list[str]:
+def _check_one_file(
+    path: str, rel: str, entry: manifest_mod.FileEntry, *, deep: bool, progress: Progress | None = None
+) -> list[str]:
     full = os.path.join(path, rel)
     if not rel.endswith((".safetensors", ".json")):
         return [
@@ -129,41 +162,70 @@ def _check_one_file(path: str, rel: str, entry: manifest_mod.FileEntry, *, deep:
             "(a pickle or a foreign file?)"
         ]
     try:
-        st = os.lstat(full)
+        fd, st = safeio.open_regular(path, rel)
     except FileNotFoundError:
         return [f"{full}: missing (listed in the manifest with {entry.bytes} bytes)"]
-    if not stat.S_ISREG(st.st_mode):
-        return [f"{full}: not a regular file (symlinks and devices are refused)"]
-    if st.st_size != entry.bytes:
-        return [f"{full}: size {st.st_size} bytes, manifest says {entry.bytes} (truncated or overwritten)"]
-    if not deep:
-        return []
-    try:
-        digest, _ = hash_file(full)
-    except OSError as e:
-        return [f"{full}: unreadable ({e.strerror})"]
-    if digest != entry.hash:
-        return [f"{full}: content hash {digest} does not match the manifest's {entry.hash} (corrupted)"]
-    try:
-        _parse_payload(full, rel)
     except GuardianError as e:
         return [str(e)]
-    return []
+    try:
+        if st.st_size != entry.bytes:
+            return [
+                f"{full}: size {st.st_size} bytes, manifest says {entry.bytes} (truncated or overwritten)"
+            ]
+        if not deep:
+            return []
+        try:
+            digest, _ = hash_fd(fd, progress)
+        except OSError as e:
+            return [f"{full}: unreadable ({e.strerror})"]
+        if digest != entry.hash:
+            return [f"{full}: content hash {digest} does not match the manifest's {entry.hash} (corrupted)"]
+        try:
+            _parse_payload(fd, st.st_size, path, rel)
+        except GuardianError as e:
+            return [str(e)]
+        except OSError as e:
+            return [f"{full}: unreadable ({e.strerror or e})"]
+        return []
+    finally:
+        os.close(fd)
 
 
-def _parse_payload(full: str, rel: str) -> None:
+def _parse_payload(fd: int, size: int, ckpt_dir: str, rel: str) -> None:
     """Parse files whose hash matched: a hash proves integrity, not well-formedness."""
+    full = os.path.join(ckpt_dir, rel)
     if rel.endswith(".safetensors"):
-        safetensors_io.read_layout(full)
+        safetensors_io.read_layout_fd(fd, size, full)
     elif rel.endswith(".json"):
-        with open(full, "rb") as f:
-            strictjson.loads(f.read(), what=full)
+        limit = state_budget(ckpt_dir, rel) if rel.endswith(STATE_FILE) else strictjson.MAX_JSON_BYTES
+        if size > limit:
+            raise CorruptCheckpointError(
+                f"{full}: {size} bytes is more than this checkpoint's state can need"
+            )
+        strictjson.loads(safeio.read_fd(fd, size, full), what=full)
 
 
 def _walk_files(path: str) -> Iterator[str]:
-    for root, dirs, files in os.walk(path, followlinks=False):
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
-            yield os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/")
+    """Every non-directory entry (and every symlink) below ``path``, relative to it.
+    Iterative and depth-bounded: a hostile chain of 1 500 nested directories is
+    reported, never recursed into."""
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            with os.scandir(os.path.join(path, rel_dir) if rel_dir else path) as it:
+                entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        except OSError:
+            yield rel_dir  # an unreadable directory is reported as unexpected
+            continue
+        for name, is_dir in entries:
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            if not is_dir:
+                yield rel
+            elif rel.count("/") + 1 >= MAX_DEPTH:
+                yield rel + "/…"  # nested deeper than any checkpoint: unexpected
+            else:
+                stack.append(rel)
 
 
 def newest_valid(run_dir: str | os.PathLike[str], *, verify: bool = True) -> CheckpointInfo | None:
@@ -188,10 +250,39 @@ def resolve(path: str | os.PathLike[str]) -> tuple[str, bool]:
 # ---------------------------------------------------------------------------- contents
 
 
+STATE_BASE_BUDGET = 16 << 20  # RNG words, param_groups, scheduler state, user extras
+STATE_HEADER_FACTOR = 4  # each stored tensor costs a reference and a parameter name
+
+
+def state_budget(ckpt_dir: str, state_rel: str = STATE_FILE) -> int:
+    """How large ``state_rel`` can legitimately be: a fixed allowance plus a multiple
+    of its tensor file's header (state.json refers to each tensor at most a few
+    times). Known from a stat and an 8-byte read, before the state file is opened."""
+    header = 0
+    try:
+        fd, st = safeio.open_regular(ckpt_dir, _tensor_file_for(state_rel))
+        try:
+            if st.st_size >= 8:
+                header = min(int.from_bytes(os.pread(fd, 8, 0), "little"), st.st_size)
+        finally:
+            os.close(fd)
+    except (OSError, GuardianError):
+        pass
+    return state_budget_for_header(header)
+
+
+def state_budget_for_header(header_bytes: int) -> int:
+    return min(strictjson.MAX_JSON_BYTES, STATE_BASE_BUDGET + STATE_HEADER_FACTOR * header_bytes)
+
+
 def load_state_json(ckpt_dir: str, rel: str = STATE_FILE) -> dict[str, Any]:
+    """A checkpoint's state file, opened safely and refused by size before reading."""
     full = os.path.join(ckpt_dir, rel)
-    with open(full, "rb") as f:
-        obj = strictjson.loads(f.read(), what=full)
+    try:
+        data = safeio.read_bounded(ckpt_dir, rel, state_budget(ckpt_dir, rel), "state file")
+    except FileNotFoundError as e:
+        raise CorruptCheckpointError(f"{full}: missing") from e
+    obj = strictjson.loads(data, what=full)
     if not isinstance(obj, dict) or not isinstance(obj.get("components"), dict):
         raise CorruptCheckpointError(f"{full}: state file has no 'components' object")
     return obj
@@ -218,18 +309,23 @@ def component_summaries(ckpt_dir: str, man: manifest_mod.Manifest) -> dict[str, 
         entries = {e.key: e for e in layout.entries} if layout else {}
         for name, comp in sorted(state["components"].items()):
             label = f"{prefix}{name}" if prefix else name
-            out[label] = _component_summary(comp, entries, tensor_path, layout)
+            opener = lambda rel=tensors_rel: os.fdopen(safeio.open_regular(ckpt_dir, rel)[0], "rb")  # noqa: E731
+            out[label] = _component_summary(comp, entries, tensor_path, layout, opener)
     return out
 
 
-def _component_summary(comp: Any, entries: dict, tensor_path: str, layout: Any) -> dict[str, Any]:
+def _component_summary(
+    comp: Any, entries: dict, tensor_path: str, layout: Any, opener: Any
+) -> dict[str, Any]:
     if not isinstance(comp, dict) or "state" not in comp:
         raise CorruptCheckpointError(f"{tensor_path}: malformed component entry")
     h = new_hasher()
     h.update(strictjson.dumps({"kind": comp.get("kind"), "state": comp["state"]}))
     refs = sorted(set(tensor_refs(comp["state"])))
+    if not all(isinstance(r, str) for r in refs):
+        raise CorruptCheckpointError(f"{tensor_path}: malformed tensor reference")
     total = 0
-    with open(tensor_path, "rb") if refs else _null() as f:
+    with opener() if refs else _null() as f:
         for key in refs:
             e = entries.get(key)
             if e is None:

@@ -17,10 +17,18 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ..errors import CorruptCheckpointError, UnsafeCheckpointError
-from . import strictjson
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedStateError
+from . import safeio, strictjson
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A header's budget grows with the data it describes: every tensor guardian stores
+# with a non-empty shape has data, and even a checkpoint of one-element tensors with
+# long names needs far less than HEADER_PER_DATA_BYTE header bytes per data byte.
+# Checked from the file size before the header is read; enforced on save too.
+HEADER_BASE_BUDGET = 1 << 20
+HEADER_PER_DATA_BYTE = 64
+MAX_DIMS = 64
+MAX_EXTENT = 2**62  # product of the non-zero dims: torch's stride arithmetic must not overflow
 HEADER_ALIGN = 8
 
 DTYPE_SIZES: dict[str, int] = {
@@ -101,27 +109,46 @@ def plan_layout(
     body = strictjson.dumps(header_obj)
     pad = (-(8 + len(body))) % HEADER_ALIGN
     body += b" " * pad
+    if len(body) > header_budget(offset):
+        raise UnsupportedStateError(
+            f"{len(specs)} tensors holding only {offset} bytes need a {len(body)}-byte safetensors header, "
+            "more than guardian will read back; store many tiny tensors as one larger tensor"
+        )
     header = struct.pack("<Q", len(body)) + body
     return Layout(header=header, entries=tuple(entries), metadata=dict(metadata or {}))
 
 
+def header_budget(data_bytes: int) -> int:
+    """The largest header a file with ``data_bytes`` of tensor data may have."""
+    return min(MAX_HEADER_BYTES, HEADER_BASE_BUDGET + HEADER_PER_DATA_BYTE * data_bytes)
+
+
 def read_layout(path: str | os.PathLike[str]) -> Layout:
-    """Parse and validate a safetensors file's header; never reads tensor data."""
+    """Parse and validate a safetensors file's header; never reads tensor data.
+    The file is opened without following a symlink and without blocking."""
     what = os.fspath(path)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    head, name = os.path.split(what)
     try:
-        size = os.fstat(fd).st_size
-        if size < 8:
-            raise CorruptCheckpointError(f"{what}: {size} bytes is too short for a safetensors file")
-        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-        if n > MAX_HEADER_BYTES or n > size - 8:
-            raise UnsafeCheckpointError(
-                f"{what}: header claims {n} bytes but the file has {size} "
-                "(truncated, corrupt, or not a safetensors file)"
-            )
-        raw = os.pread(fd, n, 8)
+        fd, st = safeio.open_regular(head or ".", name)
+    except FileNotFoundError as e:
+        raise CorruptCheckpointError(f"{what}: missing") from e
+    try:
+        return read_layout_fd(fd, st.st_size, what)
     finally:
         os.close(fd)
+
+
+def read_layout_fd(fd: int, size: int, what: str) -> Layout:
+    """``read_layout`` on an open descriptor of a file of ``size`` bytes."""
+    if size < 8:
+        raise CorruptCheckpointError(f"{what}: {size} bytes is too short for a safetensors file")
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if n > size - 8 or n > header_budget(size - 8 - n):
+        raise UnsafeCheckpointError(
+            f"{what}: header claims {n} bytes but the file has {size} "
+            "(truncated, corrupt, or not a safetensors file)"
+        )
+    raw = os.pread(fd, n, 8)
     if len(raw) != n:
         raise CorruptCheckpointError(f"{what}: header truncated")
     header_obj = strictjson.loads(raw, what=f"{what} (safetensors header)", max_bytes=MAX_HEADER_BYTES)
@@ -164,10 +191,13 @@ def _entry(key: object, value: object, what: str) -> TensorEntry:
     dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
     if dtype not in DTYPE_SIZES:
         raise CorruptCheckpointError(f"{what}: tensor {key!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape)
+        or math.prod(max(d, 1) for d in shape) * DTYPE_SIZES[dtype] > MAX_EXTENT
     ):
-        raise CorruptCheckpointError(f"{what}: tensor {key!r} has an invalid shape {shape!r}")
+        raise CorruptCheckpointError(f"{what}: tensor {key!r} has an invalid shape {str(shape)[:200]}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2

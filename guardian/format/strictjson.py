@@ -8,12 +8,24 @@ canonical (sorted keys, no NaN literals) so hashes of JSON are stable.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 
 MAX_JSON_BYTES = 256 * 1024 * 1024
 MAX_DEPTH = 200
+
+# What parsing costs in memory, estimated from the raw bytes before parsing: every
+# container becomes a Python list/dict (~80 bytes with its GC header and slot), every
+# other value at least a pointer in its container. Real checkpoint metadata (tensor
+# entries, parameter names, RNG words, numbers) stays well under COST_RATIO bytes
+# of Python per byte of JSON; a file of tiny lists (``[[],[],…]``) needs ~25 and is
+# refused before the parser allocates anything. Files under COST_FLOOR always pass.
+CONTAINER_COST = 80
+VALUE_COST = 8
+COST_RATIO = 12
+COST_FLOOR = 1 << 20
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -45,15 +57,39 @@ def _reject_constant(name: str) -> Any:
     raise UnsafeCheckpointError(f"non-standard JSON constant {name}")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf, which no valid file holds
+        raise UnsafeCheckpointError(f"number {text[:40]!r} is out of range")
+    return value
+
+
+def parse_cost(data: bytes | str) -> int:
+    """An upper estimate of the Python memory ``json.loads(data)`` would build."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    containers = raw.count(b"[") + raw.count(b"{")
+    return CONTAINER_COST * containers + VALUE_COST * (raw.count(b",") + raw.count(b":"))
+
+
 def loads(data: bytes | str, *, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """Parse untrusted JSON; ``what`` names the file for error messages."""
+    """Parse untrusted JSON; ``what`` names the file for error messages.
+
+    Refused before parsing: more than ``max_bytes``, or a structure that would cost
+    far more memory than its size (see ``COST_RATIO``)."""
     if len(data) > max_bytes:
         raise UnsafeCheckpointError(f"{what}: {len(data)} bytes of JSON exceeds the {max_bytes}-byte limit")
+    cost = parse_cost(data)
+    if cost > COST_FLOOR and cost > COST_RATIO * len(data):
+        raise UnsafeCheckpointError(
+            f"{what}: {len(data)} bytes of JSON made of ~{cost // CONTAINER_COST} tiny lists/objects would "
+            "take far more memory to parse than any checkpoint metadata needs; refusing it"
+        )
     try:
         value = json.loads(
             data,
             object_pairs_hook=_reject_duplicates,
             parse_constant=_reject_constant,
+            parse_float=_finite_float,
         )
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{what}: {e}") from e

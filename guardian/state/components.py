@@ -13,7 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..errors import StateMismatchError
+from ..errors import CorruptCheckpointError, StateMismatchError
+from .validate import dtype_family
 
 
 @runtime_checkable
@@ -51,9 +52,36 @@ class ModuleState:
         self.module.load_state_dict(state, strict=True)
 
 
+def _check_module_values(state: Any, live: dict[str, Any], where: str) -> None:
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(
+            f"the checkpoint's {where!r} is a {type(state).__name__}, not a state dict"
+        )
+    bad = [
+        k for k, v in state.items() if not isinstance(v, torch.Tensor) and not str(k).endswith("_extra_state")
+    ]
+    swapped = [
+        f"{k}: stored {state[k].dtype}, model {live[k].dtype}"
+        for k in sorted(set(live) & set(state))
+        if isinstance(state[k], torch.Tensor)
+        and isinstance(live[k], torch.Tensor)
+        and dtype_family(state[k].dtype) != dtype_family(live[k].dtype)
+    ]
+    if bad or swapped:
+        raise CorruptCheckpointError(
+            f"the checkpoint's {where!r} holds values no save of this model produces: "
+            + "; ".join([f"{str(k)[:80]!r} is not a tensor" for k in bad[:5]] + swapped[:5])
+        )
+
+
 def check_module_state(module: nn.Module, state: dict[str, Any], where: str) -> None:
-    """Name every missing, unexpected and mis-shaped key before torch's own load."""
+    """Name every missing, unexpected and mis-shaped key before torch's own load.
+
+    A stored value that is not a tensor, or whose dtype is of another family than
+    the live one (F32 stored as I32: same width, bytes reinterpreted), cannot have
+    been saved from this model by guardian: that is ``CorruptCheckpointError``."""
     live = module.state_dict()
+    _check_module_values(state, live, where)
     missing = sorted(set(live) - set(state))
     unexpected = sorted(set(state) - set(live))
     mismatched = [
@@ -114,7 +142,9 @@ class OptimizerState:
         return {"state": state, "param_groups": groups}
 
     def check_state(self, state: dict[str, Any], where: str = "optimizer") -> None:
-        """Raise ``StateMismatchError`` unless ``state`` was saved over the same named parameters."""
+        """Raise ``StateMismatchError`` unless ``state`` was saved over the same named
+        parameters (``CorruptCheckpointError`` when it is not an optimizer state at all)."""
+        check_optimizer_structure(state, where)
         live_groups = self.param_names()
         saved_groups = [g["params"] for g in state["param_groups"]]
         if live_groups != saved_groups:
@@ -144,6 +174,27 @@ class OptimizerState:
         self.optimizer.load_state_dict(torch_sd)
 
 
+def check_optimizer_structure(state: Any, where: str) -> None:
+    """The shape of a saved optimizer state: ``{"state": {name: {...}}, "param_groups":
+    [{"params": [name, ...], ...}, ...]}``. Anything else is forged or damaged."""
+    problem = None
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
+        problem = "has no 'state' object"
+    elif not isinstance(state.get("param_groups"), list):
+        problem = f"has param_groups of type {type(state.get('param_groups')).__name__}, not a list"
+    elif not all(
+        isinstance(g, dict)
+        and isinstance(g.get("params"), list)
+        and all(isinstance(n, str) for n in g["params"])
+        for g in state["param_groups"]
+    ):
+        problem = "has a param group without a list of parameter names"
+    elif not all(isinstance(v, dict) for v in state["state"].values()):
+        problem = "has per-parameter state that is not an object"
+    if problem:
+        raise CorruptCheckpointError(f"the checkpoint's {where!r} {problem}: not a saved optimizer state")
+
+
 def _group_mismatch(where: str, saved: list[list[str]], live: list[list[str]]) -> str:
     saved_set = {n for g in saved for n in g}
     live_set = {n for g in live for n in g}
@@ -167,6 +218,13 @@ class PassThroughState:
 
     def state_dict(self) -> Any:
         return self.obj.state_dict()
+
+    def check_state(self, state: Any, where: str = "") -> None:
+        """torch's schedulers and GradScaler save a dict; anything else is forged."""
+        if self.kind in ("scheduler", "scaler") and not isinstance(state, dict):
+            raise CorruptCheckpointError(
+                f"the checkpoint's {where!r} is a {type(state).__name__}, not a {self.kind} state dict"
+            )
 
     def load_state_dict(self, state: Any, where: str = "") -> None:
         self.obj.load_state_dict(state)

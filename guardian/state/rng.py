@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import StateMismatchError
+from ..errors import CorruptCheckpointError, StateMismatchError
 
-log = logging.getLogger("guardian")
+log = logging.getLogger(__name__)
 
 
 def cuda_initialized() -> bool:
@@ -60,7 +60,7 @@ def _restore_cuda(states: list[torch.Tensor]) -> None:
     count = torch.cuda.device_count()
     if count != len(states):
         log.warning(
-            "guardian: checkpoint has CUDA RNG state for %d device(s), this machine has %d; "
+            "checkpoint has CUDA RNG state for %d device(s), this machine has %d; "
             "restoring the first %d — the run is no longer bit-exact",
             len(states),
             count,
@@ -87,6 +87,32 @@ class GeneratorState:
         if isinstance(g, np.random.RandomState):
             return {"numpy_legacy": g.get_state(legacy=True)}
         return {"python": g.getstate()}
+
+    def check_state(self, state: Any, where: str = "generator") -> None:
+        """The saved state must be this generator kind's, of the right size and type:
+        ``StateMismatchError`` for another kind of generator (the user's change),
+        ``CorruptCheckpointError`` for a malformed one."""
+        from . import validate
+
+        if not isinstance(state, dict) or len(state) != 1:
+            raise CorruptCheckpointError(f"the checkpoint's {where!r} is not a generator state")
+        ((saved_kind, value),) = state.items()
+        live_kind = next(iter(self.state_dict()))
+        if saved_kind != live_kind:
+            raise StateMismatchError(
+                f"the checkpoint's {where!r} holds a {saved_kind} generator state, but a {live_kind} "
+                "generator was passed to protect(); pass the same kind of generator"
+            )
+        problems = {
+            "torch": lambda v: validate.generator_state_problems(v, "any"),
+            "numpy": validate.numpy_generator_problems,
+            "numpy_legacy": validate.numpy_legacy_problems,
+            "python": validate.python_state_problems,
+        }[saved_kind](value)
+        if problems:
+            raise CorruptCheckpointError(
+                f"the checkpoint's {where!r} {saved_kind} state " + "; ".join(problems)
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         g = self.gen

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from ..commit import CheckpointTxn
-from ..errors import CorruptCheckpointError
-from ..format import safetensors_io, strictjson
+from ..errors import CorruptCheckpointError, UnsupportedStateError
+from ..format import reader, safetensors_io, strictjson
 from ..format.layout import FORMAT_ID, FORMAT_VERSION, STATE_FILE, TENSORS_FILE
 from ..format.reader import load_state_json
 from ..format.tree import Decoder, Encoder
@@ -53,9 +53,18 @@ class Snapshot:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def state_json(self) -> bytes:
-        return strictjson.dumps(
+        """The state file; refused here if a reader would refuse it (its budget grows
+        with the tensor header, see ``reader.state_budget``)."""
+        data = strictjson.dumps(
             {"format": FORMAT_ID, "version": FORMAT_VERSION, "components": self.components}
         )
+        limit = reader.state_budget_for_header(len(self.layout().header) - 8)
+        if len(data) > limit:
+            raise UnsupportedStateError(
+                f"the non-tensor state is {len(data)} bytes of JSON, more than guardian reads back ({limit}); "
+                "keep large data (histories, arrays) in tensors or outside the checkpoint"
+            )
+        return data
 
     def layout(self) -> safetensors_io.Layout:
         specs = [(k, T.st_dtype(t), tuple(t.shape)) for k, t in self.tensors.items()]
@@ -140,7 +149,7 @@ def read_tensors(path: str, into: dict[str, torch.Tensor] | None = None) -> dict
                 (layout.data_start + e.begin, memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
             )
         out[e.key] = t
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # deeper readahead when cold

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -80,9 +81,43 @@ def decode_ext(tag: str, payload: Any) -> Any:
         if tag == "torch.device":
             return torch.device(payload)
         if tag == "numpy.ndarray":
-            return np.array(payload["data"], dtype=np.dtype(payload["dtype"])).reshape(payload["shape"])
+            return _numpy_array(payload)
         if tag == "numpy.scalar":
-            return np.dtype(payload["dtype"]).type(payload["value"])
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise CorruptCheckpointError(f"malformed {tag} value {payload!r}") from e
+            return plain_numpy_dtype(payload["dtype"]).type(payload["value"])
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+        raise CorruptCheckpointError(f"malformed {tag} value {str(payload)[:120]}") from e
     raise CorruptCheckpointError(f"unknown value type {tag!r} (written by a newer guardian?)")
+
+
+MAX_NUMPY_ITEMSIZE = 16
+
+
+def plain_numpy_dtype(spec: Any) -> np.dtype:
+    """A numeric numpy dtype from its string form — never a sub-array dtype
+    (``"(1000000000,)u1"`` would make each element a GiB), a structured one, or
+    objects: those never appear in the state guardian saves."""
+    if not isinstance(spec, str) or len(spec) > 8:
+        raise ValueError(f"not a plain dtype: {str(spec)[:40]!r}")
+    dtype = np.dtype(spec)
+    if (
+        dtype.kind not in "biufc"
+        or dtype.subdtype is not None
+        or dtype.fields
+        or dtype.itemsize > MAX_NUMPY_ITEMSIZE
+    ):
+        raise ValueError(f"not a plain numeric dtype: {spec!r}")
+    return dtype
+
+
+def _numpy_array(payload: Any) -> np.ndarray:
+    """The stored array, after checking that shape and data agree (nothing is
+    allocated beyond the numbers the file really holds)."""
+    dtype = plain_numpy_dtype(payload["dtype"])
+    shape, data = payload["shape"], payload["data"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 32:
+        raise ValueError("bad shape")
+    if not isinstance(data, list) or math.prod(shape) != len(data):
+        raise ValueError("shape and data disagree")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) or dtype.kind == "b" for x in data):
+        raise ValueError("non-numeric data")
+    return np.array(data, dtype=dtype).reshape(shape)
