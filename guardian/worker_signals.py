@@ -94,3 +94,21 @@ def _take_signals() -> None:
 def is_worker_death(exc: BaseException | None) -> bool:
     """Is ``exc`` torch's report of a DataLoader worker that died or exited?"""
     return isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker (pid")
+
+
+def requeue_after_worker_death(
+    signum: int | None, code: int, exc: BaseException | None, last_checkpoint: str | None
+) -> None:
+    """A preemption signal also killed the workers of a loader guardian did not start
+    (one the program iterates itself, e.g. for evaluation) before the next exact point:
+    no checkpoint can be taken, but this is a preemption, not a crash — exit ``code``."""
+    log.warning(
+        "signal %s received and a DataLoader worker died of it before a checkpoint could be "
+        "taken (%s); exiting %d — the run restarts from %s. Iterate loaders through "
+        "g.batches() to have their workers leave the signal to this process.",
+        signum,
+        exc,
+        code,
+        last_checkpoint or "the beginning",
+    )
+    raise SystemExit(code) from exc
