@@ -10,31 +10,20 @@ from __future__ import annotations
 
 import os
 
+from . import fsops
 from .errors import CheckpointWriteError, GuardianError
 from .locking import RunLock
-from .smallfiles import fsync_dir
 
 
 def make_run_dir(run_dir: str) -> None:
-    """Create the run directory (and missing parents) durably: each new entry's parent
-    is fsynced, so a power cut cannot lose the directory that holds the checkpoints."""
-    missing = []
-    path = os.path.abspath(run_dir)
-    while not os.path.isdir(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
+    """Create the run directory (and missing parents) durably (``fsops.make_dirs_durably``:
+    each new entry's parent is fsynced) and check that this process can write in it."""
     try:
-        for new in reversed(missing):
-            os.mkdir(new, 0o755)
-            fsync_dir(os.path.dirname(new))
+        fsops.make_dirs_durably(run_dir)
     except FileExistsError as e:
-        if not os.path.isdir(e.filename or ""):
-            raise CheckpointWriteError(
-                f"checkpoint directory {run_dir} exists and is not a directory; choose another dir=."
-            ) from e
+        raise CheckpointWriteError(
+            f"checkpoint directory {run_dir} exists and is not a directory; choose another dir=."
+        ) from e
     except OSError as e:
         raise CheckpointWriteError(
             f"cannot create checkpoint directory {run_dir}: {e.strerror}. Choose a writable location with dir=.",
