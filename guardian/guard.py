@@ -54,7 +54,8 @@ from .policies import (
 )
 from .position import LoopPosition, StepBoundaries
 from .preemption import PreemptionFlag
-from .resume import Restored, Resumer
+from .restore import Restored, Restorer
+from .resume import Resumer
 from .rundir import take_run_dir
 from .saving import SaveFacts, Saver, SaveRequests
 from .state.discover import describe, discover
@@ -361,4 +362,4 @@ class Guard:
     def load_best_weights(self) -> None:
         """Load the best checkpoint's weights into the live model(s), resharded (DDP, FSDP2)."""
         self.saver.wait_in_flight()
-        Resumer(self.run_dir, self.components, self.world, strict=False).restore_best(self.policy.best)
+        Restorer(self.run_dir, self.components, self.world, strict=False).restore_best(self.policy.best)
