@@ -49,3 +49,4 @@ echo "setup: installing torch-guardian${extras:+[$extras]} (editable) into .venv
 if [ "$JOB" = test ] && [ "$(id -u)" = 0 ] && ! command -v fusermount3 >/dev/null && command -v apt-get >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null) || echo "setup: could not install fuse3; FUSE tests will skip"
 fi
+echo "setup: .venv ready in ${SECONDS} s"
