@@ -72,7 +72,7 @@ def protect(
     persists it in the background; False, or GUARDIAN_ASYNC=0, saves synchronously.
     ``writer`` overrides both.
     ``tensorboard``: also write the metric history as TensorBoard event files in
-    ``RUN/tensorboard`` (needs ``pip install 'guardian[tensorboard]'``); the history
+    ``RUN/tensorboard`` (needs ``pip install 'torch-guardian[tensorboard]'``); the history
     itself, ``RUN/history.csv``, is always kept (docs/history.md).
     """
     _refuse_unknown_options(components)

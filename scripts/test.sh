@@ -17,6 +17,9 @@ $PY -m ruff format --check guardian tests scripts
 .venv/bin/lint-imports
 $PY -m mypy guardian
 
+echo "== the wheel: build, install into a fresh venv, run the README's loop killed and resumed"
+bash scripts/check_wheel.sh
+
 started_slurm=""
 if [ "${CI:-}" = true ] && [ "$(id -u)" = 0 ]; then
   if conf=$(bash scripts/slurm-localhost.sh 2>&1 | sed -n 's/^SLURM_CONF=//p') && [ -n "$conf" ]; then

@@ -236,7 +236,7 @@ def test_import_guardian_never_imports_lightning_and_a_missing_extra_says_what_t
     )
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "pip install 'guardian[lightning]'" in proc.stdout
+    assert "pip install 'torch-guardian[lightning]'" in proc.stdout
 
 
 if __name__ == "__main__":

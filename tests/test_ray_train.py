@@ -16,7 +16,7 @@ import sys
 import pytest
 from daemon_jobs.harness import GUARDIAN, HERE, digest, env_with
 
-pytest.importorskip("ray.train", reason="ray[train] is not installed (pip install 'guardian[ray]')")
+pytest.importorskip("ray.train", reason="ray[train] missing: SETUP_EXTRAS=ray bash scripts/setup.sh")
 
 JOB = os.path.join(HERE, "ray_job.py")
 

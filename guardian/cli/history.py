@@ -2,7 +2,7 @@
 
 Torch-free: both read ``RUN/history.csv`` and ``RUN/history-events.jsonl`` (checkpoints
 and restarts) with ``guardian.history``; ``plot`` also needs matplotlib
-(``pip install 'guardian[plot]'``).
+(``pip install 'torch-guardian[plot]'``).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def plot(run_dir: str, wanted: tuple[str, ...], output: str) -> None:
     try:
         from ..history.plotting import draw
     except ImportError as e:
-        _fail(f"guardian plot needs matplotlib ({e}); pip install 'guardian[plot]'", EXIT_FAILURE)
+        _fail(f"guardian plot needs matplotlib ({e}); pip install 'torch-guardian[plot]'", EXIT_FAILURE)
     draw(
         table, metrics, read_events(run_dir), title=os.path.basename(os.path.abspath(run_dir)), output=output
     )

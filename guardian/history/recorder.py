@@ -172,7 +172,7 @@ class History:
         except ImportError:
             log.warning(
                 "protect(tensorboard=True) but the tensorboard package is not installed "
-                "(pip install 'guardian[tensorboard]'); training goes on without event files"
+                "(pip install 'torch-guardian[tensorboard]'); training goes on without event files"
             )
             return
         except OSError as e:

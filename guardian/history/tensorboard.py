@@ -1,4 +1,4 @@
-"""The history as TensorBoard event files (optional: ``pip install 'guardian[tensorboard]'``).
+"""The history as TensorBoard event files (optional: ``pip install 'torch-guardian[tensorboard]'``).
 
 Written with the ``tensorboard`` package's own event-file writer (the package the
 user needs anyway to look at the curves; no TensorFlow). Each history row becomes one

@@ -14,5 +14,5 @@ def missing(framework: str, extra: str, package: str, error: ImportError) -> Imp
     """The ImportError an integration raises when its framework is not installed."""
     return ImportError(
         f"guardian's {framework} integration needs {package}, which is not installed here "
-        f"({error}). Fix: pip install 'guardian[{extra}]'  (or: pip install {package})"
+        f"({error}). Fix: pip install 'torch-guardian[{extra}]'  (or: pip install {package})"
     )
