@@ -250,9 +250,31 @@ def regression_results() -> dict[int, dict]:
     return {r["seed"]: {**r, "failure": failures.get(r["seed"])} for r in summary["results"]}
 
 
+# Cases still open on main when this file was written, with where the cause lies.
+# Strict: once the library is fixed the case passes, the xfail fails, and the entry
+# must go — so this list can never silently hide a regression.
+OPEN = {
+    "loader_generator_after_the_last_epoch": "position.py restores loader generators only at the next "
+    "g.batches() (_restore_boundary_generators); after the last epoch there is none",
+    "sampler_generator_with_workers_mid_epoch": "resume.py put_back_rng sets the loader generators to "
+    "their checkpointed state after the skip, but prefetching workers made the sampler draw its "
+    "end-of-epoch randperm before the checkpoint: the draw happens twice",
+    "preempted_at_gstep_skips_the_report_after_it": "guard.py step() raises SystemExit for a preemption "
+    "before the post-step code of the same iteration runs; the resume starts at the next batch",
+    "sigterm_to_the_group_with_workers": "issue 11 item 10(d): the dead workers' prefetched batches "
+    "raise in the main process before the next g.step() can checkpoint",
+}
+
+
+def _params():
+    for name in sorted(REGRESSIONS):
+        marks = [pytest.mark.xfail(strict=True, reason=OPEN[name])] if name in OPEN else []
+        yield pytest.param(name, marks=marks, id=name)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", sorted(REGRESSIONS))
+@pytest.mark.parametrize("name", _params())
 def test_regression(name, regression_results):
     case = REGRESSIONS[name]
     result = regression_results[case["seed"]]
