@@ -274,7 +274,7 @@ def _params():
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", _params())
+@pytest.mark.parametrize("name", list(_params()))
 def test_regression(name, regression_results):
     case = REGRESSIONS[name]
     result = regression_results[case["seed"]]
