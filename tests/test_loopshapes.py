@@ -184,6 +184,22 @@ REGRESSIONS: dict[str, dict] = {
         monitor="train_loss",
         report_mid=3,
     ),
+    # Early stopping on a metric reported mid-epoch: the epoch's last value was reported
+    # before the checkpoint (step 3) and nothing is reported after it; resumed there,
+    # the epoch ends with no value, is not counted, and the run stops two epochs later.
+    "early_stopping_loses_the_epoch_value_at_a_resume": _case(
+        112,
+        [_kill("sigkill", "epoch_end", epoch=0)],
+        seed=203,
+        dropout=0.5,
+        extra=True,
+        monitor="train_loss",
+        report_mid=2,
+        patience=1,
+        epochs=4,
+        every_steps=3,
+        every_epochs=None,
+    ),
     # SIGTERM to the whole process group (Slurm) while DataLoader workers run: the
     # workers die first and the run crashed with "DataLoader worker ... killed".
     "sigterm_to_the_group_with_workers": _case(
@@ -261,6 +277,9 @@ OPEN = {
     "end-of-epoch randperm before the checkpoint: the draw happens twice",
     "preempted_at_gstep_skips_the_report_after_it": "guard.py step() raises SystemExit for a preemption "
     "before the post-step code of the same iteration runs; the resume starts at the next batch",
+    "early_stopping_loses_the_epoch_value_at_a_resume": "monitoring.py MetricWatch._epoch_value (the "
+    "epoch's last monitored value) is not part of PolicyState, so it is not saved: early_stopping_update "
+    "gets None for a resumed epoch with no report after the checkpoint",
     "sigterm_to_the_group_with_workers": "issue 11 item 10(d): the dead workers' prefetched batches "
     "raise in the main process before the next g.step() can checkpoint",
 }
