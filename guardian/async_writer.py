@@ -22,6 +22,10 @@ Policies (the contract the guard relies on):
     commit by one step; it never runs before the checkpoint is durable.
   * Exit: the guard calls ``wait`` on normal exit, on exceptions and on preemption;
     the thread itself and the delivery of outcomes are ``background.BackgroundSave``.
+  * Abandoned staging: an exception anywhere in ``submit`` once the persist thread
+    exists — even one a signal handler raises inside ``Thread.start`` or inside the
+    clean-up — fails the image (now, or at the next ``wait``), so the persist thread
+    never waits for bytes that will not come and the process can always exit.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from .state.snapshot import Snapshot
 from .threads import lower_thread_priority
 from .writer import SPACE_MARGIN, SPACE_SLACK, Committed
 
-log = logging.getLogger("guardian")
+log = logging.getLogger(__name__)
 
 COPY_BATCH = 64 * 1024 * 1024  # staged bytes between two wake-ups of the writer
 PARALLEL_COPY_MIN = 8 * 1024 * 1024  # smaller batches: one thread (thread hand-off costs more)
@@ -93,16 +97,17 @@ class AsyncWriter(BackgroundSave):
         buf = self._arena.acquire(layout.total_bytes, pinned=pinned)
         image = memoryview(buf.numpy()).cast("B") if layout.total_bytes else memoryview(b"")
         staged = StagedImage(image)
-        self._start(
-            self._persist,
-            (run_dir, _Staged(image=staged, state_json=snap.state_json()), manifest, on_committed),
-            f"guardian-persist-{manifest.name}",
-        )
-        try:
+        job = _Staged(image=staged, state_json=snap.state_json())
+        try:  # from the thread's start on: an exception anywhere here must fail the image
+            self._start(
+                self._persist,
+                (run_dir, job, manifest, on_committed),
+                f"guardian-persist-{manifest.name}",
+                staged,
+            )
             self._stage(snap, layout, buf, staged, pinned)
         except BaseException as e:
-            staged.fail(e)  # the persist thread gives up and aborts its transaction
-            self._discard()
+            self._abandon_staging(e)  # the persist thread gives up and aborts its transaction
             raise
 
     def reserve(self, snap: Snapshot) -> None:

@@ -7,11 +7,17 @@ guard's state (``last_checkpoint``, retention) and a failure must be raised wher
 user's loop can see it, so the background thread only *records* what happened and
 ``_reap`` — called from ``check``/``collect``/``wait`` on the training thread —
 delivers it: the callback first (a commit that happened is never forgotten), then the
-error as ``CheckpointWriteError``.
+error. Only an I/O failure (``OSError``) is a ``CheckpointWriteError``, which
+``on_save_error="warn"`` may turn into a log line; anything else — a ``TypeError``,
+``KeyboardInterrupt`` — is a bug or a request to stop and is raised as itself.
 
 The thread is non-daemon: an interpreter that exits without the guard still finishes
 the in-flight commit first (only SIGKILL/``os._exit`` cut it short, and then the commit
-protocol leaves no partial checkpoint).
+protocol leaves no partial checkpoint). So it must never wait for something that
+cannot come: a save whose staging (the copy on the training thread) was cut short —
+by an exception raised anywhere in ``submit``, even inside its own clean-up — is
+failed by the next ``wait``, which only the submitting thread calls; the persist
+thread then aborts its transaction and nothing is committed.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from typing import Any
 
 from .errors import CheckpointWriteError, GuardianError
 from .format.manifest import Manifest
+from .staging import StagedImage, StagingAborted
 from .writer import Committed, WriterMode
 
-log = logging.getLogger("guardian")
+log = logging.getLogger(__name__)
 
 
 class BackgroundSave:
@@ -38,6 +45,7 @@ class BackgroundSave:
         self._thread: threading.Thread | None = None
         self._done: list[tuple[Committed, str, Manifest]] = []
         self._error: BaseException | None = None
+        self._staging: StagedImage | None = None  # the image the training thread is filling
 
     @property
     def busy(self) -> bool:
@@ -45,16 +53,33 @@ class BackgroundSave:
         return self._thread is not None and self._thread.is_alive()
 
     def wait(self) -> None:
-        """Block until the in-flight save is durable (or failed), then report it."""
-        if self._thread is not None:
-            self._thread.join()
-            self._reap()
+        """Block until the in-flight save is durable (or failed), then report it.
+        A save abandoned while being staged is failed first (module docstring), so
+        this always returns; it reports nothing for that save: the exception that
+        abandoned it has already been raised."""
+        if self._thread is None:
+            return
+        if self._staging is not None and not self._staging.complete:
+            self._abandon_staging(RuntimeError("the save was abandoned while it was being staged"))
+            return
+        self._thread.join()
+        self._reap()
 
     # ------------------------------------------------------------------ for subclasses
 
-    def _start(self, target: Callable[..., None], args: tuple[Any, ...], name: str) -> None:
-        self._thread = threading.Thread(target=target, args=args, name=name, daemon=False)
-        self._thread.start()
+    def _start(
+        self,
+        target: Callable[..., None],
+        args: tuple[Any, ...],
+        name: str,
+        staging: StagedImage | None = None,
+    ) -> None:
+        """Start the persist thread. ``staging``: the image the caller fills after this
+        returns; whatever ends that filling early must call ``_abandon_staging``."""
+        self._staging = staging
+        thread = threading.Thread(target=target, args=args, name=name, daemon=False)
+        self._thread = thread  # before start(): an exception raised inside start() leaves it known
+        thread.start()
 
     def _finished(self) -> bool:
         return self._thread is not None and not self._thread.is_alive()
@@ -65,11 +90,16 @@ class BackgroundSave:
     def _failed(self, error: BaseException) -> None:
         self._error = error
 
-    def _discard(self) -> None:
-        """Join a thread whose save was abandoned before it could commit; forget it."""
+    def _abandon_staging(self, error: BaseException) -> None:
+        """The image will never be complete: make the persist thread give up (it
+        aborts its transaction, so nothing is committed), join it and forget it."""
+        staging = self._staging
+        if staging is not None and not staging.complete:
+            staging.fail(error)
+            log.warning("the checkpoint being staged was abandoned (%s); it is not saved", error)
         if self._thread is not None:
             self._thread.join()
-        self._thread, self._error, self._done = None, None, []
+        self._thread, self._error, self._done, self._staging = None, None, [], None
 
     def _wait_quietly(self) -> None:
         """For ``close``: the guard has already called ``wait`` on every path that can
@@ -77,23 +107,29 @@ class BackgroundSave:
         try:
             self.wait()
         except GuardianError as e:
-            log.error("guardian: the last checkpoint failed in the background: %s", e)
+            log.error("the last checkpoint failed in the background: %s", e)
 
     def _who(self) -> str:
         """Prefix for error messages (the rank, where there are several)."""
         return ""
 
     def _reap(self) -> None:
-        self._thread = None
+        self._thread, self._staging = None, None
         done, self._done = self._done, []
         for on_committed, path, manifest in done:
             on_committed(path, manifest)
         error, self._error = self._error, None
         if error is None:
             return
-        if isinstance(error, CheckpointWriteError):
+        if isinstance(error, StagingAborted):  # its cause was raised on this thread already
+            log.warning("the checkpoint being staged was abandoned (%s); it is not saved", error)
+            return
+        if isinstance(error, GuardianError):
             raise error
-        raise CheckpointWriteError(
-            f"{self._who()}the background save failed: {type(error).__name__}: {error}. "
-            "Earlier checkpoints are untouched."
-        ) from error
+        if isinstance(error, OSError):
+            raise CheckpointWriteError(
+                f"{self._who()}the background save failed: {type(error).__name__}: {error}. "
+                "Earlier checkpoints are untouched.",
+                error.errno,
+            ) from error
+        raise error  # a bug or an interrupt: never disguised as a write error

@@ -58,28 +58,32 @@ def save_distributed(
     return os.path.join(run_dir, manifest.name)
 
 
-def _attempt(fn) -> GuardianError | None:
+def _attempt(fn) -> Exception | None:
     """Run one rank-local step of the protocol and return its failure instead of raising:
     every rank must still reach every agreement below, or its peers would wait in a
-    collective forever. Any exception counts (an unrepresentable dtype, MemoryError, a
-    bug), not only write errors."""
+    collective forever. Any exception counts as a failure of the step; the rank that
+    had it raises it after the agreement — an I/O failure as ``CheckpointWriteError``,
+    anything else (a bug, ``MemoryError``) as itself, never disguised as a write error.
+    The other ranks raise ``CheckpointWriteError`` ("a rank failed ...")."""
     try:
         fn()
-    except CheckpointWriteError as e:
+    except GuardianError as e:
         return e
-    except Exception as e:  # noqa: BLE001 — reported to every rank, raised by this one
-        error = CheckpointWriteError(f"{type(e).__name__}: {e}")
+    except OSError as e:
+        error = CheckpointWriteError(f"{type(e).__name__}: {e}", e.errno)
         error.__cause__ = e
         return error
+    except Exception as e:  # noqa: BLE001 — reported to every rank, raised by this one
+        return e
     return None
 
 
-def _agree(world: World, error: GuardianError | None, what: str) -> None:
+def _agree(world: World, error: Exception | None, what: str) -> None:
     if not world.agree_ok(error is None):
         _raise(error, world, what)
 
 
-def _raise(error: GuardianError | None, world: World, what: str) -> None:
+def _raise(error: Exception | None, world: World, what: str) -> None:
     if error is not None:
         raise error
     raise CheckpointWriteError(f"rank {world.rank}: {what}")

@@ -39,9 +39,8 @@ log = logging.getLogger(__name__)
 # last collective, e.g. on preemption), CPython ends the thread mid-destructor and the
 # process dies of SIGABRT ("terminate called without an active exception") instead of
 # exiting with its code. Keeping the main thread's handle for a while makes the main
-# thread the last owner. Measured on the two-rank SIGTERM test job under load: 7 of 86
-# exits aborted without this (core dumps: ~AsyncAllreduceWork on a gloo runLoop
-# thread, main thread in Py_FinalizeEx), 0 of 120 with it.
+# thread the last owner (the core dumps showed ~AsyncAllreduceWork on a gloo runLoop
+# thread while the main thread was in Py_FinalizeEx; docs/performance.md has the counts).
 _RECENT_WORK: collections.deque[Any] = collections.deque(maxlen=32)
 
 
@@ -75,7 +74,7 @@ class World:
             return cls(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             log.warning(
-                "guardian: WORLD_SIZE=%s but no process group is initialized; this rank checkpoints "
+                "WORLD_SIZE=%s but no process group is initialized; this rank checkpoints "
                 "on its own. Call torch.distributed.init_process_group() before protect().",
                 os.environ["WORLD_SIZE"],
             )

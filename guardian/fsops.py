@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 
+from .smallfiles import fsync_dir
+
 
 class FS:
     """Real file system. Methods mirror the syscalls and raise ``OSError`` as they do."""
@@ -96,6 +98,6 @@ def make_dirs_durably(path: str, mode: int = 0o755) -> list[str]:
             if not os.path.isdir(directory):
                 raise
             continue
-        FS().fsync_dir(os.path.dirname(directory))  # outside any run: never the test seam
+        fsync_dir(os.path.dirname(directory))  # outside any run: never through the test seam
         created.append(directory)
     return created

@@ -43,6 +43,7 @@ from . import commit, hparams
 from .config import GuardConfig
 from .distributed import World
 from .errors import EXIT_REQUEUE, GuardianError
+from .faults import fault_point
 from .history import History
 from .liveness import RunVoice
 from .locking import RunLock
@@ -56,26 +57,22 @@ from .preemption import PreemptionFlag
 from .resume import Restored, Resumer
 from .rundir import take_run_dir
 from .saving import SaveFacts, Saver, SaveRequests
-from .state.components import OptimizerState
 from .state.discover import describe, discover
+from .worker_signals import is_worker_death, requeue_after_worker_death
 
 log = logging.getLogger(__name__)
 
 
 class Guard:
-    """The object ``protect()`` returns. ``epoch``, ``global_step`` and
-    ``batch_in_epoch`` are read-only by intent; ``resumed_from`` is the checkpoint this
-    run continued from (None for a fresh start); ``extra`` is a dict of JSON-able
-    values saved and restored with every checkpoint; ``best_checkpoint`` and
-    ``best_score`` name the best checkpoint so far and its monitored value."""
+    """What ``protect()`` returns: counters (``epoch``, ``global_step``, ``batch_in_epoch``),
+    ``resumed_from``, ``extra`` (JSON-able values saved with every checkpoint),
+    ``best_checkpoint``/``best_score``, and the loop API below."""
 
     def __init__(self, trainer: Any, explicit: dict[str, Any], config: GuardConfig, writer: Any) -> None:
         self.config = config
         self.run_dir = config.run_dir
         self.components, self._loaders = discover(trainer, explicit)
-        self._optimizers = {
-            n: a.optimizer for n, a in self.components.items() if isinstance(a, OptimizerState)
-        }
+        self._optimizers = {n: a.optimizer for n, a in self.components.items() if a.kind == "optimizer"}
         self._preempt = PreemptionFlag() if config.handle_signals else None
         self._lock: RunLock | None = None
         self.world = World()  # detected in __enter__: the process group may be set up after protect()
@@ -154,8 +151,7 @@ class Guard:
         self.voice.status("finished", **self._status_fields(early_stopped=self.policy.stopped, exit_code=0))
 
     def _abandon(self, exc_type: Any, exc: BaseException | None) -> None:
-        """No checkpoint of the current (possibly half-updated) state; but a save already
-        in flight was taken at an exact point, so it is completed."""
+        """Nothing of the (maybe half-updated) state is saved; a save in flight completes."""
         try:
             self.saver.writer.wait()
         except GuardianError as e:
@@ -163,6 +159,13 @@ class Guard:
         if self._preempting and isinstance(exc, SystemExit):
             self.voice.status_best_effort("preempted", **self._status_fields(exit_code=exc.code))
             return
+        if self._preempt and self._preempt.requested and is_worker_death(exc):
+            self.voice.status_best_effort(
+                "preempted", **self._status_fields(exit_code=self._preempt.exit_code)
+            )
+            requeue_after_worker_death(
+                self._preempt.signum, self._preempt.exit_code, exc, self.last_checkpoint
+            )
         error = {"type": exc_type.__name__, "message": str(exc)[:2000]}
         self.voice.status_best_effort("failed", **self._status_fields(error=error))
         last = self.last_checkpoint or "none"
@@ -218,14 +221,13 @@ class Guard:
             self._preempt_now(self.requests.take(reasons))
         if reasons or self.requests.pending:
             self._save_now(self.requests.take(reasons))
+            fault_point("step.after_save")  # submitted; an async save may still be in flight
         else:
             self.saver.reserve_once(self._collect)
 
     def report(self, **metrics: Any) -> None:
-        """Record metrics (floats or one-element tensors; graphs are never retained).
-        If the monitored metric improved, the best checkpoint is saved at the next
-        exact point (see the module docstring): it holds the weights that produced
-        the value as long as no training happens in between."""
+        """Record metrics (floats or one-element tensors; no graph kept). An improved
+        ``monitor`` is saved as the best checkpoint at the next exact point (module doc)."""
         values = {k: to_float(v, k) for k, v in metrics.items()}
         if self.world.distributed:  # one decision for all ranks: rank 0's values count
             values = {k: self.world.broadcast_float(v) for k, v in sorted(values.items())}
@@ -243,9 +245,8 @@ class Guard:
         self.history.record(self.global_step, self.epoch, {k: to_float(v, k) for k, v in scalars.items()})
 
     def save(self, reason: str = "manual") -> str | None:
-        """Ask for a checkpoint now. Taken at once where the program stands at an exact
-        point, else at the next one. Returns the path when it was committed
-        synchronously, else None (``last_checkpoint`` follows the commits)."""
+        """Ask for a checkpoint: taken now at an exact point, else at the next one. Returns
+        the path if it committed at once (synchronous writer), else None."""
         return self._request_save(reason)
 
     # ------------------------------------------------------------------ exact points
@@ -358,7 +359,6 @@ class Guard:
             self.load_best_weights()
 
     def load_best_weights(self) -> None:
-        """Load the best checkpoint's model weights into the live model(s) — resharded
-        like a resume under DDP and FSDP2."""
+        """Load the best checkpoint's weights into the live model(s), resharded (DDP, FSDP2)."""
         self.saver.wait_in_flight()
         Resumer(self.run_dir, self.components, self.world, strict=False).restore_best(self.policy.best)

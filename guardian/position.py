@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .state import data as data_pos
+from .worker_signals import workers_leave_signals_to_main
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +63,18 @@ class LoopPosition:
         self._warn_if_workers_changed(loader)
         pending, self._resume_into = self._resume_into, None
         self.epoch_batches_done = False
-        if pending is not None and pending["epoch"] == self.epoch:
-            self._saved_generators = None
-            data_pos.restore_epoch_start(loader, pending["epoch_start"])
-            self.epoch_start = pending["epoch_start"]
-            self.batch_in_epoch = pending["batch_in_epoch"]
-            it = data_pos.iterate_from(loader, self.batch_in_epoch, on_resumed)
-        else:
-            self._restore_boundary_generators(loader)
-            self.epoch_start = data_pos.capture_epoch_start(loader)
-            self.batch_in_epoch = 0
-            it = iter(loader)
+        with workers_leave_signals_to_main(loader):  # iter() starts the worker processes
+            if pending is not None and pending["epoch"] == self.epoch:
+                self._saved_generators = None
+                data_pos.restore_epoch_start(loader, pending["epoch_start"])
+                self.epoch_start = pending["epoch_start"]
+                self.batch_in_epoch = pending["batch_in_epoch"]
+                it = data_pos.iterate_from(loader, self.batch_in_epoch, on_resumed)
+            else:
+                self._restore_boundary_generators(loader)
+                self.epoch_start = data_pos.capture_epoch_start(loader)
+                self.batch_in_epoch = 0
+                it = iter(loader)
         for batch in it:
             self.batch_in_epoch += 1
             self.batches_total += 1

@@ -8,6 +8,10 @@ request; the guard saves at the next step boundary and exits with
 
 SIGTTIN is registered with ``faulthandler`` so a supervisor can get every thread's
 Python stack written to stderr without stopping the process (hang evidence).
+
+While a flag is installed, the DataLoader workers guardian starts leave these signals
+to this process (``worker_signals``): a signal to the whole process group must not
+kill them before the checkpoint is taken.
 """
 
 from __future__ import annotations
@@ -18,10 +22,17 @@ import signal
 import threading
 from typing import Any
 
-log = logging.getLogger("guardian")
+log = logging.getLogger(__name__)
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 STACK_DUMP_SIGNAL = signal.SIGTTIN
+
+_installed: list[PreemptionFlag] = []  # the flags whose handlers are in place, innermost last
+
+
+def handling_signals() -> bool:
+    """True while a guard of this process turns the preemption signals into a flag."""
+    return bool(_installed)
 
 
 class PreemptionFlag:
@@ -36,10 +47,11 @@ class PreemptionFlag:
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
-            log.warning("guardian: protect() entered outside the main thread; signals will not be handled")
+            log.warning("protect() entered outside the main thread; signals will not be handled")
             return
         for sig in PREEMPT_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        _installed.append(self)
         try:
             faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True, chain=False)
             self._stack_dump = True
@@ -50,6 +62,8 @@ class PreemptionFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self in _installed:
+            _installed.remove(self)
         if self._stack_dump:
             faulthandler.unregister(STACK_DUMP_SIGNAL)
             self._stack_dump = False

@@ -3,8 +3,8 @@
 Why one buffer, allocated once: the training loop may only continue once the state
 it saved can no longer change under the writer, so the blocking part of an
 asynchronous save is a copy. A copy into fresh memory runs at page-fault speed
-(``clone()`` ~5 GB/s here); into memory that is already mapped and touched it runs
-at memcpy speed (``copy_`` ~16 GB/s). So the arena is allocated on the first save,
+(``clone()``); into memory that is already mapped and touched it runs at memcpy speed
+(``copy_``), several times faster (docs/performance.md, "Why the code is shaped so"). So the arena is allocated on the first save,
 pre-faulted (one write per page), and reused by every later save. It grows only
 when the state grows, and the old buffer is released *before* the new one is
 allocated, so host memory never holds two arenas.
@@ -43,8 +43,9 @@ def copy_into_arena(dst: np.ndarray, src: np.ndarray) -> None:
     """Copy ``src``'s bytes into the arena slot ``dst`` (equal byte length, both
     C-contiguous). Large copies use non-temporal stores when guardian's C extension
     is built: the arena is read next by the disk, not by this CPU, and glibc's
-    memcpy streams only above ~288 MiB, so per-tensor copies of a few MiB went
-    through the cache — 0.16 s against 0.12 s for 3.2 GiB here. Releases the GIL
+    memcpy switches to streaming stores only above a large threshold
+    (``x86_non_temporal_threshold``), so per-tensor copies of a few MiB would go through
+    the cache and evict the trainer's working set. Releases the GIL
     either way. ``GUARDIAN_STREAM_COPY=0`` forces the numpy path."""
     if _streamcopy is not None and dst.nbytes >= STREAM_MIN and knobs.stream_copy():
         _streamcopy.copy(dst, src)
@@ -187,13 +188,12 @@ def _host_buffer(size: int) -> tuple[torch.Tensor, object]:
     transparent huge pages where the kernel allows them, then pre-faulted.
 
     Why huge pages: an O_DIRECT write pins every page of the buffer it writes, and with
-    4 KiB pages that pinning, not the disk, was the limit here — 3.2 GB persisted in
-    0.79 s from a THP arena against 0.84-1.0 s from 4 KiB pages (pipelined), 0.91 s
-    against 1.13 s unpipelined; the writer's lighter CPU use also cut the stall it
-    causes while pipelined from 0.21-0.24 s to 0.19 s. Pre-faulting 2 MiB pages is
-    faster too. Where THP is off (``never``) or unavailable, ``madvise`` is a no-op or
-    refused and the arena is ordinary 4 KiB pages (MAP_POPULATE: ~4x faster than
-    touching each page from Python)."""
+    4 KiB pages that pinning, not the disk, can be the limit; with 2 MiB pages the
+    writer also uses less CPU, which lowers the stall it causes while pipelined.
+    Pre-faulting 2 MiB pages is faster too. Where THP is off (``never``) or unavailable,
+    ``madvise`` is a no-op or refused and the arena is ordinary 4 KiB pages
+    (MAP_POPULATE, faster than touching each page from Python). Measurements:
+    docs/performance.md."""
     buf, mm, faulted = _map_host(size)
     if not faulted:
         _prefault(buf)
@@ -290,6 +290,7 @@ class StagedImage:
     """
 
     NOTIFY_EVERY = 4 * 1024 * 1024  # wake the writer at most once per 4 MiB staged
+    STAGER_CHECK = 1.0  # seconds between two looks at whether the stager still exists
 
     def __init__(self, view: memoryview) -> None:
         self.view = view
@@ -298,6 +299,7 @@ class StagedImage:
         self._told = 0
         self._error: BaseException | None = None
         self._cond = threading.Condition()
+        self._stager = threading.current_thread()  # the thread that fills the image
 
     @property
     def complete(self) -> bool:
@@ -325,6 +327,10 @@ class StagedImage:
             return
         with self._cond:
             while self._staged < end and self._error is None:
-                self._cond.wait()
+                # Fail-safe: a stager that is gone (the interpreter is exiting, its main
+                # thread already stopped) will never finish; waiting would keep the
+                # non-daemon writer thread, and so the process, alive forever.
+                if not self._cond.wait(timeout=self.STAGER_CHECK) and not self._stager.is_alive():
+                    self._error = RuntimeError(f"{self._stager.name} ended while the save was being staged")
             if self._error is not None:
                 raise StagingAborted(str(self._error))

@@ -437,3 +437,214 @@ def test_pipelined_copy_split_across_threads_is_exact(tmp_path, monkeypatch):
     states["odd"][1]["bf16"] = torch.randn(1001, dtype=torch.bfloat16)
     sync = save_with(SyncWriter(), str(tmp_path), "ckpt-sync", states)
     assert_same_files(sync, save_with(AsyncWriter(), str(tmp_path), "ckpt-async", states))
+
+
+# ---------------------------------------------------------------- abandoned saves (issue 11, 10(e))
+
+
+def _persist_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("guardian-persist")]
+
+
+def _wait_until(condition, what: str, deadline: float = 60.0) -> None:
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, f"still waiting after {deadline:.0f} s: {what}"
+        time.sleep(0.01)
+
+
+class StartRaises(AsyncWriter):
+    """An exception raised once the persist thread exists but before staging begins —
+    what a signal handler raising inside ``Thread.start`` does (seen for real: torch's
+    SIGCHLD handler for a DataLoader worker killed by the same SIGTERM)."""
+
+    def _start(self, *args, **kwargs):
+        super()._start(*args, **kwargs)
+        raise RuntimeError("injected while starting the persist thread")
+
+
+def test_exception_while_starting_the_persist_thread_abandons_the_save(tmp_path):
+    w = StartRaises()
+    snap = snap_mod.capture(hostile_states())
+    with pytest.raises(RuntimeError, match="injected while starting"):
+        w.submit(str(tmp_path), snap, manifest_for("ckpt-started", snap), lambda *a: pytest.fail("committed"))
+    _wait_until(lambda: not _persist_threads(), "the persist thread waits for a copy that never comes")
+    w.wait()  # nothing to report: the exception above was the report
+    assert os.listdir(tmp_path) == []  # neither a checkpoint nor a temporary directory
+    w.close()
+
+
+def test_abandoned_staging_is_failed_by_the_next_wait(tmp_path, monkeypatch):
+    """The clean-up itself is cut short (a second signal's exception inside it): the
+    image is neither complete nor failed when ``submit`` is left. ``wait`` — which the
+    guard calls on every way out — must still end the persist thread, and report no
+    checkpoint."""
+    from guardian import async_writer
+    from guardian.staging import StagedImage
+
+    def broken_copy(image, segments):
+        raise RuntimeError("copy failed")
+
+    real_fail, calls = StagedImage.fail, []
+
+    def fail_interrupted(self, error):
+        calls.append(error)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # inside the except: the image stays unfailed
+        real_fail(self, error)
+
+    monkeypatch.setattr(async_writer, "_copy_segments", broken_copy)
+    monkeypatch.setattr(StagedImage, "fail", fail_interrupted)
+    w = AsyncWriter()
+    snap = snap_mod.capture(hostile_states())
+    with pytest.raises(KeyboardInterrupt):
+        w.submit(str(tmp_path), snap, manifest_for("ckpt-x", snap), lambda *a: pytest.fail("committed"))
+    assert _persist_threads(), "the persist thread should still be waiting for the copy"
+    waiter = threading.Thread(target=w.wait, name="test-wait", daemon=True)
+    waiter.start()
+    waiter.join(60)
+    assert not waiter.is_alive(), "wait() hangs on a save abandoned while it was being staged"
+    assert not _persist_threads()
+    assert os.listdir(tmp_path) == []
+    w.close()
+
+
+ABANDON_CHILD = textwrap.dedent("""
+    import sys, torch
+    from guardian import async_writer
+    from guardian.staging import StagedImage
+    from guardian.state import snapshot as snap_mod
+    from test_async_writer import manifest_for
+
+    def broken_copy(image, segments):
+        raise RuntimeError("copy failed")
+
+    def fail_interrupted(self, error):
+        raise KeyboardInterrupt  # the clean-up never fails the image
+
+    async_writer._copy_segments = broken_copy
+    StagedImage.fail = fail_interrupted
+    w = async_writer.AsyncWriter()
+    snap = snap_mod.capture({"m": ("module", {"w": torch.ones(1 << 20)})})
+    try:
+        w.submit(sys.argv[1], snap, manifest_for("ckpt-x", snap), lambda *a: print("COMMITTED"))
+    except KeyboardInterrupt:
+        print("abandoned", flush=True)
+    # the main thread ends here without wait() or close(): the interpreter must still exit
+""")
+
+
+def test_process_exits_when_an_abandoned_save_is_never_waited_for(tmp_path):
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-c", ABANDON_CHILD, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,  # before the fail-safe: the non-daemon persist thread waited forever
+    )
+    assert "abandoned" in proc.stdout and "COMMITTED" not in proc.stdout, proc.stderr
+    assert reader.list_checkpoints(str(tmp_path)) == []
+
+
+PREEMPT_CHILD = textwrap.dedent("""
+    import os, signal, sys, torch
+    import guardian
+    from guardian import async_writer
+
+    real_start = async_writer.AsyncWriter._start
+
+    def start_then_raise(self, *args, **kwargs):
+        real_start(self, *args, **kwargs)
+        if "preempt" in args[1][2].reason:
+            raise RuntimeError("injected while starting the preemption save")
+
+    async_writer.AsyncWriter._start = start_then_raise
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with guardian.protect(model=model, optimizer=opt, dir=sys.argv[1], every_steps=2, every_epochs=None) as g:
+        for step in range(1, 50):
+            model(torch.randn(4, 64)).sum().backward()
+            opt.step(); opt.zero_grad()
+            if step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            g.step()
+""")
+
+
+def test_preemption_save_that_fails_to_start_exits_instead_of_hanging(tmp_path):
+    """The incident: "signal 15 received; checkpointing", then an exception while the
+    persist thread was starting, and the process never exited."""
+    run_dir = str(tmp_path / "run")
+    proc = subprocess.run(
+        [sys.executable, "-c", PREEMPT_CHILD, run_dir],
+        env={**os.environ, "GUARDIAN_QUIET": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "signal 15 received" in proc.stderr
+    assert proc.returncode == 1 and "injected while starting the preemption save" in proc.stderr
+    steps = [i.manifest.step for i in reader.list_checkpoints(run_dir, verify=True) if i.valid]
+    assert steps[-1] == 4  # the last periodic save; no preemption checkpoint (step 5) is claimed
+    assert not [n for n in os.listdir(run_dir) if n.startswith(".tmp-")]
+
+
+# ---------------------------------------------------------------- what counts as a write error (item 9)
+
+
+class FsyncRaisesInBackground(fsops.FS):
+    """Raises ``error`` from every fsync made off the main thread."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    def fsync(self, fd: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise self.error
+        super().fsync(fd)
+
+
+@pytest.mark.parametrize("error", [TypeError("a bug in the writer"), KeyboardInterrupt()])
+def test_a_bug_in_the_persist_thread_propagates_as_itself(tmp_path, error):
+    """on_save_error='warn' forgives I/O failures only: a bug must stop the run as
+    itself, not become one log line per save."""
+    model = nn.Linear(4, 4)
+    old = fsops.set_fs(FsyncRaisesInBackground(error))
+    try:
+        with pytest.raises(type(error)) as raised:
+            with guardian.protect(
+                {"model": model}, dir=tmp_path, every_steps=1, every_epochs=None, on_save_error="warn"
+            ) as g:
+                for _ in range(50):
+                    g.step()
+                    while g._writer.busy:
+                        time.sleep(0.01)
+    finally:
+        fsops.set_fs(old)
+    assert not isinstance(raised.value, CheckpointWriteError)
+    assert reader.newest_valid(str(tmp_path)) is None
+
+
+def test_an_io_failure_in_the_persist_thread_is_a_write_error_that_warn_forgives(tmp_path, caplog):
+    model = nn.Linear(4, 4)
+    old = fsops.set_fs(FsyncRaisesInBackground(OSError(errno.EIO, "Input/output error")))
+    try:
+        with guardian.protect(
+            {"model": model},
+            dir=tmp_path,
+            every_steps=1,
+            every_epochs=None,
+            on_save_error="warn",
+            save_on_exit=False,
+        ) as g:
+            for _ in range(3):
+                g.step()
+                while g._writer.busy:
+                    time.sleep(0.01)
+    finally:
+        fsops.set_fs(old)
+    assert g.global_step == 3  # training went on
+    failures = [r for r in caplog.records if "FAILED" in r.getMessage()]
+    assert failures and "Input/output error" in failures[0].getMessage()

@@ -38,7 +38,21 @@ from guardian.format.layout import MANIFEST_FILE, STATE_FILE, TENSORS_FILE, chec
 
 OLD, NEW = checkpoint_name(2), checkpoint_name(4)
 TESTS = os.path.dirname(os.path.abspath(__file__))
-CLI = [sys.executable, "-c", "from guardian.cli import main; main(prog_name='guardian')"]
+# The CLI, reporting its own peak RSS (VmHWM) on exit: wait4's ru_maxrss would count
+# the pages of this (torch-laden) process shared with the child between fork and exec.
+CLI = [
+    sys.executable,
+    "-c",
+    "import atexit, sys\n"
+    "def _hwm():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            sys.stderr.write('\\n#hwm ' + line.split()[1] + '\\n')\n"
+    "atexit.register(_hwm)\n"
+    "from guardian.cli import main\n"
+    "main(prog_name='guardian')",
+]
+HWM_MARK = b"\n#hwm "
 READERS = {
     "verify": ["verify"],
     "ls": ["ls"],
@@ -451,7 +465,8 @@ class Result:
 
 
 def _run_cli(jobs: list[tuple[str, list[str]]], workdir: str) -> dict[str, Result]:
-    """Run ``(key, argv)`` jobs, PARALLEL at a time; peak RSS per child from wait4."""
+    """Run ``(key, argv)`` jobs, PARALLEL at a time, each with a timeout; the peak RSS
+    each child reports of itself."""
     results: dict[str, Result] = {}
     pending = list(jobs)
     running: dict[int, tuple[str, subprocess.Popen, float, str, str]] = {}
@@ -476,9 +491,11 @@ def _run_cli(jobs: list[tuple[str, list[str]]], workdir: str) -> dict[str, Resul
                 code = os.waitstatus_to_exitcode(status)
             proc.returncode = code if code is not None else -9  # reaped here, not by Popen
             with open(out, "rb") as fo, open(err, "rb") as fe:
-                results[key] = Result(
-                    code, fo.read(), fe.read(), usage.ru_maxrss * 1024, time.monotonic() - started
-                )
+                stdout, stderr = fo.read(), fe.read()
+            assert HWM_MARK in stderr or code is None, stderr[-2000:]
+            stderr, _, hwm = stderr.rpartition(HWM_MARK)
+            rss = int(hwm.split()[0]) * 1024 if hwm.strip() else usage.ru_maxrss * 1024
+            results[key] = Result(code, stdout, stderr, rss, time.monotonic() - started)
             del running[pid]
         time.sleep(0.01)  # polling interval of the loop, not a wait for an outcome
     return results
@@ -554,6 +571,18 @@ def suite(template, tmp_path_factory):
     print(
         f"\nhostile suite: {len(CASES)} cases x {len(READERS)} CLI readers in {cli_seconds:.1f} s, resumes in "
         f"{time.monotonic() - started - cli_seconds:.1f} s"
+    )
+    top = sorted(cli.items(), key=lambda kv: -kv[1].rss)[:3]
+    print(
+        "peak RSS (MiB): baseline",
+        max(cli[("baseline", r)].rss for r in READERS) // MB,
+        "| highest:",
+        ", ".join(f"{c}/{r} {res.rss // MB}" for (c, r), res in top),
+        "| slowest:",
+        ", ".join(
+            f"{c}/{r} {res.seconds:.1f}s"
+            for (c, r), res in sorted(cli.items(), key=lambda kv: -kv[1].seconds)[:3]
+        ),
     )
     yield {
         "runs": runs,

@@ -63,6 +63,22 @@ def test_killed_inside_a_save_resumes_exactly(tmp_path, reference, point):
     assert not [n for n in os.listdir(run) if n.startswith((".tmp-", ".trash-"))]
 
 
+@pytest.mark.parametrize("nth", [1, 4])
+def test_killed_right_after_a_step_save_was_submitted_resumes_exactly(tmp_path, reference, nth):
+    """``step.after_save``: the process dies the instant ``g.step()`` handed a save to
+    the (asynchronous) writer — that save may or may not be committed; either way no
+    partial checkpoint is used and the run ends exact."""
+    run = str(tmp_path / "run")
+    proc = run_trainlib(run, CFG, env={"GUARDIAN_FAULT": f"step.after_save@{nth}"})
+    assert proc.returncode == FAULT_EXIT_CODE, proc.stderr
+    assert "injected fault at step.after_save" in proc.stderr
+    infos = reader.list_checkpoints(run, verify=True)
+    assert all(i.valid for i in infos) and max((i.manifest.step for i in infos), default=0) <= 3 * nth
+    proc = run_trainlib(run, CFG)
+    assert proc.returncode == 0, proc.stderr
+    assert final_digest(run) == reference
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(3))
 def test_external_sigkill_of_process_group_with_workers(tmp_path, seed):

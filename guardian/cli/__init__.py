@@ -7,7 +7,6 @@ each lives in the module named in ``COMMANDS``.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 import click
 
@@ -21,10 +20,6 @@ COMMANDS: dict[str, str] = {
     "export-weights": "guardian.cli.weights:export_weights",
     "history": "guardian.cli.history:history",
     "plot": "guardian.cli.history:plot",
-}
-# Optional groups contributed by other modules (daemon, migrate, export). A module
-# that is not present yet simply contributes nothing.
-OPTIONAL_COMMANDS: dict[str, str] = {
     "watch": "guardian.cli.daemon:watch",
     "run": "guardian.cli.daemon:run",
     "status": "guardian.cli.daemon:status",
@@ -36,20 +31,12 @@ OPTIONAL_COMMANDS: dict[str, str] = {
 }
 
 
-def _available() -> dict[str, str]:
-    out = dict(COMMANDS)
-    for name, target in OPTIONAL_COMMANDS.items():
-        if importlib.util.find_spec(target.split(":")[0]) is not None:
-            out[name] = target
-    return out
-
-
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(_available())
+        return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        target = _available().get(name)
+        target = COMMANDS.get(name)
         if target is None:
             return None
         module, attr = target.split(":")
@@ -73,7 +60,7 @@ def main() -> None:
     """guardian — crash-proof checkpoints for PyTorch training.
 
     \b
-    Checkpoints:  ls, verify, inspect
+    Checkpoints:  ls, verify, inspect, export-weights
     History:      history, plot
     Supervisor:   watch, run, status, logs, stop, service
     Migration:    migrate

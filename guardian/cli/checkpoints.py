@@ -88,14 +88,23 @@ def ls(run_dir: str, as_json: bool, verify: bool) -> None:
         _fail(str(e), e.exit_code)
     except (OSError, RecursionError, MemoryError) as e:
         _read_failure(run_dir, e)
-    rows = [_row(i) for i in infos]
     if as_json:
-        click.echo(json.dumps(rows, indent=1))
+        _echo_json_list(_row(i) for i in infos)
         return
+    rows = [_row(i) for i in infos]
     if not rows:
         click.echo(f"no checkpoints in {_line(run_dir)}")
         return
     _print_table(rows, verify)
+
+
+def _echo_json_list(rows: Any) -> None:
+    """A JSON list written row by row: a run directory of 50 000 entries is listed
+    without building the whole document in memory."""
+    click.echo("[", nl=False)
+    for n, row in enumerate(rows):
+        click.echo(("," if n else "") + "\n" + json.dumps(row, indent=1), nl=False)
+    click.echo("\n]")
 
 
 def _print_table(rows: list[dict[str, Any]], verified: bool) -> None:

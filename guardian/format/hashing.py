@@ -1,4 +1,4 @@
-"""Content hashing. xxh3-128: ~30 GB/s, so verification is bound by the disk, not the CPU.
+"""Content hashing. xxh3-128 runs at memory speed, so verification is bound by the disk, not the CPU.
 
 (torch.save's CRC32 costs more than the write itself; a cryptographic hash is not
 needed because the manifest guards against accidents, not forgery.)

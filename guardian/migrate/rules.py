@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,13 +172,10 @@ def _parse_json(data: bytes, path: str) -> Any:
 
 
 def _parse_toml(data: bytes, path: str) -> Any:
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError as e:  # Python 3.10: no stdlib TOML parser
-        raise RulesError(
-            f"{path}: reading TOML needs Python 3.11+ (tomllib); write the rules as JSON "
-            "(same structure) or upgrade Python"
-        ) from e
+    else:  # Python 3.10: the same parser, from PyPI (a dependency there)
+        import tomli as tomllib
     try:
         return tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

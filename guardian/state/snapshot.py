@@ -47,6 +47,7 @@ class Snapshot:
 
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    _layout: safetensors_io.Layout | None = field(default=None, repr=False, compare=False)
 
     @property
     def tensor_bytes(self) -> int:
@@ -67,8 +68,12 @@ class Snapshot:
         return data
 
     def layout(self) -> safetensors_io.Layout:
-        specs = [(k, T.st_dtype(t), tuple(t.shape)) for k, t in self.tensors.items()]
-        return safetensors_io.plan_layout(specs, metadata={"format": FORMAT_ID})
+        """The tensor file's layout, planned once per snapshot (the writer and the
+        state file's budget both need it; a snapshot's tensors never change)."""
+        if self._layout is None:
+            specs = [(k, T.st_dtype(t), tuple(t.shape)) for k, t in self.tensors.items()]
+            self._layout = safetensors_io.plan_layout(specs, metadata={"format": FORMAT_ID})
+        return self._layout
 
 
 def capture(states: dict[str, tuple[str, Any]]) -> Snapshot:
