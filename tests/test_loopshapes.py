@@ -280,8 +280,6 @@ OPEN = {
     "early_stopping_loses_the_epoch_value_at_a_resume": "monitoring.py MetricWatch._epoch_value (the "
     "epoch's last monitored value) is not part of PolicyState, so it is not saved: early_stopping_update "
     "gets None for a resumed epoch with no report after the checkpoint",
-    "sigterm_to_the_group_with_workers": "issue 11 item 10(d): the dead workers' prefetched batches "
-    "raise in the main process before the next g.step() can checkpoint",
 }
 
 
