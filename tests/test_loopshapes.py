@@ -200,6 +200,23 @@ REGRESSIONS: dict[str, dict] = {
         every_steps=3,
         every_epochs=None,
     ),
+    # A kill between the two commits of step 6: the checkpoint taken at g.step() is
+    # committed, the one with the best metric that report() found right after g.step()
+    # is not. Resumed at the next batch, that report never runs again: the best value
+    # (and the best checkpoint) are lost.
+    "best_reported_after_gstep_lost_between_two_commits": _case(
+        113,
+        [_fault("save.parent_fsynced", 3)],
+        seed=1824404093,
+        batches=5,
+        dropout=0.5,
+        loader_gen="loader",
+        eval_rng=["python", "torch"],
+        monitor="train_loss",
+        report_mid=3,
+        every_steps=3,
+        every_epochs=None,
+    ),
     # SIGTERM to the whole process group (Slurm) while DataLoader workers run: the
     # workers die first and the run crashed with "DataLoader worker ... killed".
     "sigterm_to_the_group_with_workers": _case(
@@ -277,6 +294,9 @@ OPEN = {
     "end-of-epoch randperm before the checkpoint: the draw happens twice",
     "preempted_at_gstep_skips_the_report_after_it": "guard.py step() raises SystemExit for a preemption "
     "before the post-step code of the same iteration runs; the resume starts at the next batch",
+    "best_reported_after_gstep_lost_between_two_commits": "guard.py step() saves before the post-step "
+    "report() of its iteration; the best found there goes into a second checkpoint of the same step, "
+    "and a resume from the first skips the report (same class as the preemption case)",
     "early_stopping_loses_the_epoch_value_at_a_resume": "monitoring.py MetricWatch._epoch_value (the "
     "epoch's last monitored value) is not part of PolicyState, so it is not saved: early_stopping_update "
     "gets None for a resumed epoch with no report after the checkpoint",
