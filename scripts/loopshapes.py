@@ -41,9 +41,6 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")  # before numpy/torch: one thread per run, 2 runs per 2 cores
-
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(SCRIPTS)
 sys.path.insert(0, ROOT)
@@ -445,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         programs = [parse_program(x) for x in a.program]
     else:
         programs = [draw_program(s) for s in program_seeds(a.seed, a.programs)]
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")  # before numpy/torch: one thread per run, --jobs runs at a time
     if a.spawn == "fork":
         import loopshape_program  # imported once, before the first fork
 

@@ -184,6 +184,39 @@ REGRESSIONS: dict[str, dict] = {
         monitor="train_loss",
         report_mid=3,
     ),
+    # Early stopping on a metric reported mid-epoch: the epoch's last value was reported
+    # before the checkpoint (step 3) and nothing is reported after it; resumed there,
+    # the epoch ends with no value, is not counted, and the run stops two epochs later.
+    "early_stopping_loses_the_epoch_value_at_a_resume": _case(
+        112,
+        [_kill("sigkill", "epoch_end", epoch=0)],
+        seed=203,
+        dropout=0.5,
+        extra=True,
+        monitor="train_loss",
+        report_mid=2,
+        patience=1,
+        epochs=4,
+        every_steps=3,
+        every_epochs=None,
+    ),
+    # A kill between the two commits of step 6: the checkpoint taken at g.step() is
+    # committed, the one with the best metric that report() found right after g.step()
+    # is not. Resumed at the next batch, that report never runs again: the best value
+    # (and the best checkpoint) are lost.
+    "best_reported_after_gstep_lost_between_two_commits": _case(
+        113,
+        [_fault("save.parent_fsynced", 3)],
+        seed=1824404093,
+        batches=5,
+        dropout=0.5,
+        loader_gen="loader",
+        eval_rng=["python", "torch"],
+        monitor="train_loss",
+        report_mid=3,
+        every_steps=3,
+        every_epochs=None,
+    ),
     # SIGTERM to the whole process group (Slurm) while DataLoader workers run: the
     # workers die first and the run crashed with "DataLoader worker ... killed".
     "sigterm_to_the_group_with_workers": _case(
@@ -250,9 +283,35 @@ def regression_results() -> dict[int, dict]:
     return {r["seed"]: {**r, "failure": failures.get(r["seed"])} for r in summary["results"]}
 
 
+# Cases still open on main when this file was written, with where the cause lies.
+# Strict: once the library is fixed the case passes, the xfail fails, and the entry
+# must go — so this list can never silently hide a regression.
+OPEN = {
+    "loader_generator_after_the_last_epoch": "position.py restores loader generators only at the next "
+    "g.batches() (_restore_boundary_generators); after the last epoch there is none",
+    "sampler_generator_with_workers_mid_epoch": "resume.py put_back_rng sets the loader generators to "
+    "their checkpointed state after the skip, but prefetching workers made the sampler draw its "
+    "end-of-epoch randperm before the checkpoint: the draw happens twice",
+    "preempted_at_gstep_skips_the_report_after_it": "guard.py step() raises SystemExit for a preemption "
+    "before the post-step code of the same iteration runs; the resume starts at the next batch",
+    "best_reported_after_gstep_lost_between_two_commits": "guard.py step() saves before the post-step "
+    "report() of its iteration; the best found there goes into a second checkpoint of the same step, "
+    "and a resume from the first skips the report (same class as the preemption case)",
+    "early_stopping_loses_the_epoch_value_at_a_resume": "monitoring.py MetricWatch._epoch_value (the "
+    "epoch's last monitored value) is not part of PolicyState, so it is not saved: early_stopping_update "
+    "gets None for a resumed epoch with no report after the checkpoint",
+}
+
+
+def _params():
+    for name in sorted(REGRESSIONS):
+        marks = [pytest.mark.xfail(strict=True, reason=OPEN[name])] if name in OPEN else []
+        yield pytest.param(name, marks=marks, id=name)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", sorted(REGRESSIONS))
+@pytest.mark.parametrize("name", list(_params()))
 def test_regression(name, regression_results):
     case = REGRESSIONS[name]
     result = regression_results[case["seed"]]
