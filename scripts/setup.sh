@@ -14,7 +14,7 @@ PIP=(.venv/bin/python -m pip -q --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install "torch==2.13.0"
 fi
-"${PIP[@]}" install -e ".[test,ray,lightning]"   # ray: the Ray Train hand-off test; lightning: its integration tests
+"${PIP[@]}" install -e ".[test,ray,lightning,transformers]"   # ray: the Ray Train hand-off test; lightning, transformers: their integration tests
 # The power-cut tests mount a FUSE file system: they need fusermount (Debian's fuse3).
 # As root on Debian/Ubuntu we install it; elsewhere those tests skip and say why.
 if [ "$(id -u)" = 0 ] && ! command -v fusermount3 >/dev/null && command -v apt-get >/dev/null; then

@@ -14,12 +14,12 @@ and LR scheduler, the AMP scaler, HF's ``TrainerState`` (as JSON: step, epoch,
 running training loss, every RNG, the data position, and the model's config (so
 ``guardian export-weights`` writes the ``from_pretrained`` layout).
 
-**Where checkpoints are taken**: at ``on_step_end`` (after the optimizer and the
-scheduler stepped: the state is whole) every ``every_n_steps`` optimizer steps and
-on a preemption signal (SIGTERM, SIGUSR1, SIGUSR2, SIGINT set a flag; the save
-happens at the next step end, then the process exits 75); when ``monitor`` improves
-at ``on_evaluate``; once an epoch has run to its end (after its evaluation) every
-``every_n_epochs``; and at the end of ``train()``.
+**Where checkpoints are taken**: after an optimizer step once HF has finished with
+it (the optimizer and scheduler stepped, the step logged and evaluated: the state is
+whole) every ``every_n_steps`` steps and on a preemption signal (SIGTERM, SIGUSR1,
+SIGUSR2, SIGINT set a flag; the save happens at the next step, then the process
+exits 75); when ``monitor`` improves at an evaluation; once an epoch has run to its
+end (its evaluation included) every ``every_n_epochs``; and at the end of ``train()``.
 
 **Resume** happens when ``train()`` starts (``on_train_begin``), with no
 ``resume_from_checkpoint``: the newest checkpoint that verifies and fits the model is
@@ -33,16 +33,17 @@ bit-for-bit the uninterrupted run's.
 
 How it reaches into the Trainer (HF has no resume hook a callback can use): the
 callback finds its ``Trainer`` on the call stack at ``on_train_begin`` and, for the
-duration of ``train()``, wraps that instance's ``_run_epoch`` (to pass over trained
-epochs and position the resumed one) and ``_load_rng_state`` (so HF's own "restore
-the RNG after the skipped batches" step restores guardian's state, not a pickle).
-Both are private Trainer methods of transformers 5: a release that renames them is
-refused with a clear error rather than resumed wrongly.
+duration of ``train()``, wraps three methods of that instance: ``_run_epoch`` (to
+pass over trained epochs and position the resumed one), ``_load_rng_state`` (so HF's
+own "restore the RNG after the skipped batches" step restores guardian's state, not
+a pickle) and ``_maybe_log_save_evaluate`` (its end is a step's exact point). They
+are private Trainer methods of transformers 5: a release without them is refused
+with a clear error rather than resumed wrongly.
 
-Limits of that exactness: a step checkpoint followed by an evaluation at that same
-step resumes after it (the evaluation is not repeated); callbacks' ``on_epoch_begin``
-runs once more for each epoch passed over; ``IterableDataset`` inputs resume at the
-right batch but are read, not skipped.
+Limits of that exactness: other callbacks' ``on_epoch_begin`` runs once more for
+each epoch passed over; ``IterableDataset`` inputs resume at the right batch but are
+read, not skipped; random augmentation inside DataLoader workers is exact only if
+it derives from the sample index or the worker seed.
 """
 
 from __future__ import annotations
@@ -67,12 +68,15 @@ except ImportError as _e:  # pragma: no cover - exercised in a subprocess withou
 import torch
 
 from ..errors import GuardianError
+from ..preemption import handling_signals
 from ..state import data as data_pos
 from ..state import rng as rng_mod
-from ..preemption import handling_signals
 from ..worker_signals import _LeaveSignalsToMain
 
 log = logging.getLogger(__name__)
+
+# The Trainer methods wrapped per instance for the duration of train() (module docstring).
+_WRAPPED = ("_run_epoch", "_load_rng_state", "_maybe_log_save_evaluate")
 
 # TrainerState fields that describe this run's configuration, not its progress: the
 # re-run's own values stand.
@@ -138,6 +142,8 @@ class GuardianCallback(TrainerCallback):
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches already trained in it)
         self._checkpoint_rng: dict[str, Any] | None = None  # every RNG as the checkpoint holds it
         self._rng_pending = False  # the checkpoint's RNG is yet to be put back (after the skip)
+        self._step_ended = False  # on_step_end ran; the step's log/evaluate has not finished
+        self._step_metrics: dict[str, Any] = {}
 
     best_checkpoint = property(lambda self: self.guard.best_checkpoint if self.guard else None)
     best_score = property(lambda self: self.guard.best_score if self.guard else None)
@@ -209,7 +215,7 @@ class GuardianCallback(TrainerCallback):
         progress.global_step = state.global_step
         position = self.guard.position
         position.epoch, position.batch_in_epoch = progress.epoch, progress.batches_in_epoch
-        self.guard.step()
+        self._step_ended = True  # the step's checkpoint comes once HF has logged and evaluated it
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         assert self._state is not None
@@ -226,7 +232,11 @@ class GuardianCallback(TrainerCallback):
         if self.guard is None or not self.monitor or not metrics:
             return
         value = metrics.get(self.monitor, metrics.get(f"eval_{self.monitor}"))
-        if value is not None:
+        if value is None:
+            return
+        if self._step_ended:  # an evaluation at a step: reported after that step's g.step()
+            self._step_metrics[self.monitor] = value
+        else:
             self.guard.report(**{self.monitor: value})
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -234,7 +244,7 @@ class GuardianCallback(TrainerCallback):
 
     def _close(self, exc_type: Any, exc: BaseException | None) -> None:
         if self._trainer is not None:
-            for name in ("_run_epoch", "_load_rng_state"):
+            for name in _WRAPPED:
                 self._trainer.__dict__.pop(name, None)  # the class's own methods again
             self._trainer = None
         if self._open:
@@ -244,12 +254,15 @@ class GuardianCallback(TrainerCallback):
     # ------------------------------------------------------------------ the epoch loop
 
     def _wrap(self, trainer: Any) -> None:
-        """Install the per-instance wrappers of ``_run_epoch`` and ``_load_rng_state``."""
-        run_epoch, load_rng = (getattr(trainer, n, None) for n in ("_run_epoch", "_load_rng_state"))
-        if run_epoch is None or load_rng is None or "epoch" not in inspect.signature(run_epoch).parameters:
+        """Install the per-instance wrappers of the Trainer methods in ``_WRAPPED``."""
+        run_epoch, load_rng, log_save_evaluate = (getattr(trainer, n, None) for n in _WRAPPED)
+        if (
+            None in (run_epoch, load_rng, log_save_evaluate)
+            or "epoch" not in inspect.signature(run_epoch).parameters
+        ):
             raise GuardianError(
-                f"transformers {transformers.__version__}: Trainer._run_epoch(epoch=...) / _load_rng_state "
-                "are not there; guardian's Trainer integration supports transformers 5.x. "
+                f"transformers {transformers.__version__}: Trainer.{'/'.join(_WRAPPED)} are not all there; "
+                "guardian's Trainer integration supports transformers 5.x. "
                 "Use guardian.protect() around your own loop, or install a supported transformers."
             )
         signature = inspect.signature(run_epoch)
@@ -268,8 +281,19 @@ class GuardianCallback(TrainerCallback):
             else:
                 load_rng(checkpoint)
 
+        def log_save_evaluate_then_step(*a: Any, **kw: Any) -> Any:
+            result = log_save_evaluate(*a, **kw)
+            if self._step_ended:  # the optimizer step's exact point: logged, evaluated, whole
+                self._step_ended = False
+                self.guard.step()
+                metrics, self._step_metrics = self._step_metrics, {}
+                if metrics:
+                    self.guard.report(**metrics)
+            return result
+
         trainer._run_epoch = guarded_run_epoch
         trainer._load_rng_state = guarded_load_rng_state
+        trainer._maybe_log_save_evaluate = log_save_evaluate_then_step
 
     def _run_epoch(self, trainer: Any, run_epoch: Any, call: dict[str, Any]) -> Any:
         epoch, loader = call["epoch"], call["train_dataloader"]
@@ -296,7 +320,9 @@ class GuardianCallback(TrainerCallback):
                 progress.restore_generators(loader)
                 progress.start_epoch(epoch, loader)
         else:
-            hf_resumes_here = call.get("resume_from_checkpoint") is not None and epoch == call.get("epochs_trained")
+            hf_resumes_here = call.get("resume_from_checkpoint") is not None and epoch == call.get(
+                "epochs_trained"
+            )
             skipped = call["steps_trained_in_current_epoch"] if hf_resumes_here else 0
             progress.batches_in_epoch = 0 if trainer.args.ignore_data_skip else skipped
             progress.start_epoch(epoch, loader)
@@ -316,7 +342,9 @@ class GuardianCallback(TrainerCallback):
     # ------------------------------------------------------------------ other checkpointing
 
     def _warn_about_other_checkpointing(self, args: Any) -> None:
-        strategy = getattr(getattr(args, "save_strategy", "no"), "value", getattr(args, "save_strategy", "no"))
+        strategy = getattr(
+            getattr(args, "save_strategy", "no"), "value", getattr(args, "save_strategy", "no")
+        )
         if strategy != "no":
             log.warning(
                 "this Trainer also saves its own checkpoints (save_strategy=%r: pickled optimizer.pt, "
@@ -363,7 +391,12 @@ class _TrainerProgress:
         loader = trainer.callback_handler.train_dataloader
         return {
             "trainer_state": _trainer_state_json(trainer),
-            "loss": {"tr_loss": trainer._tr_loss.detach().clone(), "total": trainer._total_loss_scalar},
+            "loss": {
+                "tr_loss": trainer._tr_loss.detach().clone(),  # accumulated since the last log
+                "total": trainer._total_loss_scalar,
+                "last_logged_step": trainer._globalstep_last_logged,
+                "flos": trainer.current_flos,
+            },
             "data": {
                 "epoch": self.epoch,
                 "batches_in_epoch": self.batches_in_epoch,
@@ -375,9 +408,12 @@ class _TrainerProgress:
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         trainer = self.trainer
         _load_trainer_state(trainer, saved["trainer_state"])
-        trainer._tr_loss = saved["loss"]["tr_loss"].to(trainer._tr_loss.device)
-        trainer._total_loss_scalar = float(saved["loss"]["total"])
-        trainer._globalstep_last_logged = trainer.state.global_step
+        loss = saved["loss"]
+        with torch.no_grad():
+            trainer._tr_loss.copy_(loss["tr_loss"])
+        trainer._total_loss_scalar = float(loss["total"])
+        trainer._globalstep_last_logged = int(loss["last_logged_step"])
+        trainer.current_flos = float(loss["flos"])
         trainer._initial_num_input_tokens_seen = trainer.state.num_input_tokens_seen
         data = saved["data"]
         self.epoch, self.batches_in_epoch = int(data["epoch"]), int(data["batches_in_epoch"])
