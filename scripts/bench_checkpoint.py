@@ -26,8 +26,8 @@ measured too. With ``--json`` the last line of output is one JSON object.
 
 ``--integrations`` measures instead the save stall of each integration against the
 plain loop for the same state (one model of ``--size-mb`` and its AdamW): the time
-the training step is blocked by the guardian call that takes the save (``g.step()``,
-Lightning's ``on_train_batch_end``, HF's ``on_step_end``) in a real run of each,
+the training step is blocked by the guardian call that takes the save (``Guard.step``,
+which every integration's step hook calls) in a real training run of each,
 median of ``--reps`` saves after a warm-up one, each starting with no save in flight.
 It prints ``lightning_vs_plain`` and ``hf_vs_plain`` (target: at most 1.2).
 """
@@ -35,6 +35,7 @@ It prints ``lightning_vs_plain`` and ``hf_vs_plain`` (target: at most 1.2).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import mmap
 import os
@@ -499,17 +500,25 @@ class _Batches(torch.utils.data.Dataset):
         return {"x": self.x[i]}
 
 
-def _timed_hook(stalls: list[float], hook: Callable, guard: Callable[[], Any]) -> Callable:
-    """``hook`` timed, with the previous save persisted first (outside the timing)."""
+@contextlib.contextmanager
+def _timed_guard_steps(stalls: list[float]) -> Any:
+    """Every ``Guard.step`` (where each integration takes its step saves) timed, with
+    the previous save persisted first (outside the timing)."""
+    from guardian.guard import Guard
 
-    def timed_hook(*a: Any, **kw: Any) -> Any:
-        guard().saver.wait_in_flight()
+    original = Guard.step
+
+    def timed_step(self: Guard, **kw: Any) -> None:
+        self.saver.wait_in_flight()
         t0 = time.perf_counter()
-        out = hook(*a, **kw)
+        original(self, **kw)
         stalls.append(time.perf_counter() - t0)
-        return out
 
-    return timed_hook
+    Guard.step = timed_step  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Guard.step = original  # type: ignore[method-assign]
 
 
 def integration_stalls(size_mb: float, reps: int, d: str) -> dict[str, Any]:
@@ -521,24 +530,30 @@ def integration_stalls(size_mb: float, reps: int, d: str) -> dict[str, Any]:
     model = _Net(size_mb)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     stalls: list[float] = []
-    with guardian.protect({"model": model, "optimizer": opt}, dir=f"{d}/plain", every_steps=1) as g:
-        step = _timed_hook(stalls, g.step, lambda: g)
+    with (
+        _timed_guard_steps(stalls),
+        guardian.protect({"model": model, "optimizer": opt}, dir=f"{d}/plain", every_steps=1) as g,
+    ):
         for x in torch.utils.data.DataLoader(_Batches(model.width, 2 * steps), batch_size=2):
             model(**x)["loss"].backward()
             opt.step()
             opt.zero_grad()
-            step()
+            g.step()
     out["plain_stall_s"] = statistics.median(stalls[1:])
-    for name, run in (("lightning", _lightning_stalls), ("hf", _hf_stalls)):
+    for name, run in (("lightning", _lightning_run), ("hf", _hf_run)):
+        stalls = []
         try:
-            out[f"{name}_stall_s"] = statistics.median(run(size_mb, steps, f"{d}/{name}")[1:])
-            out[f"{name}_vs_plain"] = out[f"{name}_stall_s"] / out["plain_stall_s"]
+            with _timed_guard_steps(stalls):
+                run(size_mb, steps, f"{d}/{name}")
         except ImportError as e:
             out[f"{name}_stall_s"] = f"not installed: {e}"
+            continue
+        out[f"{name}_stall_s"] = statistics.median(stalls[1:])
+        out[f"{name}_vs_plain"] = out[f"{name}_stall_s"] / out["plain_stall_s"]
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def _lightning_stalls(size_mb: float, steps: int, run: str) -> list[float]:
+def _lightning_run(size_mb: float, steps: int, run: str) -> None:
     import lightning.pytorch as L
 
     from guardian.integrations.lightning import GuardianCallback
@@ -554,26 +569,21 @@ def _lightning_stalls(size_mb: float, steps: int, run: str) -> list[float]:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
-    stalls: list[float] = []
     cb = GuardianCallback(run, every_n_train_steps=1, every_n_epochs=None)
-    cb.on_train_batch_end = _timed_hook(stalls, cb.on_train_batch_end, lambda: cb.guard)  # type: ignore[method-assign]
     module = Module()
     trainer = L.Trainer(
         max_steps=steps, callbacks=[cb], enable_checkpointing=False, logger=False,
         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
     )  # fmt: skip
     trainer.fit(module, torch.utils.data.DataLoader(_Batches(module.model.width, 2 * steps), batch_size=2))
-    return stalls
 
 
-def _hf_stalls(size_mb: float, steps: int, run: str) -> list[float]:
+def _hf_run(size_mb: float, steps: int, run: str) -> None:
     import transformers
 
     from guardian.integrations.transformers import GuardianCallback
 
-    stalls: list[float] = []
     cb = GuardianCallback(run, every_n_steps=1, every_n_epochs=None)
-    cb.on_step_end = _timed_hook(stalls, cb.on_step_end, lambda: cb.guard)  # type: ignore[method-assign]
     model = _Net(size_mb)
     args = transformers.TrainingArguments(
         output_dir=f"{run}-hf-out", max_steps=steps, per_device_train_batch_size=2, save_strategy="no",
@@ -584,7 +594,6 @@ def _hf_stalls(size_mb: float, steps: int, run: str) -> list[float]:
         model, args, train_dataset=_Batches(model.width, 2 * steps), callbacks=[cb]
     )
     trainer.train()
-    return stalls
 
 
 def main() -> int:
