@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import mmap
 import os
@@ -540,6 +541,8 @@ def integration_stalls(size_mb: float, reps: int, d: str) -> dict[str, Any]:
             opt.zero_grad()
             g.step()
     out["plain_stall_s"] = statistics.median(stalls[1:])
+    del model, opt, g  # the next runs build their own copy of the state: do not hold two
+    gc.collect()
     for name, run in (("lightning", _lightning_run), ("hf", _hf_run)):
         stalls = []
         try:
