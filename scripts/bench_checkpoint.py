@@ -23,11 +23,20 @@ it ready (or waits for the rest), is reported alone as ``first_save_stall_s``:
 Cold tests drop the page cache (``echo 3 > /proc/sys/vm/drop_caches``, root only);
 the report says whether that worked. A small state (fsync/rename dominated) is
 measured too. With ``--json`` the last line of output is one JSON object.
+
+``--integrations`` measures instead the save stall of each integration against the
+plain loop for the same state (one model of ``--size-mb`` and its AdamW): the time
+the training step is blocked by the guardian call that takes the save (``Guard.step``,
+which every integration's step hook calls) in a real training run of each,
+median of ``--reps`` saves after a warm-up one, each starting with no save in flight.
+It prints ``lightning_vs_plain`` and ``hf_vs_plain`` (target: at most 1.2).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import mmap
 import os
@@ -466,6 +475,130 @@ def check_targets(summary: dict[str, Any]) -> dict[str, bool]:
     return met
 
 
+# ------------------------------------------------------------------ integrations
+
+
+class _Net(nn.Module):
+    """The benchmark's layers as a model every framework trains (HF wants a loss out)."""
+
+    def __init__(self, size_mb: float) -> None:
+        super().__init__()
+        self.net = build_state(size_mb)[0]
+        self.width = self.net[0].in_features
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return {"loss": (self.net(x) - x).pow(2).mean()}
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self, width: int, n: int) -> None:
+        self.x = torch.randn(n, width)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i]}
+
+
+@contextlib.contextmanager
+def _timed_guard_steps(stalls: list[float]) -> Any:
+    """Every ``Guard.step`` (where each integration takes its step saves) timed, with
+    the previous save persisted first (outside the timing)."""
+    from guardian.guard import Guard
+
+    original = Guard.step
+
+    def timed_step(self: Guard, **kw: Any) -> None:
+        self.saver.wait_in_flight()
+        t0 = time.perf_counter()
+        original(self, **kw)
+        stalls.append(time.perf_counter() - t0)
+
+    Guard.step = timed_step  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Guard.step = original  # type: ignore[method-assign]
+
+
+def integration_stalls(size_mb: float, reps: int, d: str) -> dict[str, Any]:
+    import guardian
+
+    steps = reps + 1  # the first save (staging arena reservation) is the warm-up
+    out: dict[str, Any] = {}
+    torch.manual_seed(0)
+    model = _Net(size_mb)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    stalls: list[float] = []
+    with (
+        _timed_guard_steps(stalls),
+        guardian.protect({"model": model, "optimizer": opt}, dir=f"{d}/plain", every_steps=1) as g,
+    ):
+        for x in torch.utils.data.DataLoader(_Batches(model.width, 2 * steps), batch_size=2):
+            model(**x)["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+            g.step()
+    out["plain_stall_s"] = statistics.median(stalls[1:])
+    del model, opt, g  # the next runs build their own copy of the state: do not hold two
+    gc.collect()
+    for name, run in (("lightning", _lightning_run), ("hf", _hf_run)):
+        stalls = []
+        try:
+            with _timed_guard_steps(stalls):
+                run(size_mb, steps, f"{d}/{name}")
+        except ImportError as e:
+            out[f"{name}_stall_s"] = f"not installed: {e}"
+            continue
+        out[f"{name}_stall_s"] = statistics.median(stalls[1:])
+        out[f"{name}_vs_plain"] = out[f"{name}_stall_s"] / out["plain_stall_s"]
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def _lightning_run(size_mb: float, steps: int, run: str) -> None:
+    import lightning.pytorch as L
+
+    from guardian.integrations.lightning import GuardianCallback
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _Net(size_mb)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.model(**batch)["loss"]
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+    cb = GuardianCallback(run, every_n_train_steps=1, every_n_epochs=None)
+    module = Module()
+    trainer = L.Trainer(
+        max_steps=steps, callbacks=[cb], enable_checkpointing=False, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(_Batches(module.model.width, 2 * steps), batch_size=2))
+
+
+def _hf_run(size_mb: float, steps: int, run: str) -> None:
+    import transformers
+
+    from guardian.integrations.transformers import GuardianCallback
+
+    cb = GuardianCallback(run, every_n_steps=1, every_n_epochs=None)
+    model = _Net(size_mb)
+    args = transformers.TrainingArguments(
+        output_dir=f"{run}-hf-out", max_steps=steps, per_device_train_batch_size=2, save_strategy="no",
+        report_to=[], disable_tqdm=True, use_cpu=True, optim="adamw_torch", learning_rate=1e-4,
+        lr_scheduler_type="constant",
+    )  # fmt: skip
+    trainer = transformers.Trainer(
+        model, args, train_dataset=_Batches(model.width, 2 * steps), callbacks=[cb]
+    )
+    trainer.train()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mb", type=float, default=1024, help="parameter MB (state is ~3x with Adam)")
@@ -482,9 +615,21 @@ def main() -> int:
     ap.add_argument("--no-dcp", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--dcp-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--integrations", action="store_true", help="the integrations' save stall vs the plain loop"
+    )
     args = ap.parse_args()
     if args.dcp_worker:
         return dcp_worker_main(args.size_mb)
+    if args.integrations:
+        shutil.rmtree(args.dir, ignore_errors=True)
+        stalls = integration_stalls(args.size_mb, args.reps, args.dir)
+        stalls["targets_met"] = {
+            k: stalls[k] <= 1.2 for k in ("lightning_vs_plain", "hf_vs_plain") if k in stalls
+        }
+        shutil.rmtree(args.dir, ignore_errors=True)
+        print(json.dumps(stalls) if args.json else "\n".join(f"{k:24s} {v}" for k, v in stalls.items()))
+        return 0
 
     shutil.rmtree(args.dir, ignore_errors=True)
     os.makedirs(args.dir)

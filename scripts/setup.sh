@@ -4,8 +4,9 @@
 #
 #   bash scripts/setup.sh demo   guardian and its runtime dependencies: what the demo needs
 #   bash scripts/setup.sh        the test set-up: adds the test extra (pytest, hypothesis,
-#                                linters, TensorBoard, matplotlib) and Lightning for its
-#                                integration tests; what scripts/test.sh runs
+#                                linters, TensorBoard, matplotlib), Lightning and
+#                                transformers for their integration tests; what
+#                                scripts/test.sh runs
 #
 # Ray is installed only where its test runs: under CI=true, or when asked with
 # SETUP_EXTRAS=ray (a comma-separated list of extras from pyproject.toml), so a local
@@ -21,7 +22,7 @@ cd "$(dirname "$0")/.."
 JOB=${1:-test}
 case "$JOB" in
   demo) extras="" ;;
-  test) extras="test,lightning" ;;
+  test) extras="test,lightning,transformers" ;;
   *) echo "usage: bash scripts/setup.sh [demo|test]" >&2; exit 2 ;;
 esac
 if [ "$JOB" = test ] && [ "${CI:-}" = true ]; then extras="$extras,ray"; fi

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT
 
 REQUIRED = (
@@ -51,3 +52,16 @@ def test_tiny_resume_benchmark_times_both_loads_in_fresh_processes(tmp_path):
     assert summary["guardian_resume_warm_s"] > 0 and summary["torch_load_fresh_process_warm_s"] > 0
     assert len(summary["per_rep"]["guardian"]) == 1 and len(summary["per_rep"]["torch"]) == 1
     assert not os.path.exists(tmp_path / "resume")
+
+
+@pytest.mark.slow
+def test_tiny_integration_stall_scenario_prints_the_ratios(tmp_path):
+    pytest.importorskip("lightning")
+    pytest.importorskip("transformers")
+    summary = run_json(
+        "bench_checkpoint.py", "--integrations", "--size-mb", "1", "--reps", "1", "--dir", str(tmp_path / "b")
+    )
+    for key in ("plain_stall_s", "lightning_stall_s", "hf_stall_s", "lightning_vs_plain", "hf_vs_plain"):
+        assert isinstance(summary[key], float) and summary[key] > 0, key
+    assert set(summary["targets_met"]) == {"lightning_vs_plain", "hf_vs_plain"}
+    assert not os.path.exists(tmp_path / "b")

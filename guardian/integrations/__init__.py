@@ -5,6 +5,8 @@ imports Lightning or Transformers; a missing framework is an ``ImportError`` tha
 names the ``pip install`` that fixes it.
 
 * ``guardian.integrations.lightning.GuardianCallback`` — one object in ``Trainer(callbacks=[…])``.
+* ``guardian.integrations.transformers.GuardianCallback`` — one object in HF's
+  ``Trainer(callbacks=[…])``.
 """
 
 from __future__ import annotations
