@@ -27,3 +27,10 @@ class GuardConfig:
     on_save_error: OnSaveError
     handle_signals: bool
     tensorboard: bool = False
+
+    def restores_best(self, *, early_stopped: bool) -> bool:
+        """``restore_best``: None loads the best weights when early stopping fired, True
+        at the end of every run, False never."""
+        if self.restore_best is not None:
+            return self.restore_best
+        return early_stopped and self.early is not None

@@ -42,7 +42,7 @@ from typing import Any
 from . import commit, hparams
 from .config import GuardConfig
 from .distributed import World
-from .errors import EXIT_REQUEUE, GuardianError
+from .errors import EXIT_REQUEUE
 from .faults import fault_point
 from .history import History
 from .liveness import RunVoice
@@ -92,6 +92,7 @@ class Guard:
         self._in_epoch_body = False
         self.boundaries = StepBoundaries(list(self._optimizers.values()))
         self._preempting = False
+        self._preempt_due = False  # the ranks agreed on a preemption at the last g.step()
 
     # ------------------------------------------------------------------ public state
 
@@ -147,16 +148,14 @@ class Guard:
         if self.config.save_on_exit:
             self._save_now(self.requests.take(["final"]))
         self.saver.wait_in_flight()
-        self._restore_best_if_asked()
+        if self.config.restores_best(early_stopped=self.policy.stopped):
+            self.load_best_weights()
         self.voice.beat(self.global_step, self.epoch, "done", force=True)
         self.voice.status("finished", **self._status_fields(early_stopped=self.policy.stopped, exit_code=0))
 
     def _abandon(self, exc_type: Any, exc: BaseException | None) -> None:
         """Nothing of the (maybe half-updated) state is saved; a save in flight completes."""
-        try:
-            self.saver.writer.wait()
-        except GuardianError as e:
-            log.error("the checkpoint in flight failed too: %s", e)
+        self.saver.settle()
         if self._preempting and isinstance(exc, SystemExit):
             self.voice.status_best_effort("preempted", **self._status_fields(exit_code=exc.code))
             return
@@ -199,7 +198,8 @@ class Guard:
     def batches(self, loader: Any) -> Iterator[Any]:
         """Iterate the training loader for the current epoch, resuming mid-epoch at the
         sampler level when the run was checkpointed inside this epoch."""
-        return self.history.batches(self.position.iterate(loader, self._restore_checkpoint_rng))
+        inner = self.position.iterate(loader, self._restore_checkpoint_rng, self._exact_point_reached)
+        return self.history.batches(inner)
 
     def step(self, *, boundary: bool | None = None) -> None:
         """Call after each optimizer step (or each micro-batch: boundaries are detected).
@@ -218,10 +218,21 @@ class Guard:
         if self.world.distributed and not any_busy:
             self.saver.check(collect=True)  # every rank's save is done: all learn its outcome now
         reasons = (["steps"] if steps_due else []) + (["seconds"] if seconds_due else [])
-        if preempt:
-            self._preempt_now(self.requests.take(reasons))
-        if reasons or self.requests.pending:
-            self._save_now(self.requests.take(reasons))
+        self.requests.defer(reasons)
+        self._preempt_due = self._preempt_due or preempt
+        if not self.position.mid_epoch:  # no g.batches() around this step: it is the exact point
+            self._exact_point_reached()
+
+    def _exact_point_reached(self) -> None:
+        """Take what was asked for since the last exact point: the end of a batch's body
+        inside ``g.batches()`` (so a ``report()`` after ``g.step()`` runs first), else
+        ``g.step()`` itself. Pending gradients wait for the next optimizer step."""
+        if self.boundaries.accumulating:
+            return
+        if self._preempt_due or (not self.world.distributed and self._preempt_requested()):
+            self._preempt_now(self.requests.take([]))
+        if self.requests.pending:
+            self._save_now(self.requests.take([]))
             fault_point("step.after_save")  # submitted; an async save may still be in flight
         else:
             self.saver.reserve_once(self._collect)
@@ -238,7 +249,7 @@ class Guard:
         if self.watch.observe(values) and self.config.save_best:
             self._request_save("best")
         if self._at_exact_point() and self._agree(self._preempt_requested())[0]:
-            self._preempt_now(self.requests.take([]))
+            self._preempt_now(self.requests.take([]))  # outside the batch loop and any epoch
 
     def log(self, **scalars: Any) -> None:
         """Append scalars (floats or one-element tensors) to the run's ``history.csv`` at
@@ -253,13 +264,9 @@ class Guard:
     # ------------------------------------------------------------------ exact points
 
     def _at_exact_point(self) -> bool:
-        """Can a checkpoint taken right now resume without running user code twice?
-        Yes right after ``g.step()`` inside the batch loop, or outside any epoch body."""
-        if self.position.in_iteration or self.boundaries.accumulating:
-            return False
-        if self._in_epoch_body:
-            return self.position.mid_epoch
-        return True
+        """Can a checkpoint taken right now resume without running user code twice? Only
+        outside ``g.batches()`` and outside any epoch body (a manual loop's step)."""
+        return not (self.position.mid_epoch or self._in_epoch_body or self.boundaries.accumulating)
 
     def _request_save(self, reason: str) -> str | None:
         if self._at_exact_point():
@@ -276,7 +283,7 @@ class Guard:
         if self.boundaries.accumulating:  # gradients are pending: the next optimizer step is the exact point
             self.requests.defer(reasons)
             return
-        if self._agree(self._preempt_requested())[0]:
+        if self._preempt_due or self._agree(self._preempt_requested())[0]:
             self._preempt_now(self.requests.take(reasons))
         if reasons or self.requests.pending:
             self._save_now(self.requests.take(reasons))
@@ -339,6 +346,7 @@ class Guard:
             return
         self._restored = restored
         self.position.load_state_dict(restored.progress)
+        self.position.restore_generators_now(self._loaders)
         self.watch.state.load_state_dict(restored.policy)
         self.extra.update(restored.extra)
         self.metrics = restored.metrics
@@ -347,17 +355,9 @@ class Guard:
         self.watch.first_epoch = self.epoch
         hparams.warn_if_changed(restored.hparams, self._script_hparams, restored.path)
 
-    def _restore_checkpoint_rng(self) -> None:
-        """Called by the resumed iterator right before the first remaining batch."""
+    def _restore_checkpoint_rng(self) -> None:  # right before a resumed epoch's first remaining batch
         if self._restored is not None:
             self._restored.put_back_rng(self.position.loader, self.components)
-
-    # ------------------------------------------------------------------ best weights
-
-    def _restore_best_if_asked(self) -> None:
-        wanted = self.config.restore_best
-        if wanted if wanted is not None else (self.policy.stopped and self.config.early):
-            self.load_best_weights()
 
     def load_best_weights(self) -> None:
         """Load the best checkpoint's weights into the live model(s), resharded (DDP, FSDP2)."""

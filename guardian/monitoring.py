@@ -24,7 +24,6 @@ class MetricWatch:
         self.early = early
         self.state = PolicyState()
         self.first_epoch = 0  # the first epoch this process trains (after a resume, the resumed one)
-        self._epoch_value: float | None = None
         self._seen = False
 
     def observe(self, values: dict[str, float]) -> bool:
@@ -33,7 +32,7 @@ class MetricWatch:
             return False
         self._seen = True
         value = values[self.best.monitor]
-        self._epoch_value = value
+        self.state.epoch_value = value
         if not self.best.improves(value, self.state.best):
             return False
         self.state.best = value
@@ -43,7 +42,7 @@ class MetricWatch:
         """Once per epoch, before the epoch boundary's save."""
         self._warn_if_never_reported(epoch, reported)
         if self.early is not None and self.best is not None:
-            early_stopping_update(self.early, self.best, self.state, self._epoch_value)
+            early_stopping_update(self.early, self.best, self.state, self.state.epoch_value)
             if self.state.stopped:
                 log.info(
                     "early stopping after epoch %d: %s has not improved for %d epoch(s) (best %s at step %s)",
@@ -53,7 +52,7 @@ class MetricWatch:
                     self.state.best,
                     self.state.best_step,
                 )
-        self._epoch_value = None
+        self.state.epoch_value = None
 
     def _warn_if_never_reported(self, epoch: int, reported: list[str]) -> None:
         if self.best is None or self._seen or epoch != self.first_epoch:

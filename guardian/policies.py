@@ -124,6 +124,7 @@ class PolicyState:
     stopped: bool = False
     improved_this_epoch: bool = False
     early_best: float | None = None
+    epoch_value: float | None = None  # the monitored value reported this epoch (early stopping)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

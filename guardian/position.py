@@ -55,10 +55,14 @@ class LoopPosition:
 
     # ------------------------------------------------------------------ the loop
 
-    def iterate(self, loader: Any, on_resumed: Callable[[], None]) -> Iterator[Any]:
+    def iterate(
+        self, loader: Any, on_resumed: Callable[[], None], on_boundary: Callable[[], None]
+    ) -> Iterator[Any]:
         """The batches of the current epoch, resuming mid-epoch when the checkpoint was
         taken inside it. ``on_resumed`` runs right before the first remaining batch
-        of a resumed epoch (it puts every RNG back to its checkpointed value)."""
+        of a resumed epoch (it puts every RNG back to its checkpointed value);
+        ``on_boundary`` runs between two batches — the exact point where saves asked
+        for during a batch's body are taken."""
         self.loader = loader
         self._warn_if_workers_changed(loader)
         pending, self._resume_into = self._resume_into, None
@@ -80,10 +84,20 @@ class LoopPosition:
             self.batches_total += 1
             self.in_iteration = True
             yield batch
+            on_boundary()  # this batch's body has run, nothing of the next one has
         self.epoch_batches_done = True
 
-    def _restore_boundary_generators(self, loader: Any) -> None:
-        saved, self._saved_generators = self._saved_generators, None
+    def restore_generators_now(self, loaders: list[Any]) -> None:
+        """Resumed at an epoch boundary with the one loader the trainer holds: put its
+        generators back at once, not at the next ``batches()`` — there may be none
+        (the run ended), and the generators are part of the state it ends with."""
+        if len(loaders) == 1 and self._saved_generators:
+            self._restore_boundary_generators(loaders[0], keep=True)
+
+    def _restore_boundary_generators(self, loader: Any, keep: bool = False) -> None:
+        saved = self._saved_generators
+        if not keep:
+            self._saved_generators = None
         if not saved:
             return
         gens = data_pos.loader_generators(loader)

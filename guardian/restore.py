@@ -23,7 +23,6 @@ from .format import manifest as manifest_mod
 from .format import reader
 from .format.layout import rank_prefix
 from .saving import best_checkpoint
-from .state import data as data_pos
 from .state import dtensor, sharded, validate
 from .state import rng as rng_mod
 from .state import snapshot as snap_mod
@@ -50,9 +49,9 @@ class Restored:
         """Every RNG to its checkpointed value: called right before the first remaining
         batch of a resumed epoch (after the skipped batches' indices were drawn)."""
         rng_mod.restore_global(self.rng)
-        saved = self.progress.get("loader_generators") or []
-        for gen, state in zip(data_pos.loader_generators(loader), saved, strict=bool(saved)):
-            gen.set_state(state)
+        # Not the loader's own generators: the epoch's iterator was re-created from their
+        # epoch-start states and has drawn exactly what it drew before the checkpoint
+        # (with workers, prefetching may already have made the epoch's last draw).
         for name, state in self.generators.items():
             components[name].load_state_dict(state)
 

@@ -22,7 +22,7 @@ from typing import Any
 from . import commit, knobs
 from .config import GuardConfig
 from .distributed import World
-from .errors import CheckpointWriteError
+from .errors import CheckpointWriteError, GuardianError
 from .format import reader
 from .format.layout import checkpoint_name
 from .format.manifest import Manifest
@@ -327,6 +327,14 @@ class Saver:
             if self.on_save_error == "raise":
                 raise
             log.error("a background checkpoint FAILED and training continues: %s", e)
+
+    def settle(self) -> None:
+        """On the way out after a failure: complete the in-flight save (it was taken at
+        an exact point); its own failure is logged, never raised over the original one."""
+        try:
+            self.writer.wait()
+        except GuardianError as e:
+            log.error("the checkpoint in flight failed too: %s", e)
 
     @property
     def busy(self) -> bool:

@@ -286,21 +286,9 @@ def regression_results() -> dict[int, dict]:
 # Cases still open on main when this file was written, with where the cause lies.
 # Strict: once the library is fixed the case passes, the xfail fails, and the entry
 # must go — so this list can never silently hide a regression.
-OPEN = {
-    "loader_generator_after_the_last_epoch": "position.py restores loader generators only at the next "
-    "g.batches() (_restore_boundary_generators); after the last epoch there is none",
-    "sampler_generator_with_workers_mid_epoch": "resume.py put_back_rng sets the loader generators to "
-    "their checkpointed state after the skip, but prefetching workers made the sampler draw its "
-    "end-of-epoch randperm before the checkpoint: the draw happens twice",
-    "preempted_at_gstep_skips_the_report_after_it": "guard.py step() raises SystemExit for a preemption "
-    "before the post-step code of the same iteration runs; the resume starts at the next batch",
-    "best_reported_after_gstep_lost_between_two_commits": "guard.py step() saves before the post-step "
-    "report() of its iteration; the best found there goes into a second checkpoint of the same step, "
-    "and a resume from the first skips the report (same class as the preemption case)",
-    "early_stopping_loses_the_epoch_value_at_a_resume": "monitoring.py MetricWatch._epoch_value (the "
-    "epoch's last monitored value) is not part of PolicyState, so it is not saved: early_stopping_update "
-    "gets None for a resumed epoch with no report after the checkpoint",
-}
+# Regression cases still inexact on main, each with its cause (strict: a fix turns it red
+# until it is removed from here). All five found by the generator were fixed in 0.2.0.
+OPEN: dict[str, str] = {}
 
 
 def _params():
