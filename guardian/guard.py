@@ -16,16 +16,20 @@ resumes from the newest checkpoint that can be restored (``resume.py``); saving 
 **Where a checkpoint resumes** (the loop rules). A checkpoint is taken only where
 the resumed program can continue without running any of the user's code twice:
 
-* at ``g.step()``, which ends a batch's body — and right after it, for a ``report()``
-  or ``save()`` that follows ``g.step()`` in the batch loop (a mid-epoch evaluation):
-  the resumed run continues with the next batch;
+* at the end of a batch's body, inside ``g.batches()``: everything the body does
+  after ``g.step()`` (a mid-epoch ``report()`` and its evaluation, ``g.save()``) has run,
+  and the resumed run continues with the next batch. Saves that ``g.step()`` decides
+  (``every_steps``, ``every_seconds``), the best checkpoint of such a report, and a
+  preemption noticed during the body are taken there, as one checkpoint. A loop that
+  does not iterate ``g.batches()`` has its exact point at ``g.step()`` itself;
 * at the epoch boundary (the end of an iteration of ``g.epochs()``): a save
-  requested anywhere else in the epoch body — the best checkpoint of a ``report()``
-  after the batch loop, a manual ``save()``, a signal that arrives during evaluation —
-  is taken there, once the whole body (per-epoch scheduler steps, evaluation,
-  ``ReduceLROnPlateau.step``) has run, and merged with the epoch save into one
-  checkpoint; a save requested between fetching a batch and its ``g.step()`` is taken
-  at that ``g.step()``.
+  requested between the batch loop and the end of the epoch body — the best checkpoint
+  of a ``report()`` after the batch loop, a manual ``save()``, a signal that arrives
+  during evaluation — is taken there, once the whole body (per-epoch scheduler steps,
+  evaluation, ``ReduceLROnPlateau.step``) has run, merged with the epoch save.
+
+Pending gradients (an accumulation in progress) move any save to the batch boundary
+after the next optimizer step.
 
 Signals only set a flag; the save happens at the next such point and the process
 exits with 75 ("checkpointed, restart me"). Leaving the block normally saves a final
