@@ -146,10 +146,13 @@ def test_resume_from_the_best_checkpoint_alone_is_exact(tmp_path):
 
 
 def test_mid_epoch_report_after_step_resumes_at_the_next_batch(tmp_path):
+    """The best checkpoint of a report() after g.step() is taken at the end of that
+    batch's body; a crash inside the body before its end replays the batch instead."""
     reference = _train(str(tmp_path / "ref"), shape="mid_epoch_report")
     run = str(tmp_path / "run")
     with pytest.raises(Interrupted):
-        _train(run, shape="mid_epoch_report", interrupt=_interrupt_at("after_mid_report", epoch=2))
+        # crash in the next batch's body: the report's batch ended, so its checkpoint is taken
+        _train(run, shape="mid_epoch_report", interrupt=_interrupt_at("after_step", epoch=2, nth=4))
     newest = reader.newest_valid(run).manifest
     assert newest.epoch == 2 and newest.batch_in_epoch == 3 and "best" in newest.reason
     _same(_train(run, shape="mid_epoch_report"), reference)
@@ -282,3 +285,13 @@ def test_checkpoints_that_all_fail_stop_the_run_instead_of_starting_fresh(tmp_pa
     assert [i.name for i in reader.list_checkpoints(run)] == names  # nothing set aside
     _train(run, epochs=1, resume=False)  # asked for: a fresh start, the old ones set aside
     assert len(os.listdir(os.path.join(run, SET_ASIDE_DIR))) == len(names)
+
+
+def test_crash_after_a_mid_epoch_report_before_its_batch_ends_replays_the_batch(tmp_path):
+    reference = _train(str(tmp_path / "ref"), shape="mid_epoch_report", every_steps=3)
+    run = str(tmp_path / "run")
+    with pytest.raises(Interrupted):
+        _train(
+            run, shape="mid_epoch_report", every_steps=3, interrupt=_interrupt_at("after_mid_report", epoch=2)
+        )
+    _same(_train(run, shape="mid_epoch_report", every_steps=3), reference)
