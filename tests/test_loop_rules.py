@@ -66,7 +66,8 @@ def _train(run_dir, *, epochs=4, shape="epoch_end", interrupt=None, accumulate=1
         state, dir=run_dir, monitor="val", every_steps=every_steps, async_save=False, keep_last=None, **kw
     ) as g:
         for _epoch in g.epochs(epochs):
-            for i, (xb, yb) in enumerate(g.batches(loader)):
+            for xb, yb in g.batches(loader):
+                i = g.batch_in_epoch - 1  # not enumerate(): right after a mid-epoch resume too
                 loss = nn.functional.cross_entropy(model(xb), yb) / accumulate
                 loss.backward()
                 if (g.batch_in_epoch) % accumulate == 0:
