@@ -65,6 +65,18 @@ def daemon_pid(home: reg.Home) -> int | None:
 @click.option("--max-failures", type=int, help="Failures without a new checkpoint before giving up.")
 @click.option("--hang-min", type=float, help="Minimum heartbeat silence (s) before a job counts as hung.")
 @click.option("--startup", type=float, help="Allowance (s) before a job's first heartbeat.")
+@click.option(
+    "--devices",
+    help="The GPUs to hand out, e.g. 0,1 or GPU-UUIDs (default: NVML, else CUDA_VISIBLE_DEVICES).",
+)
+@click.option("--max-concurrent", type=click.IntRange(min=0), help="Jobs running at once (0: no limit).")
+@click.option(
+    "--keep-attempts",
+    type=click.IntRange(min=1),
+    help="Attempt directories kept per job (plus the first and the latest failure).",
+)
+@click.option("--notify", metavar="CMD", help="Run CMD (sh -c) with every job's events as JSON on stdin.")
+@click.option("--webhook", metavar="URL", help="POST every job's events as JSON to URL.")
 @click.option("-v", "--verbose", is_flag=True)
 def watch(
     home: str | None,
@@ -73,6 +85,11 @@ def watch(
     max_failures: int | None,
     hang_min: float | None,
     startup: float | None,
+    devices: str | None,
+    max_concurrent: int | None,
+    keep_attempts: int | None,
+    notify: str | None,
+    webhook: str | None,
     verbose: bool,
 ) -> None:
     """Run the supervisor in the foreground (systemd runs this as a service).
@@ -90,12 +107,17 @@ def watch(
                 "max_failures": max_failures,
                 "hang_min": hang_min,
                 "startup": startup,
+                "devices": devices,
+                "max_concurrent": max_concurrent,
+                "keep_attempts": keep_attempts,
+                "notify": notify,
+                "webhook": webhook,
             }
         )
         h.ensure()
     except (ValueError, DaemonError) as e:
         _fail(e)
-    _setup_logging(h, verbose)
+    _setup_logging(h, verbose, k.log_max_bytes)
     sup = Supervisor(h, k)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: sup.stop_event.set())
@@ -105,11 +127,15 @@ def watch(
         _fail(e)
 
 
-def _setup_logging(h: reg.Home, verbose: bool) -> None:
+def _setup_logging(h: reg.Home, verbose: bool, max_bytes: int) -> None:
+    """daemon.log rotates by size (one old copy kept), so a looping job cannot fill the disk."""
+    from logging.handlers import RotatingFileHandler
+
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger = logging.getLogger("guardian.daemon")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for handler in (logging.FileHandler(h.path("daemon.log"), mode="a"), logging.StreamHandler(sys.stderr)):
+    rotating = RotatingFileHandler(h.path("daemon.log"), mode="a", maxBytes=max_bytes, backupCount=1)
+    for handler in (rotating, logging.StreamHandler(sys.stderr)):
         handler.setFormatter(fmt)
         logger.addHandler(handler)
 
@@ -140,8 +166,19 @@ def _setup_logging(h: reg.Home, verbose: bool) -> None:
     metavar="NAME",
     help="Store this variable even if its name looks like a secret (*TOKEN*, *KEY*, ...). Repeatable.",
 )
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=1),
+    help="Whole GPUs to allocate (CUDA_VISIBLE_DEVICES); queued until free.",
+)
+@click.option("--cpu-only", is_flag=True, help="Run with CUDA_VISIBLE_DEVICES='' (the job sees no GPU).")
+@click.option(
+    "--priority", type=int, default=0, help="Higher starts first (default 0; equal: first registered first)."
+)
+@click.option("--notify", metavar="CMD", help="Run CMD (sh -c) with each event as JSON on stdin.")
+@click.option("--webhook", metavar="URL", help="POST each event as JSON to URL.")
 @json_option
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("command", nargs=-1, required=False, type=click.UNPROCESSED)
 def run(
     home: str | None,
     name: str | None,
@@ -149,6 +186,11 @@ def run(
     replace: bool,
     nproc: int | None,
     keep_env: tuple[str, ...],
+    gpus: int | None,
+    cpu_only: bool,
+    priority: int,
+    notify: str | None,
+    webhook: str | None,
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -162,22 +204,42 @@ def run(
     The job's environment is stored (mode 0600) without variables whose names look like
     secrets (TOKEN, SECRET, PASSWORD, KEY, CREDENTIAL); name one with --env to keep it.
     """
+    from ..daemon import jobctl
     from ..daemon.records import filter_env
 
     h = _home(home)
     try:
         h.ensure()
-        name = reg.check_name(name or _default_name(run_dir, command))
-        _check_replace(h, name, replace)
-        rd = os.path.abspath(run_dir) if run_dir else os.path.join(h.job_dir(name), "run")
+        if gpus and cpu_only:
+            raise DaemonError("--gpus and --cpu-only contradict each other; give one")
+        name = reg.check_name(name or _default_name(run_dir, command or ("job",)))
+        kept = _check_replace(h, name, replace, bool(command))
+        if kept is None and not command:
+            raise DaemonError("give the command after --, e.g. guardian run --dir RUN -- python train.py")
+        argv = _job_argv(nproc, command) if command else kept.argv  # type: ignore[union-attr]
+        rd = (
+            os.path.abspath(run_dir)
+            if run_dir
+            else kept.run_dir
+            if kept
+            else os.path.join(h.job_dir(name), "run")
+        )
+        if gpus:
+            jobctl.check_gpus_fit(h, gpus)
+        jobctl.check_command(argv, os.getcwd())
         spec = reg.JobSpec(
             name=name,
-            argv=_job_argv(nproc, command),
-            cwd=os.getcwd(),
+            argv=argv,
+            cwd=kept.cwd if kept is not None and not command else os.getcwd(),
             run_dir=rd,
             env=filter_env(dict(os.environ), keep_env),
             owner_uid=os.getuid(),
             nproc=nproc,
+            gpus=gpus,
+            cpu_only=cpu_only,
+            priority=priority,
+            notify=notify,
+            webhook=jobctl.check_webhook(webhook),
         )
         os.makedirs(os.path.dirname(rd), exist_ok=True)  # the daemon creates rd itself
         reg.save_spec(h, spec)
@@ -214,9 +276,11 @@ def _default_name(run_dir: str | None, command: tuple[str, ...]) -> str:
     return cleaned[:64]
 
 
-def _check_replace(h: reg.Home, name: str, replace: bool) -> None:
+def _check_replace(h: reg.Home, name: str, replace: bool, new_command: bool) -> reg.JobSpec | None:
+    """Refuse to overwrite a live job; on --replace return the registered spec (its command is kept
+    unless a new one is given)."""
     if not os.path.exists(h.job_file(name, "job.json")):
-        return
+        return None
     try:
         st = reg.load_state(h, name)
         state = st.state if st else reg.PENDING
@@ -232,6 +296,14 @@ def _check_replace(h: reg.Home, name: str, replace: bool) -> None:
         )
     if state not in (*reg.TERMINAL, reg.HELD):
         raise DaemonError(f"job {name!r} is {state}; `guardian stop {name}` it before --replace")
+    try:
+        return reg.load_spec(h, name)
+    except (DaemonError, OSError) as e:
+        if new_command:
+            return None
+        raise DaemonError(
+            f"job {name!r}: its registered command cannot be reused ({e}); give one after --"
+        ) from e
 
 
 # ---------------------------------------------------------------------------- status
@@ -312,7 +384,7 @@ def logs(home: str | None, name: str, attempt: int | None, which: str, events: b
         _fail(DaemonError(f"job {name!r} has not started yet"))
     path = os.path.join(h.attempt_dir(name, n), f"{which}.log")
     if not os.path.exists(path):
-        _fail(DaemonError(f"{path}: no such log (attempts so far: {len(st.attempts) if st else 0})"))
+        _fail(DaemonError(f"{path}: no such log (attempts so far: {st.started if st else 0})"))
     if as_json:
         with open(path, encoding="utf-8", errors="replace") as f:
             click.echo(json.dumps({"name": name, "attempt": n, "path": path, "text": f.read()}))

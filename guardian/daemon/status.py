@@ -34,7 +34,7 @@ def job_summary(h: reg.Home, name: str) -> dict[str, Any]:
         "name": name,
         "state": st.state,
         "reason": st.reason,
-        "attempts": len(st.attempts),
+        "attempts": st.started,
         "restarts": st.restarts,
         "failures_without_progress": st.failures,
         "pid": (running.child or {}).get("pid") if running else None,  # the job's, never the shim's
@@ -48,6 +48,9 @@ def job_summary(h: reg.Home, name: str) -> dict[str, Any]:
         "step": hb.get("step") if hb else None,
         "phase": hb.get("phase") if hb else None,
         "gpus": cur.gpus if cur else [],
+        "devices": running.devices if running else [],  # allocated (CUDA_VISIBLE_DEVICES)
+        "wants_gpus": spec.gpus if spec else None,
+        "priority": spec.priority if spec else 0,
         "next_start_at": st.next_start_at,
         "stderr_tail": st.stderr_tail,
         "run_dir": spec.run_dir if spec else None,

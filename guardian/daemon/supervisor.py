@@ -35,7 +35,7 @@ import psutil
 
 from ..errors import RunLockedError
 from ..locking import RunLock
-from . import DaemonError, UnsafeJobError, procs, progress, reconcile
+from . import DaemonError, UnsafeJobError, devices, procs, progress, reconcile
 from . import registry as reg
 from .attempts import Attempts
 from .gpu import Gpus, gpu_event, note_gpus
@@ -64,6 +64,7 @@ class Supervisor:
         self.gpus = gpus or Gpus()
         self.journal = Journal(home)
         self.attempts = Attempts(home, knobs, self.journal, self.gpus, self.cache, self.boot)
+        self.attempts.jobs = self.jobs
         self.stopper = Stopper(self.journal, knobs)
         self.hangs = HangWatch(home, knobs, self.journal, self.stopper, self.attempts.tag)
         self.stop_event = threading.Event()
@@ -121,7 +122,12 @@ class Supervisor:
     def tick(self) -> None:
         self.passes += 1
         self.scan()
-        for name in list(self.jobs):
+        lost = self.attempts.alloc.refresh()
+        if lost or self.passes == 1:
+            devices.publish(self.home, self.attempts.alloc.inventory)
+            devices.mark_lost(self.jobs.values(), lost, self.stopper, self.journal, self.attempts.tag)
+        self.attempts.alloc.new_pass()
+        for name in devices.queue_order(self.specs, list(self.jobs)):
             self.guarded(name, self.advance)
         for ev in self.gpus.drain_events():
             gpu_event(self.jobs.values(), ev, self.journal)
