@@ -31,6 +31,11 @@ OPTIONAL_COMMANDS: dict[str, str] = {
     "logs": "guardian.cli.daemon:logs",
     "stop": "guardian.cli.daemon:stop",
     "service": "guardian.cli.daemon:service",
+    "adopt": "guardian.cli.jobs:adopt",
+    "rm": "guardian.cli.jobs:rm",
+    "resume": "guardian.cli.jobs:resume",
+    "restart": "guardian.cli.jobs:restart",
+    "top": "guardian.cli.top:top",
     "migrate": "guardian.cli.migrate:migrate",
     "export": "guardian.cli.export:export",
 }

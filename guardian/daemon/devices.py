@@ -94,13 +94,16 @@ class Allocator:
         self.gpus, self.k = gpus, k
         self.inventory = Inventory([], "none")
         self.blocked: str | None = None  # a GPU job earlier in this pass's queue that could not start
+        self.published = False  # inventory.json written at least once
+        self.changed = False  # the last refresh changed the inventory
 
     def refresh(self) -> list[str]:
         """Re-read the inventory; returns the devices that disappeared since last time."""
         old = self.inventory
         self.inventory = discover(self.gpus, self.k)
         gone = [d for d in old.devices if d not in self.inventory.devices]
-        if self.inventory.devices != old.devices:
+        self.changed = self.inventory.devices != old.devices
+        if self.changed:
             log.info(
                 "GPU inventory (%s): %s", self.inventory.source, ", ".join(self.inventory.devices) or "none"
             )
@@ -146,6 +149,17 @@ class Allocator:
                 + "; held — re-register with fewer --gpus, or fix the GPU"
             )
         return None
+
+
+def new_pass(alloc: Allocator, home: Any, jobs: Iterable[JobState], stopper: Any, tag: Any) -> None:
+    """Once per supervisor pass: re-read the inventory, act on lost devices, reset the queue."""
+    first = not alloc.published
+    lost = alloc.refresh()
+    if lost or first or alloc.changed:
+        publish(home, alloc.inventory)
+        alloc.published = True
+        mark_lost(jobs, lost, stopper, stopper.journal, tag)
+    alloc.new_pass()
 
 
 def publish(home: Any, inventory: Inventory) -> None:

@@ -35,7 +35,7 @@ import psutil
 
 from ..errors import RunLockedError
 from ..locking import RunLock
-from . import DaemonError, UnsafeJobError, devices, procs, progress, reconcile
+from . import DaemonError, UnsafeJobError, adoption, devices, procs, progress, reconcile
 from . import registry as reg
 from .attempts import Attempts
 from .gpu import Gpus, gpu_event, note_gpus
@@ -122,11 +122,7 @@ class Supervisor:
     def tick(self) -> None:
         self.passes += 1
         self.scan()
-        lost = self.attempts.alloc.refresh()
-        if lost or self.passes == 1:
-            devices.publish(self.home, self.attempts.alloc.inventory)
-            devices.mark_lost(self.jobs.values(), lost, self.stopper, self.journal, self.attempts.tag)
-        self.attempts.alloc.new_pass()
+        devices.new_pass(self.attempts.alloc, self.home, self.jobs.values(), self.stopper, self.attempts.tag)
         for name in devices.queue_order(self.specs, list(self.jobs)):
             self.guarded(name, self.advance)
         for ev in self.gpus.drain_events():
@@ -195,6 +191,8 @@ class Supervisor:
         if not was_known:
             kind = "registered" if not st.attempts else "loaded"
             self.journal.event(st, kind, f"state {st.state}", argv=spec.argv, run_dir=spec.run_dir)
+        if adoption.adopt_into(st, spec, self.home, self.boot):
+            self.journal.event(st, "adopted", st.reason, pid=st.latest.child and st.latest.child["pid"])
         self.jobs[name] = st
         self.journal.save(st)
         if st.state in (reg.RUNNING, reg.STOPPING) and not self.hangs.watching(name):
