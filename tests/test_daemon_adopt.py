@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -75,7 +76,7 @@ def test_adopt_command_watches_a_run_already_going(home, tmp_path):
     try:
         wait_for(lambda: os.path.exists(os.path.join(run, "run.json")), 60, "run.json")
         r = cli(home, "adopt", run, "--json")
-        assert '"pid": %d' % hand.pid in r.stdout
+        assert f'"pid": {hand.pid}' in r.stdout
         wait_for(
             lambda: (j := job_of(home, "going")) and j["state"] == "running" and j["pid"] == hand.pid,
             60,
@@ -95,7 +96,7 @@ def test_adopt_refuses_a_run_directory_owned_by_another_user(home, tmp_path):
         pytest.skip("needs root to give the run directory to another user")
     run = tmp_path / "theirs"
     run.mkdir()
-    (run / "run.json").write_text('{"state": "running", "pid": %d, "updated": 0}' % os.getpid())
+    (run / "run.json").write_text(json.dumps({"state": "running", "pid": os.getpid(), "updated": 0}))
     os.chown(run, 65534, 65534)
     r = cli(home, "adopt", str(run), check=False)
     assert r.returncode != 0
