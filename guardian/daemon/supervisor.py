@@ -42,6 +42,7 @@ from .gpu import Gpus, gpu_event, note_gpus
 from .hangs import HangWatch
 from .journal import Journal
 from .knobs import Knobs
+from .notify import Notifier
 from .records import JobSpec, JobState
 from .safefiles import BadFileError
 from .shim import CHILD_FILE, SHIM_FILE
@@ -62,7 +63,7 @@ class Supervisor:
         self.cache = progress.ProgressCache()
         self.waker = Waker()
         self.gpus = gpus or Gpus()
-        self.journal = Journal(home)
+        self.journal = Journal(home, Notifier(knobs, self.specs))
         self.attempts = Attempts(home, knobs, self.journal, self.gpus, self.cache, self.boot)
         self.attempts.jobs = self.jobs
         self.stopper = Stopper(self.journal, knobs)
@@ -85,6 +86,7 @@ class Supervisor:
                 self.waker.wait(self.k.poll)
         finally:
             self.waker.stop()
+            self.journal.close()
             self.gpus.stop()
             self.release()
 
