@@ -17,7 +17,7 @@ import time
 
 import psutil
 
-from . import devices, gates, policy, procs, progress
+from . import devices, gates, housekeeping, policy, procs, progress
 from . import registry as reg
 from .gpu import Gpus
 from .journal import Journal
@@ -146,6 +146,8 @@ class Attempts:
         verdict = policy.classify(facts)
         self.close(st, verdict.classification, verdict.reason)
         self.apply(st, verdict, spec)
+        if housekeeping.prune(self.home, st, self.k.keep_attempts, self.k.log_max_bytes):
+            self.journal.save(st)
 
     def exit_facts(self, st: JobState, spec: JobSpec | None) -> policy.ExitFacts:
         a = st.latest

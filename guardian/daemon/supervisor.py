@@ -35,7 +35,7 @@ import psutil
 
 from ..errors import RunLockedError
 from ..locking import RunLock
-from . import DaemonError, UnsafeJobError, adoption, devices, procs, progress, reconcile
+from . import DaemonError, UnsafeJobError, adoption, devices, housekeeping, procs, progress, reconcile
 from . import registry as reg
 from .attempts import Attempts
 from .gpu import Gpus, gpu_event, note_gpus
@@ -313,6 +313,7 @@ class Supervisor:
             self.end_attempt(st, spec)
             return
         self.note_progress(st, spec)
+        housekeeping.cap_logs(self.home.attempt_dir(st.name, st.latest.n), self.k.log_max_bytes)
         note_gpus(self.gpus, st, self.journal)
         if st.state == reg.RUNNING:
             if not self.take_stop_request(st):
