@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from daemon_jobs.harness import FAKE, TINY, Daemon, cli, digest, env_with, events, status, wait_for
+from daemon_jobs.harness import FAKE, TINY, Daemon, cli, digest, env_with, events, reap, status, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,9 @@ def reference_digest(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def home(tmp_path) -> str:
-    return str(tmp_path / "home")
+def home(tmp_path):
+    yield str(tmp_path / "home")
+    reap(str(tmp_path / "home"))
 
 
 def job_of(home: str, name: str) -> dict | None:

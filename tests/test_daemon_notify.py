@@ -10,15 +10,16 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import psutil
 import pytest
-from daemon_jobs.harness import FAKE, TINY, Daemon, cli, env_with, status, wait_for
+from daemon_jobs.harness import FAKE, TINY, Daemon, cli, env_with, reap, status, wait_for
 
 from guardian.daemon import knobs, notify
 from guardian.daemon.records import JobSpec, JobState
 
 
 @pytest.fixture
-def home(tmp_path) -> str:
-    return str(tmp_path / "home")
+def home(tmp_path):
+    yield str(tmp_path / "home")
+    reap(str(tmp_path / "home"))
 
 
 class Receiver:

@@ -13,14 +13,15 @@ import os
 import sys
 
 import pytest
-from daemon_jobs.harness import HERE, Daemon, cli, env_with, events, status, wait_for
+from daemon_jobs.harness import HERE, Daemon, cli, env_with, events, reap, status, wait_for
 
 GPU_JOB = os.path.join(HERE, "gpu_job.py")
 
 
 @pytest.fixture
-def home(tmp_path) -> str:
-    return str(tmp_path / "home")
+def home(tmp_path):
+    yield str(tmp_path / "home")
+    reap(str(tmp_path / "home"))
 
 
 def states(home: str) -> dict[str, dict]:

@@ -27,15 +27,15 @@ COMMANDS: dict[str, str] = {
 OPTIONAL_COMMANDS: dict[str, str] = {
     "watch": "guardian.cli.daemon:watch",
     "run": "guardian.cli.daemon:run",
-    "status": "guardian.cli.daemon:status",
-    "logs": "guardian.cli.daemon:logs",
+    "status": "guardian.cli.views:status",
+    "logs": "guardian.cli.views:logs",
     "stop": "guardian.cli.daemon:stop",
     "service": "guardian.cli.daemon:service",
     "adopt": "guardian.cli.jobs:adopt",
     "rm": "guardian.cli.jobs:rm",
     "resume": "guardian.cli.jobs:resume",
     "restart": "guardian.cli.jobs:restart",
-    "top": "guardian.cli.top:top",
+    "top": "guardian.cli.views:top",
     "migrate": "guardian.cli.migrate:migrate",
     "export": "guardian.cli.export:export",
 }

@@ -306,91 +306,11 @@ def _check_replace(h: reg.Home, name: str, replace: bool, new_command: bool) -> 
         ) from e
 
 
-# ---------------------------------------------------------------------------- status
-
-
-@click.command()
-@home_option
-@click.argument("name", required=False)
-@json_option
-def status(home: str | None, name: str | None, as_json: bool) -> None:
-    """Jobs, their state, attempts, pid, last verified checkpoint, heartbeat age."""
-    h = _home(home)
-    names = [name] if name else h.job_names()
-    if name and name not in h.job_names():
-        _fail(DaemonError(f"no job named {name!r} in {h.root}"))
-    from ..daemon.status import job_summary
-
-    jobs = [job_summary(h, n) for n in names]
-    pid = daemon_pid(h)
-    if as_json:
-        click.echo(json.dumps({"home": h.root, "daemon_pid": pid, "jobs": jobs}, indent=2))
-        return
-    click.echo(f"daemon: {f'pid {pid}' if pid else 'not running'}  ({h.root})")
-    for j in jobs:
-        _print_job(j, detail=bool(name))
-
-
 def _state_or_none(h: reg.Home, name: str) -> reg.JobState | None:
     try:
         return reg.load_state(h, name)
     except DaemonError:
         return None
-
-
-def _print_job(j: dict[str, Any], detail: bool) -> None:
-    hb = f"{j['heartbeat_age']:.0f}s ago" if j["heartbeat_age"] is not None else "-"
-    click.echo(
-        f"{j['name']:<20} {j['state']:<10} attempts={j['attempts']} pid={j['pid'] or '-'} "
-        f"{'nproc=' + str(j['nproc']) + ' ' if j.get('nproc') else ''}"
-        f"step={j['step'] if j['step'] is not None else '-'} heartbeat={hb} "
-        f"checkpoint={j['last_checkpoint'] or '-'} gpus={','.join(j['gpus']) or '-'}"
-    )
-    click.echo(f"    {j['reason']}")
-    if j.get("heartbeat_problem"):
-        click.echo(f"    heartbeat: {j['heartbeat_problem']}")
-    if j["stderr_tail"] and (detail or j["state"] in (reg.FAILED, reg.HELD, reg.INCOMPLETE)):
-        click.echo("    last lines of stderr:")
-        for line in j["stderr_tail"][-10:]:
-            click.echo(f"      | {line}")
-
-
-# ---------------------------------------------------------------------------- logs
-
-
-@click.command()
-@home_option
-@click.argument("name")
-@click.option("--attempt", type=int, help="Attempt number (default: the latest).")
-@click.option("--stdout", "which", flag_value="stdout", help="Show stdout instead of stderr.")
-@click.option("--stderr", "which", flag_value="stderr", default=True, help="Show stderr (default).")
-@click.option("--events", is_flag=True, help="Show the job's decisions (events.jsonl) instead.")
-@json_option
-def logs(home: str | None, name: str, attempt: int | None, which: str, events: bool, as_json: bool) -> None:
-    """An attempt's log (kept across restarts), or the job's decisions with --events."""
-    h = _home(home)
-    if name not in h.job_names():
-        _fail(DaemonError(f"no job named {name!r} in {h.root}"))
-    if events:
-        evs = reg.read_events(h, name)
-        if as_json:
-            click.echo(json.dumps(evs, indent=2))
-        for e in [] if as_json else evs:
-            click.echo(f"{time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['event']}: {e['reason']}")
-        return
-    st = _state_or_none(h, name)
-    n = attempt or (st.current.n if st and st.current else None)
-    if n is None:
-        _fail(DaemonError(f"job {name!r} has not started yet"))
-    path = os.path.join(h.attempt_dir(name, n), f"{which}.log")
-    if not os.path.exists(path):
-        _fail(DaemonError(f"{path}: no such log (attempts so far: {st.started if st else 0})"))
-    if as_json:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            click.echo(json.dumps({"name": name, "attempt": n, "path": path, "text": f.read()}))
-        return
-    with open(path, "rb") as f:
-        sys.stdout.buffer.write(f.read())
 
 
 # ---------------------------------------------------------------------------- stop
