@@ -394,3 +394,49 @@ def install(home: str | None, user_mode: bool, unit_dir: str | None, print_only:
 
 def _emit(as_json: bool, record: dict[str, Any], text: str) -> None:
     click.echo(json.dumps(record, indent=2) if as_json else text)
+
+
+@service.command("uninstall")
+@click.option("--user", "user_mode", is_flag=True, help="The user unit (~/.config/systemd/user).")
+@click.option("--unit-dir", type=click.Path(file_okay=False), help="The unit is here instead.")
+@json_option
+def uninstall(user_mode: bool, unit_dir: str | None, as_json: bool) -> None:
+    """Remove the unit `service install` wrote (running jobs are not touched)."""
+    from ..daemon import service as svc
+
+    path = svc.unit_path(user_mode, unit_dir)
+    try:
+        removed = svc.remove_unit(path)
+    except OSError as e:
+        _fail(e)
+    steps = svc.uninstall_steps(user_mode) if removed else []
+    text = (
+        f"removed {path}\nnext:\n  " + "\n  ".join(steps) if removed else f"no unit at {path}; nothing to do"
+    )
+    _emit(as_json, {"unit": path, "removed": removed, "next": steps}, text)
+
+
+@service.command("status")
+@home_option
+@click.option("--user", "user_mode", is_flag=True, help="The user unit (~/.config/systemd/user).")
+@click.option("--unit-dir", type=click.Path(file_okay=False), help="The unit is here instead.")
+@json_option
+def service_status(home: str | None, user_mode: bool, unit_dir: str | None, as_json: bool) -> None:
+    """Is the unit installed, what systemd says of it, and is a daemon running for HOME."""
+    from ..daemon import service as svc
+
+    h = _home(home)
+    path = svc.unit_path(user_mode, unit_dir)
+    rec = {
+        "unit": path,
+        "installed": os.path.exists(path),
+        "systemd": svc.systemd_state(user_mode),
+        "home": h.root,
+        "daemon_pid": daemon_pid(h),
+    }
+    pid = rec["daemon_pid"]
+    text = (
+        f"unit: {path} ({'installed' if rec['installed'] else 'not installed'}); systemd: {rec['systemd']}\n"
+        f"daemon for {h.root}: {f'pid {pid}' if pid else 'not running'}"
+    )
+    _emit(as_json, rec, text)

@@ -1,0 +1,81 @@
+"""The operator's small commands: service uninstall/status, run's checks, --replace, rm, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from daemon_jobs.harness import FAKE, GUARDIAN, Daemon, cli, env_with, reap, status, wait_for
+
+
+def svc(home: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = env_with(GUARDIAN_HOME=home)
+    r = subprocess.run([GUARDIAN, "service", *args], env=env, capture_output=True, text=True, timeout=60)
+    assert not check or r.returncode == 0, r.stderr
+    return r
+
+
+def test_service_install_status_uninstall(tmp_path):
+    home, units = str(tmp_path / "home"), str(tmp_path / "units")
+    svc(home, "install", "--unit-dir", units)
+    st = json.loads(svc(home, "status", "--unit-dir", units, "--json").stdout)
+    assert st["installed"] and st["daemon_pid"] is None and st["systemd"]
+    out = json.loads(svc(home, "uninstall", "--unit-dir", units, "--json").stdout)
+    assert out["removed"] and not os.path.exists(out["unit"]) and "disable" in out["next"][0]
+    again = json.loads(svc(home, "uninstall", "--unit-dir", units, "--json").stdout)
+    assert again["removed"] is False
+
+
+def test_uninstall_leaves_a_foreign_unit_alone(tmp_path):
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "guardian.service").write_text("[Service]\nExecStart=/usr/bin/something-else\n")
+    r = svc(str(tmp_path / "home"), "uninstall", "--unit-dir", str(units), check=False)
+    assert r.returncode != 0 and "left alone" in r.stderr
+    assert (units / "guardian.service").exists()
+
+
+def test_run_refuses_a_missing_command_and_creates_the_run_dirs_parent(tmp_path):
+    home = str(tmp_path / "home")
+    r = cli(home, "run", "--name", "typo", "--", "pyhton3", "train.py", check=False)
+    assert r.returncode != 0 and "pyhton3: command not found" in r.stderr
+    run = tmp_path / "deep" / "er" / "run"
+    cli(home, "run", "--name", "ok", "--dir", str(run), "--", sys.executable, FAKE, "finish")
+    assert run.parent.is_dir()
+
+
+def test_replace_keeps_the_command_rm_and_resume(tmp_path):
+    home = str(tmp_path / "home")
+    d = Daemon(home).start()
+    try:
+        cli(
+            home,
+            "run",
+            "--name",
+            "j",
+            "--dir",
+            str(tmp_path / "run"),
+            "--",
+            sys.executable,
+            FAKE,
+            "finish",
+            "3",
+        )
+        wait_for(lambda: status(home, "j")["state"] == "done", 60, "done")
+        cli(home, "run", "--replace", "--name", "j", "--priority", "3")
+        assert status(home, "j")["argv"] == [sys.executable, FAKE, "finish", "3"]
+        wait_for(
+            lambda: status(home, "j")["state"] == "done" and status(home, "j")["attempts"] == 2, 60, "rerun"
+        )
+        cli(home, "resume", "j")
+        wait_for(
+            lambda: status(home, "j")["attempts"] == 3 and status(home, "j")["state"] == "done", 60, "resumed"
+        )
+        cli(home, "rm", "j")
+        assert "j" not in [j["name"] for j in status(home)["jobs"]]
+        assert (tmp_path / "run").is_dir(), "rm keeps the run directory"
+    finally:
+        d.stop()
+        reap(home)
