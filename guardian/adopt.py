@@ -41,12 +41,11 @@ def on_enter(guard: Any) -> None:
     """Called once the guard holds its run directory: register this process if asked."""
     if not wanted(guard) or not guard.world.is_leader or os.environ.get("GUARDIAN_ATTEMPT_TAG"):
         return
-    from .daemon import DaemonError
-    from .daemon.adoption import register_process
-
     try:
+        from .daemon.adoption import register_process
+
         spec, note = register_process(guard.run_dir, os.getpid(), this_process=True)
-    except (DaemonError, OSError) as e:
+    except Exception as e:  # asked-for supervision failing must never stop the training it guards
         log.warning("not watched by the daemon: %s; training goes on unwatched", e)
         return
     log.info("registered with the daemon as job %r (%s)", spec.name, note)

@@ -103,3 +103,18 @@ def test_adopt_refuses_a_run_directory_owned_by_another_user(home, tmp_path):
     assert r.returncode != 0
     assert "refused" in r.stderr and "owned by uid 65534" in r.stderr
     assert not os.path.exists(os.path.join(home, "jobs", "theirs"))
+
+
+def test_a_failed_registration_warns_and_training_goes_on(tmp_path):
+    not_a_dir = tmp_path / "home-is-a-file"
+    not_a_dir.write_text("")
+    env = env_with(
+        GUARDIAN_WATCH="1",
+        GUARDIAN_HOME=str(not_a_dir),
+        GUARDIAN_RUN_DIR=str(tmp_path / "run"),
+        TINY_EPOCHS="1",
+    )
+    r = subprocess.run([sys.executable, TINY], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "not watched by the daemon" in r.stderr and "training goes on unwatched" in r.stderr
+    assert "finished at step" in r.stdout
