@@ -60,3 +60,43 @@ def test_a_device_that_disappears_from_nvml_holds_its_job_with_the_reason(home, 
         wait_for(lambda: status(home, "two")["state"] == "done", 60, "job two done")
     finally:
         d.stop()
+
+
+def test_a_freed_device_is_handed_on_only_after_the_dead_jobs_memory_is_released(home, tmp_path):
+    devices, procs = tmp_path / "nvml-devices", tmp_path / "nvml-procs"
+    devices.write_text("GPU-aaaa\n")
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    env = {"PYTHONPATH": FAKE_NVML, "FAKE_NVML_DEVICES": str(devices), "FAKE_NVML_PROCS": str(procs)}
+    d = Daemon(home, GUARDIAN_DAEMON_GPU_RELEASE_TIMEOUT="600", **env).start()
+    try:
+        job = ["--", sys.executable, GPU_JOB]
+        for name in ("first", "second"):
+            cli(
+                home,
+                "run",
+                "--name",
+                name,
+                "--dir",
+                str(tmp_path / name),
+                "--gpus",
+                "1",
+                *job,
+                env=env_with(CLAIMS=str(claims)),
+            )
+        pid = wait_for(lambda: status(home, "first")["pid"], 60, "first running")
+        procs.write_text(f"GPU-aaaa {pid} 1000000\n")  # NVML: the job's memory on the device
+        open(claims / "release-first", "w").close()
+        wait_for(lambda: status(home, "first")["state"] == "done", 60, "first done")
+        wait_for(
+            lambda: "memory of an ended attempt not yet released" in status(home, "second")["reason"],
+            60,
+            "second to wait for the memory",
+        )
+        assert status(home, "second")["state"] == "pending"
+        procs.write_text("")  # the driver let go
+        wait_for(lambda: status(home, "second")["devices"] == ["GPU-aaaa"], 60, "second on the freed device")
+        open(claims / "release-second", "w").close()
+        wait_for(lambda: status(home, "second")["state"] == "done", 60, "second done")
+    finally:
+        d.stop()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,8 @@ class Allocator:
         if self.blocked is None and len(free) >= spec.gpus:
             return None
         holders = sorted(set(held(jobs.values()).values()))
+        if self.gpus.available and self.draining(jobs):
+            holders.append("memory of an ended attempt not yet released")
         why = f"needs {spec.gpus} GPU(s), {len(free)} free of {len(self.inventory.devices)}" + (
             f" (held by {', '.join(holders)})" if holders else ""
         )
@@ -132,8 +135,29 @@ class Allocator:
         return f"queued: {why}"
 
     def free(self, jobs: Mapping[str, JobState]) -> list[str]:
-        taken = held(jobs.values())
+        taken = set(held(jobs.values())) | self.draining(jobs)
         return [d for d in self.inventory.devices if d not in taken]
+
+    def draining(self, jobs: Mapping[str, JobState]) -> set[str]:
+        """Devices where a recently ended attempt's process still holds memory (NVML).
+
+        A dead job's memory can outlive it for a while (a zombie, a driver still
+        tearing down); the next job on that device would run out of memory. Waits at
+        most ``gpu_release_timeout`` after the attempt ended.
+        """
+        if not self.gpus.available:
+            return set()
+        now = time.time()
+        pids = {
+            st.current.child["pid"]
+            for st in jobs.values()
+            if st.state not in (RUNNING, STOPPING)
+            and st.current is not None
+            and st.current.child
+            and st.current.ended
+            and now - st.current.ended < self.k.gpu_release_timeout
+        }
+        return set(self.gpus.usage(pids)) if pids else set()
 
     def take(self, spec: JobSpec, jobs: Mapping[str, JobState]) -> list[str]:
         """The devices for ``spec``'s next attempt (call after ``wait_reason`` said go)."""

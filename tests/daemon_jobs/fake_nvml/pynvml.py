@@ -2,8 +2,9 @@
 
 Put this directory first on the daemon's PYTHONPATH. The devices are the lines of the
 file named by ``FAKE_NVML_DEVICES`` (one UUID a line), re-read at every call, so a
-test makes a device "fall off the bus" by rewriting the file. No process ever holds
-memory on these devices. Only what guardian.daemon.gpu calls is provided.
+test makes a device "fall off the bus" by rewriting the file. No process holds
+memory on these devices unless ``FAKE_NVML_PROCS`` names a file of "UUID PID BYTES"
+lines. Only what guardian.daemon.gpu calls is provided.
 """
 
 from __future__ import annotations
@@ -43,8 +44,19 @@ def nvmlDeviceGetUUID(handle: str) -> str:
     return handle
 
 
+class _Proc:
+    def __init__(self, pid: int, used: int) -> None:
+        self.pid, self.usedGpuMemory = pid, used
+
+
 def nvmlDeviceGetComputeRunningProcesses(handle: str) -> list:
-    return []
+    """Lines "UUID PID BYTES" of the file named by ``FAKE_NVML_PROCS`` (if any)."""
+    path = os.environ.get("FAKE_NVML_PROCS")
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [line.split() for line in f if line.strip()]
+    return [_Proc(int(pid), int(used)) for uuid, pid, used in rows if uuid == handle]
 
 
 def nvmlDeviceGetGraphicsRunningProcesses(handle: str) -> list:
