@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from . import adopt, commit, hparams
+from . import commit, hparams
 from .config import GuardConfig
 from .distributed import World
 from .errors import EXIT_REQUEUE, GuardianError
@@ -126,7 +126,6 @@ class Guard:
             if self._preempt:
                 self._preempt.install()
             self.voice.status("running", **self._status_fields(resumed_from=self.resumed_from))
-            adopt.on_enter(self)  # GUARDIAN_WATCH=1 / watch=True: the daemon restarts us if we die
         except BaseException:
             self._cleanup()
             raise

@@ -107,9 +107,8 @@ def protect(
         handle_signals=handle_signals,
         tensorboard=tensorboard,
     )
-    guard = Guard(trainer, components, config, writer or _default_writer(async_save))
-    adopt.request(guard, watch)
-    return guard
+    adopt.register_if_asked(config.run_dir, watch)  # the daemon restarts this script if it dies
+    return Guard(trainer, components, config, writer or _default_writer(async_save))
 
 
 def _default_writer(async_save: bool) -> Writer:

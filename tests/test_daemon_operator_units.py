@@ -117,3 +117,31 @@ def test_table_fits_80_columns_and_names_what_is_not_running():
     assert any(line.startswith("  q: queued") for line in lines)
     wide = view.table(jobs, 160)
     assert "WHY" in wide[0] and "queued: needs 1 GPU(s)" in wide[2]
+
+
+def test_journal_notifies_hung_gave_up_held_and_done(tmp_path):
+    import json
+    import os
+
+    from guardian.daemon import notify
+    from guardian.daemon import registry as reg
+    from guardian.daemon.journal import Journal
+
+    out = tmp_path / "out"
+    h = reg.Home(str(tmp_path / "home")).ensure()
+    os.makedirs(h.job_dir("j"))
+    k = knobs.Knobs(notify=f"cat >> {out}", notify_interval=3600, notify_timeout=30)
+    j = Journal(h, notify.Notifier(k, {"j": spec("j")}))
+    st = JobState(name="j", state="running")
+    j.event(st, "hang", "no heartbeat for 300 s")
+    j.set_state(st, "failed", "gave up: 3 failures without a newer valid checkpoint")
+    j.set_state(st, "held", "GPU x disappeared")
+    j.set_state(st, "backoff", "restart in 10 s")  # not worth waking anyone
+    j.set_state(st, "done", "exited 0 and run.json says finished")
+    j.close()
+    assert [json.loads(line)["event"] for line in out.read_text().splitlines()] == [
+        "hung",
+        "gave-up",
+        "held",
+        "done",
+    ]

@@ -33,6 +33,8 @@ def register_process(
 ) -> tuple[JobSpec, str]:
     """Write the job definition that makes the daemon watch ``pid``; returns it and a note."""
     run_dir = os.path.abspath(run_dir)
+    if this_process:
+        os.makedirs(run_dir, exist_ok=True)  # protect() is called before the guard creates it
     check_owner(run_dir)
     h = reg.Home(home or default_home()).ensure()
     try:

@@ -146,16 +146,18 @@ class Notifier:
         with urllib.request.urlopen(req, timeout=self.k.notify_timeout) as resp:  # noqa: S310 (http(s) only: checked at run)
             resp.read(1024)
 
-    def close(self) -> None:
-        """At daemon exit: kill a notifier still running, let the thread end."""
+    def close(self, grace: float = 5.0) -> None:
+        """At daemon exit: give queued notifications ``grace`` seconds, then kill what runs."""
+        if self.thread is None:
+            return
+        try:
+            self.queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self.thread.join(timeout=grace)
         proc = self.running
-        if proc is not None:
+        if self.thread.is_alive() and proc is not None:
             _kill_group(proc)
-        if self.thread is not None:
-            try:
-                self.queue.put_nowait(None)
-            except queue.Full:
-                pass
             self.thread.join(timeout=2.0)
 
 
