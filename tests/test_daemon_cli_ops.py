@@ -79,3 +79,43 @@ def test_replace_keeps_the_command_rm_and_resume(tmp_path):
     finally:
         d.stop()
         reap(home)
+
+
+def test_logs_follow_moves_on_to_the_next_attempt(tmp_path):
+    home = str(tmp_path / "home")
+    cli(
+        home,
+        "run",
+        "--name",
+        "rq",
+        "--dir",
+        str(tmp_path / "run"),
+        "--",
+        sys.executable,
+        FAKE,
+        "requeue",
+        "3",
+    )
+    follower = subprocess.Popen(
+        [GUARDIAN, "logs", "--home", home, "rq", "--stdout", "-f"], stdout=subprocess.PIPE, env=env_with()
+    )
+    d = Daemon(home).start()  # after the follower: it sees the job's first attempt begin
+    try:
+        wait_for(lambda: status(home, "rq")["state"] == "done", 60, "the requeued job done")
+        seen = b""
+        os.set_blocking(follower.stdout.fileno(), False)
+
+        def read_more() -> bool:
+            nonlocal seen
+            seen += follower.stdout.read() or b""
+            return b"fake job requeue attempt 2" in seen
+
+        wait_for(read_more, 60, "the follower to reach attempt 2")
+        first, marker = seen.index(b"fake job requeue attempt 1"), seen.index(b"=== guardian: attempt 2 ===")
+        assert first < marker < seen.index(b"fake job requeue attempt 2")
+    finally:
+        if follower.poll() is None:
+            follower.terminate()
+            follower.wait(timeout=30)
+        d.stop()
+        reap(home)

@@ -130,3 +130,26 @@ def test_priority_jumps_the_queue_and_cpu_only_hides_gpus(home, tmp_path):
         assert "cpu runs on no GPU" in log
     finally:
         d.stop()
+
+
+def test_a_restarted_daemon_keeps_the_allocation(home, tmp_path):
+    claims = str(tmp_path / "claims")
+    os.makedirs(claims)
+    d = Daemon(home, GUARDIAN_DAEMON_DEVICES="only").start()
+    try:
+        register(home, "a", str(tmp_path / "a"), claims, "--gpus", "1")
+        wait_for(lambda: "a" in running(home), 60, "a running")
+        register(home, "b", str(tmp_path / "b"), claims, "--gpus", "1")
+        wait_for(lambda: "queued" in states(home)["b"]["reason"], 60, "b queued")
+        d.stop()
+        d = Daemon(home, GUARDIAN_DAEMON_DEVICES="only").start()
+        wait_for(lambda: any(e["event"] == "reconcile-adopt" for e in events(home, "a")), 60, "a adopted")
+        js = states(home)
+        assert js["a"]["devices"] == ["only"] and js["b"]["state"] == "pending", js
+        release(claims, "a")
+        wait_for(lambda: running(home).get("b") == ["only"], 60, "b on the device a held")
+        release(claims, "b")
+        wait_for(lambda: states(home)["b"]["state"] == "done", 60, "b done")
+        assert not os.path.exists(os.path.join(claims, "COLLISION"))
+    finally:
+        d.stop()

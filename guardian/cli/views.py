@@ -104,11 +104,11 @@ def logs(
             click.echo(f"{time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['event']}: {e['reason']}")
         return
     st = _state_or_none(h, name)
-    n = attempt or (st.current.n if st and st.current else None)
+    n = attempt or (st.current.n if st and st.current else None) or (1 if follow else None)
     if n is None:
         _fail(DaemonError(f"job {name!r} has not started yet"))
     path = os.path.join(h.attempt_dir(name, n), f"{which}.log")
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not follow:
         _fail(DaemonError(f"{path}: no such log (attempts so far: {st.started if st else 0})"))
     if as_json:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -128,27 +128,32 @@ def _follow(h: reg.Home, name: str, n: int, which: str, fixed: bool, poll: float
     pos = 0
     try:
         while True:
-            path = os.path.join(h.attempt_dir(name, n), f"{which}.log")
-            try:
-                with open(path, "rb") as f:
-                    if os.fstat(f.fileno()).st_size < pos:
-                        pos = 0  # rotated
-                    f.seek(pos)
-                    chunk = f.read()
-                    pos += len(chunk)
-            except FileNotFoundError:
-                chunk = b""
-            if chunk:
-                out.write(chunk)
-                out.flush()
             st = None if fixed else _state_or_none(h, name)
-            if st and st.current and st.current.n != n:
+            pos = _copy_new(os.path.join(h.attempt_dir(name, n), f"{which}.log"), pos, out)
+            if st and st.current and st.current.n > n:  # read to the end first, then move on
                 n, pos = st.current.n, 0
                 out.write(f"\n=== guardian: attempt {n} ===\n".encode())
+                out.flush()
                 continue
             time.sleep(poll)
     except KeyboardInterrupt:
         return
+
+
+def _copy_new(path: str, pos: int, out: Any) -> int:
+    """Write what ``path`` gained since ``pos``; returns the new position."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < pos:
+                pos = 0  # rotated
+            f.seek(pos)
+            chunk = f.read()
+    except FileNotFoundError:
+        return pos
+    if chunk:
+        out.write(chunk)
+        out.flush()
+    return pos + len(chunk)
 
 
 # ---------------------------------------------------------------------------- top
