@@ -145,3 +145,23 @@ def test_journal_notifies_hung_gave_up_held_and_done(tmp_path):
         "held",
         "done",
     ]
+
+
+def test_a_failed_nvml_query_keeps_the_inventory():
+    class Flaky(Gpus):
+        answer: list[str] | None = ["GPU-a", "GPU-b"]
+
+        @property
+        def available(self) -> bool:
+            return True
+
+        def inventory(self) -> list[str] | None:
+            return self.answer
+
+    g = Flaky()
+    a = devices.Allocator(g, knobs.Knobs())
+    assert a.refresh() == [] and a.inventory.devices == ["GPU-a", "GPU-b"]
+    g.answer = None
+    assert a.refresh() == [] and a.inventory.devices == ["GPU-a", "GPU-b"], "not every device lost"
+    g.answer = ["GPU-b"]
+    assert a.refresh() == ["GPU-a"]

@@ -101,7 +101,12 @@ class Allocator:
     def refresh(self) -> list[str]:
         """Re-read the inventory; returns the devices that disappeared since last time."""
         old = self.inventory
-        self.inventory = discover(self.gpus, self.k)
+        seen = discover(self.gpus, self.k)
+        if old.source == "nvml" and seen.source != "nvml":
+            log.warning("NVML did not answer; keeping the last known GPU inventory")
+            self.changed = False
+            return []  # a failed query is not every device vanishing at once
+        self.inventory = seen
         gone = [d for d in old.devices if d not in self.inventory.devices]
         self.changed = self.inventory.devices != old.devices
         if self.changed:
@@ -211,6 +216,6 @@ def mark_lost(jobs: Iterable[JobState], gone: list[str], stopper: Any, journal: 
         st.current.lost = f"{why}; held — check the device (nvidia-smi), then `guardian resume {st.name}`"
         journal.event(st, "device-lost", why, devices=lost)
         if st.state == RUNNING:
-            stopper.begin(st, "request", "usr2", stopper.k.kill_grace, nproc=None, tag=tag(st))
+            stopper.begin(st, "request", "usr2", stopper.k.stop_grace, nproc=None, tag=tag(st))
         else:
             journal.save(st)
