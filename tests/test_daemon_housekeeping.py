@@ -24,7 +24,7 @@ def du(path: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # a thousand real attempts: a few minutes idle, longer on a loaded machine
+@pytest.mark.timeout(2400)  # a thousand real attempts, each a real process
 def test_a_job_exiting_75_a_thousand_times_keeps_the_daemon_directory_under_its_size(tmp_path):
     home = str(tmp_path / "home")
     n = int(os.environ.get("GUARDIAN_TEST_REQUEUES", "1000"))
