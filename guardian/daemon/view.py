@@ -108,8 +108,6 @@ def table(jobs: list[dict[str, Any]], width: int) -> list[str]:
         lines.append(row[:width].rstrip())
     if rest < 20:  # narrow: the reasons of the jobs that are not simply running, below the table
         lines += [
-            _cell(f"  {j['name']}: {j.get('reason') or ''}", width)
-            for j in jobs
-            if j["state"] != "running"
+            _cell(f"  {j['name']}: {j.get('reason') or ''}", width) for j in jobs if j["state"] != "running"
         ]
     return lines
