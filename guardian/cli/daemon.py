@@ -271,9 +271,9 @@ def _job_argv(nproc: int | None, command: tuple[str, ...]) -> list[str]:
 
 
 def _default_name(run_dir: str | None, command: tuple[str, ...]) -> str:
-    base = os.path.basename(os.path.abspath(run_dir)) if run_dir else os.path.basename(command[0])
-    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in base).strip(".-_") or "job"
-    return cleaned[:64]
+    from ..daemon.adoption import job_name
+
+    return job_name(os.path.abspath(run_dir) if run_dir else command[0])
 
 
 def _check_replace(h: reg.Home, name: str, replace: bool, new_command: bool) -> reg.JobSpec | None:
