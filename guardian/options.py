@@ -13,7 +13,7 @@ import inspect
 import os
 from typing import Any
 
-from . import knobs
+from . import adopt, knobs
 from .config import GuardConfig, OnSaveError
 from .guard import Guard
 from .policies import BestMetric, EarlyStopping, Mode, Retention, SaveSchedule
@@ -45,6 +45,7 @@ def protect(
     writer: Writer | None = None,
     async_save: bool = True,
     tensorboard: bool = False,
+    watch: bool | None = None,
     **components: Any,
 ) -> Guard:
     """Wrap a training loop (see ``guardian.guard`` for the loop API and its rules).
@@ -74,6 +75,8 @@ def protect(
     ``tensorboard``: also write the metric history as TensorBoard event files in
     ``RUN/tensorboard`` (needs ``pip install 'torch-guardian[tensorboard]'``); the history
     itself, ``RUN/history.csv``, is always kept (docs/history.md).
+    ``watch``: register this run with the user's ``guardian watch`` daemon, which restarts
+    it if it dies (docs/daemon.md); None (default) follows ``GUARDIAN_WATCH=1``.
     """
     _refuse_unknown_options(components)
     dir = dir if dir is not None else knobs.run_dir()
@@ -104,6 +107,7 @@ def protect(
         handle_signals=handle_signals,
         tensorboard=tensorboard,
     )
+    adopt.register_if_asked(config.run_dir, watch)  # the daemon restarts this script if it dies
     return Guard(trainer, components, config, writer or _default_writer(async_save))
 
 

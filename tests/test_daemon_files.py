@@ -111,7 +111,7 @@ def test_guardian_run_filters_env_keeps_named_and_creates_the_run_dir_parent(tmp
     monkeypatch.setenv("KEEP_KEY", "wanted")
     h, run = str(tmp_path / "h"), tmp_path / "deep" / "er" / "run"
     r = CliRunner().invoke(
-        main, ["run", "--home", h, "--name", "x", "--dir", str(run), "--env", "KEEP_KEY", "--", "t"]
+        main, ["run", "--home", h, "--name", "x", "--dir", str(run), "--env", "KEEP_KEY", "--", "true"]
     )
     assert r.exit_code == 0, r.output
     env = reg.load_spec(reg.Home(h), "x").env
@@ -181,11 +181,11 @@ def test_replace_sets_an_unreadable_state_aside_and_starts_afresh(tmp_path):
     from guardian.cli import main
 
     h = str(tmp_path / "h")
-    assert CliRunner().invoke(main, ["run", "--home", h, "--name", "x", "--", "t"]).exit_code == 0
+    assert CliRunner().invoke(main, ["run", "--home", h, "--name", "x", "--", "true"]).exit_code == 0
     path = reg.Home(h).job_file("x", "state.json")
     with open(path, "w") as f:
         f.write("{garbage")
-    r = CliRunner().invoke(main, ["run", "--home", h, "--name", "x", "--replace", "--", "t"])
+    r = CliRunner().invoke(main, ["run", "--home", h, "--name", "x", "--replace", "--", "true"])
     assert r.exit_code == 0, r.output
     assert not os.path.exists(path)
     assert any(n.startswith("state.json.unreadable-") for n in os.listdir(os.path.dirname(path)))

@@ -367,12 +367,14 @@ def test_service_install_writes_unit(tmp_path):
 
 def test_daemon_and_status_help_never_import_torch():
     code = (
-        "import sys, pkgutil, importlib, guardian.daemon, guardian.cli.daemon; "
+        "import sys, pkgutil, importlib, guardian.daemon, guardian.cli.daemon, guardian.cli.views, "
+        "guardian.cli.jobs; "
         "[importlib.import_module('guardian.daemon.' + m.name) "
         " for m in pkgutil.iter_modules(guardian.daemon.__path__)]; "
         "from click.testing import CliRunner; from guardian.cli import main; "
         "r = CliRunner().invoke(main, ['status', '--help']); assert r.exit_code == 0, r.output; "
         "r = CliRunner().invoke(main, ['watch', '--help']); assert r.exit_code == 0, r.output; "
+        "r = CliRunner().invoke(main, ['top', '--help']); assert r.exit_code == 0, r.output; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

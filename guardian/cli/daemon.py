@@ -65,6 +65,18 @@ def daemon_pid(home: reg.Home) -> int | None:
 @click.option("--max-failures", type=int, help="Failures without a new checkpoint before giving up.")
 @click.option("--hang-min", type=float, help="Minimum heartbeat silence (s) before a job counts as hung.")
 @click.option("--startup", type=float, help="Allowance (s) before a job's first heartbeat.")
+@click.option(
+    "--devices",
+    help="The GPUs to hand out, e.g. 0,1 or GPU-UUIDs (default: NVML, else CUDA_VISIBLE_DEVICES).",
+)
+@click.option("--max-concurrent", type=click.IntRange(min=0), help="Jobs running at once (0: no limit).")
+@click.option(
+    "--keep-attempts",
+    type=click.IntRange(min=1),
+    help="Attempt directories kept per job (plus the first and the latest failure).",
+)
+@click.option("--notify", metavar="CMD", help="Run CMD (sh -c) with every job's events as JSON on stdin.")
+@click.option("--webhook", metavar="URL", help="POST every job's events as JSON to URL.")
 @click.option("-v", "--verbose", is_flag=True)
 def watch(
     home: str | None,
@@ -73,6 +85,11 @@ def watch(
     max_failures: int | None,
     hang_min: float | None,
     startup: float | None,
+    devices: str | None,
+    max_concurrent: int | None,
+    keep_attempts: int | None,
+    notify: str | None,
+    webhook: str | None,
     verbose: bool,
 ) -> None:
     """Run the supervisor in the foreground (systemd runs this as a service).
@@ -90,12 +107,17 @@ def watch(
                 "max_failures": max_failures,
                 "hang_min": hang_min,
                 "startup": startup,
+                "devices": devices,
+                "max_concurrent": max_concurrent,
+                "keep_attempts": keep_attempts,
+                "notify": notify,
+                "webhook": webhook,
             }
         )
         h.ensure()
     except (ValueError, DaemonError) as e:
         _fail(e)
-    _setup_logging(h, verbose)
+    _setup_logging(h, verbose, k.log_max_bytes)
     sup = Supervisor(h, k)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: sup.stop_event.set())
@@ -105,11 +127,15 @@ def watch(
         _fail(e)
 
 
-def _setup_logging(h: reg.Home, verbose: bool) -> None:
+def _setup_logging(h: reg.Home, verbose: bool, max_bytes: int) -> None:
+    """daemon.log rotates by size (one old copy kept), so a looping job cannot fill the disk."""
+    from logging.handlers import RotatingFileHandler
+
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger = logging.getLogger("guardian.daemon")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for handler in (logging.FileHandler(h.path("daemon.log"), mode="a"), logging.StreamHandler(sys.stderr)):
+    rotating = RotatingFileHandler(h.path("daemon.log"), mode="a", maxBytes=max_bytes, backupCount=1)
+    for handler in (rotating, logging.StreamHandler(sys.stderr)):
         handler.setFormatter(fmt)
         logger.addHandler(handler)
 
@@ -140,8 +166,19 @@ def _setup_logging(h: reg.Home, verbose: bool) -> None:
     metavar="NAME",
     help="Store this variable even if its name looks like a secret (*TOKEN*, *KEY*, ...). Repeatable.",
 )
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=1),
+    help="Whole GPUs to allocate (CUDA_VISIBLE_DEVICES); queued until free.",
+)
+@click.option("--cpu-only", is_flag=True, help="Run with CUDA_VISIBLE_DEVICES='' (the job sees no GPU).")
+@click.option(
+    "--priority", type=int, default=0, help="Higher starts first (default 0; equal: first registered first)."
+)
+@click.option("--notify", metavar="CMD", help="Run CMD (sh -c) with each event as JSON on stdin.")
+@click.option("--webhook", metavar="URL", help="POST each event as JSON to URL.")
 @json_option
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("command", nargs=-1, required=False, type=click.UNPROCESSED)
 def run(
     home: str | None,
     name: str | None,
@@ -149,6 +186,11 @@ def run(
     replace: bool,
     nproc: int | None,
     keep_env: tuple[str, ...],
+    gpus: int | None,
+    cpu_only: bool,
+    priority: int,
+    notify: str | None,
+    webhook: str | None,
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -162,22 +204,42 @@ def run(
     The job's environment is stored (mode 0600) without variables whose names look like
     secrets (TOKEN, SECRET, PASSWORD, KEY, CREDENTIAL); name one with --env to keep it.
     """
+    from ..daemon import jobctl
     from ..daemon.records import filter_env
 
     h = _home(home)
     try:
         h.ensure()
-        name = reg.check_name(name or _default_name(run_dir, command))
-        _check_replace(h, name, replace)
-        rd = os.path.abspath(run_dir) if run_dir else os.path.join(h.job_dir(name), "run")
+        if gpus and cpu_only:
+            raise DaemonError("--gpus and --cpu-only contradict each other; give one")
+        name = reg.check_name(name or _default_name(run_dir, command or ("job",)))
+        kept = _check_replace(h, name, replace, bool(command))
+        if kept is None and not command:
+            raise DaemonError("give the command after --, e.g. guardian run --dir RUN -- python train.py")
+        argv = _job_argv(nproc, command) if command else kept.argv  # type: ignore[union-attr]
+        rd = (
+            os.path.abspath(run_dir)
+            if run_dir
+            else kept.run_dir
+            if kept
+            else os.path.join(h.job_dir(name), "run")
+        )
+        if gpus:
+            jobctl.check_gpus_fit(h, gpus)
+        jobctl.check_command(argv, os.getcwd())
         spec = reg.JobSpec(
             name=name,
-            argv=_job_argv(nproc, command),
-            cwd=os.getcwd(),
+            argv=argv,
+            cwd=kept.cwd if kept is not None and not command else os.getcwd(),
             run_dir=rd,
             env=filter_env(dict(os.environ), keep_env),
             owner_uid=os.getuid(),
             nproc=nproc,
+            gpus=gpus,
+            cpu_only=cpu_only,
+            priority=priority,
+            notify=notify,
+            webhook=jobctl.check_webhook(webhook),
         )
         os.makedirs(os.path.dirname(rd), exist_ok=True)  # the daemon creates rd itself
         reg.save_spec(h, spec)
@@ -209,14 +271,16 @@ def _job_argv(nproc: int | None, command: tuple[str, ...]) -> list[str]:
 
 
 def _default_name(run_dir: str | None, command: tuple[str, ...]) -> str:
-    base = os.path.basename(os.path.abspath(run_dir)) if run_dir else os.path.basename(command[0])
-    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in base).strip(".-_") or "job"
-    return cleaned[:64]
+    from ..daemon.adoption import job_name
+
+    return job_name(os.path.abspath(run_dir) if run_dir else command[0])
 
 
-def _check_replace(h: reg.Home, name: str, replace: bool) -> None:
+def _check_replace(h: reg.Home, name: str, replace: bool, new_command: bool) -> reg.JobSpec | None:
+    """Refuse to overwrite a live job; on --replace return the registered spec (its command is kept
+    unless a new one is given)."""
     if not os.path.exists(h.job_file(name, "job.json")):
-        return
+        return None
     try:
         st = reg.load_state(h, name)
         state = st.state if st else reg.PENDING
@@ -232,31 +296,14 @@ def _check_replace(h: reg.Home, name: str, replace: bool) -> None:
         )
     if state not in (*reg.TERMINAL, reg.HELD):
         raise DaemonError(f"job {name!r} is {state}; `guardian stop {name}` it before --replace")
-
-
-# ---------------------------------------------------------------------------- status
-
-
-@click.command()
-@home_option
-@click.argument("name", required=False)
-@json_option
-def status(home: str | None, name: str | None, as_json: bool) -> None:
-    """Jobs, their state, attempts, pid, last verified checkpoint, heartbeat age."""
-    h = _home(home)
-    names = [name] if name else h.job_names()
-    if name and name not in h.job_names():
-        _fail(DaemonError(f"no job named {name!r} in {h.root}"))
-    from ..daemon.status import job_summary
-
-    jobs = [job_summary(h, n) for n in names]
-    pid = daemon_pid(h)
-    if as_json:
-        click.echo(json.dumps({"home": h.root, "daemon_pid": pid, "jobs": jobs}, indent=2))
-        return
-    click.echo(f"daemon: {f'pid {pid}' if pid else 'not running'}  ({h.root})")
-    for j in jobs:
-        _print_job(j, detail=bool(name))
+    try:
+        return reg.load_spec(h, name)
+    except (DaemonError, OSError) as e:
+        if new_command:
+            return None
+        raise DaemonError(
+            f"job {name!r}: its registered command cannot be reused ({e}); give one after --"
+        ) from e
 
 
 def _state_or_none(h: reg.Home, name: str) -> reg.JobState | None:
@@ -264,61 +311,6 @@ def _state_or_none(h: reg.Home, name: str) -> reg.JobState | None:
         return reg.load_state(h, name)
     except DaemonError:
         return None
-
-
-def _print_job(j: dict[str, Any], detail: bool) -> None:
-    hb = f"{j['heartbeat_age']:.0f}s ago" if j["heartbeat_age"] is not None else "-"
-    click.echo(
-        f"{j['name']:<20} {j['state']:<10} attempts={j['attempts']} pid={j['pid'] or '-'} "
-        f"{'nproc=' + str(j['nproc']) + ' ' if j.get('nproc') else ''}"
-        f"step={j['step'] if j['step'] is not None else '-'} heartbeat={hb} "
-        f"checkpoint={j['last_checkpoint'] or '-'} gpus={','.join(j['gpus']) or '-'}"
-    )
-    click.echo(f"    {j['reason']}")
-    if j.get("heartbeat_problem"):
-        click.echo(f"    heartbeat: {j['heartbeat_problem']}")
-    if j["stderr_tail"] and (detail or j["state"] in (reg.FAILED, reg.HELD, reg.INCOMPLETE)):
-        click.echo("    last lines of stderr:")
-        for line in j["stderr_tail"][-10:]:
-            click.echo(f"      | {line}")
-
-
-# ---------------------------------------------------------------------------- logs
-
-
-@click.command()
-@home_option
-@click.argument("name")
-@click.option("--attempt", type=int, help="Attempt number (default: the latest).")
-@click.option("--stdout", "which", flag_value="stdout", help="Show stdout instead of stderr.")
-@click.option("--stderr", "which", flag_value="stderr", default=True, help="Show stderr (default).")
-@click.option("--events", is_flag=True, help="Show the job's decisions (events.jsonl) instead.")
-@json_option
-def logs(home: str | None, name: str, attempt: int | None, which: str, events: bool, as_json: bool) -> None:
-    """An attempt's log (kept across restarts), or the job's decisions with --events."""
-    h = _home(home)
-    if name not in h.job_names():
-        _fail(DaemonError(f"no job named {name!r} in {h.root}"))
-    if events:
-        evs = reg.read_events(h, name)
-        if as_json:
-            click.echo(json.dumps(evs, indent=2))
-        for e in [] if as_json else evs:
-            click.echo(f"{time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['event']}: {e['reason']}")
-        return
-    st = _state_or_none(h, name)
-    n = attempt or (st.current.n if st and st.current else None)
-    if n is None:
-        _fail(DaemonError(f"job {name!r} has not started yet"))
-    path = os.path.join(h.attempt_dir(name, n), f"{which}.log")
-    if not os.path.exists(path):
-        _fail(DaemonError(f"{path}: no such log (attempts so far: {len(st.attempts) if st else 0})"))
-    if as_json:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            click.echo(json.dumps({"name": name, "attempt": n, "path": path, "text": f.read()}))
-        return
-    with open(path, "rb") as f:
-        sys.stdout.buffer.write(f.read())
 
 
 # ---------------------------------------------------------------------------- stop
@@ -402,3 +394,49 @@ def install(home: str | None, user_mode: bool, unit_dir: str | None, print_only:
 
 def _emit(as_json: bool, record: dict[str, Any], text: str) -> None:
     click.echo(json.dumps(record, indent=2) if as_json else text)
+
+
+@service.command("uninstall")
+@click.option("--user", "user_mode", is_flag=True, help="The user unit (~/.config/systemd/user).")
+@click.option("--unit-dir", type=click.Path(file_okay=False), help="The unit is here instead.")
+@json_option
+def uninstall(user_mode: bool, unit_dir: str | None, as_json: bool) -> None:
+    """Remove the unit `service install` wrote (running jobs are not touched)."""
+    from ..daemon import service as svc
+
+    path = svc.unit_path(user_mode, unit_dir)
+    try:
+        removed = svc.remove_unit(path)
+    except OSError as e:
+        _fail(e)
+    steps = svc.uninstall_steps(user_mode) if removed else []
+    text = (
+        f"removed {path}\nnext:\n  " + "\n  ".join(steps) if removed else f"no unit at {path}; nothing to do"
+    )
+    _emit(as_json, {"unit": path, "removed": removed, "next": steps}, text)
+
+
+@service.command("status")
+@home_option
+@click.option("--user", "user_mode", is_flag=True, help="The user unit (~/.config/systemd/user).")
+@click.option("--unit-dir", type=click.Path(file_okay=False), help="The unit is here instead.")
+@json_option
+def service_status(home: str | None, user_mode: bool, unit_dir: str | None, as_json: bool) -> None:
+    """Is the unit installed, what systemd says of it, and is a daemon running for HOME."""
+    from ..daemon import service as svc
+
+    h = _home(home)
+    path = svc.unit_path(user_mode, unit_dir)
+    rec = {
+        "unit": path,
+        "installed": os.path.exists(path),
+        "systemd": svc.systemd_state(user_mode),
+        "home": h.root,
+        "daemon_pid": daemon_pid(h),
+    }
+    pid = rec["daemon_pid"]
+    text = (
+        f"unit: {path} ({'installed' if rec['installed'] else 'not installed'}); systemd: {rec['systemd']}\n"
+        f"daemon for {h.root}: {f'pid {pid}' if pid else 'not running'}"
+    )
+    _emit(as_json, rec, text)

@@ -11,7 +11,9 @@ Exit codes (``guardian.errors``)
     any other code or a signal → the classifier (``policy.py``).
 
 Files the job writes (``guardian.runfiles``)
-    RUN/heartbeat.json  ``{pid, step, epoch, phase, time, step_interval_p99}``, atomic.
+    RUN/heartbeat.json  ``{pid, step, epoch, phase, time, step_interval_p99}``, atomic;
+                        optional ``steps_total`` / ``epochs_total`` (the loop's length)
+                        let ``guardian status``/``top`` show progress and an ETA.
     RUN/run.json        ``{state: running|finished|preempted|failed, error: {type, message}}``.
 
 Signals the daemon sends to the training process (the shim's child, not the tree)
@@ -31,6 +33,8 @@ Environment given to every attempt
     GUARDIAN_RESUME_FROM  set only when the daemon overrides the library's own choice
                           (stepping back past a checkpoint that killed two attempts).
     GUARDIAN_JOB          the job's name.
+    CUDA_VISIBLE_DEVICES  the devices allocated to it (``guardian run --gpus N``; "" with
+                          ``--cpu-only``; left as registered otherwise).
 
 Process layout: each attempt runs under ``guardian.daemon.shim`` started in its own
 session (setsid). The shim holds the log files, starts the command in its own process

@@ -17,7 +17,7 @@ import time
 
 import psutil
 
-from . import gates, policy, procs, progress
+from . import devices, gates, housekeeping, policy, procs, progress
 from . import registry as reg
 from .gpu import Gpus
 from .journal import Journal
@@ -48,6 +48,8 @@ class Attempts:
             cache,
             boot,
         )
+        self.alloc = devices.Allocator(gpus, k)
+        self.jobs: dict[str, JobState] = {}  # the supervisor's table (the allocation is read from it)
 
     def file(self, st: JobState, leaf: str) -> str:
         return os.path.join(self.home.attempt_dir(st.name, st.latest.n), leaf)
@@ -64,12 +66,15 @@ class Attempts:
             hold = gates.hold_reason(spec.run_dir, [a.child for a in st.attempts if a.child])
         except BadFileError as e:
             hold = str(e)
+        hold = hold or self.alloc.too_big(spec)
         if hold:
             self.journal.set_state(st, reg.HELD, hold, "hold")
             return None
         now = time.time()
-        blocked = gates.gpu_gate(st, self.gpus, self.k, now) or gates.disk_gate(
-            spec.run_dir, self.cache.newest(spec.run_dir), self.k.disk_factor
+        blocked = (
+            self.alloc.wait_reason(spec, self.jobs)
+            or gates.gpu_gate(st, self.gpus, self.k, now)
+            or gates.disk_gate(spec.run_dir, self.cache.newest(spec.run_dir), self.k.disk_factor)
         )
         if blocked:
             if (st.gate or {}).get("why") != blocked:
@@ -83,7 +88,7 @@ class Attempts:
         return self.start(st, spec)
 
     def start(self, st: JobState, spec: JobSpec) -> subprocess.Popen:
-        n = len(st.attempts) + 1
+        n = st.started + 1
         adir = self.home.attempt_dir(st.name, n)
         os.makedirs(adir, mode=0o700, exist_ok=True)
         resume = progress.newest_checked(spec.run_dir, deep=True)
@@ -94,6 +99,7 @@ class Attempts:
             started=time.time(),
             resume_from=os.path.basename(override) if override else (resume.name if resume else None),
             resume_override=override,
+            devices=self.alloc.take(spec, self.jobs),
         )
         st.attempts.append(a)
         st.state, st.reason, st.next_start_at, st.resume_override = reg.RUNNING, "starting", None, None
@@ -102,17 +108,22 @@ class Attempts:
         env.pop("GUARDIAN_RESUME_FROM", None)
         if override:
             env["GUARDIAN_RESUME_FROM"] = override
+        visible = devices.visible_devices(spec, a.devices)
+        if visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = visible
         popen = procs.spawn_shim(adir, spec.argv, spec.cwd, env)
         a.shim, a.sid = shim_identity(popen.pid), popen.pid
         reg.point_latest(self.home, st.name, n)
         self.journal.set_state(
             st,
             reg.RUNNING,
-            f"attempt {n} starting (shim pid {popen.pid}); resuming from {a.resume_from or 'scratch'}",
+            f"attempt {n} starting (shim pid {popen.pid}); resuming from {a.resume_from or 'scratch'}"
+            + (f"; GPUs {','.join(a.devices)}" if a.devices else ""),
             "start",
             attempt=n,
             resume_from=a.resume_from,
             boot_id=self.boot,
+            devices=a.devices,
         )
         return popen
 
@@ -135,6 +146,8 @@ class Attempts:
         verdict = policy.classify(facts)
         self.close(st, verdict.classification, verdict.reason)
         self.apply(st, verdict, spec)
+        if housekeeping.prune(self.home, st, self.k.keep_attempts, self.k.log_max_bytes):
+            self.journal.save(st)
 
     def exit_facts(self, st: JobState, spec: JobSpec | None) -> policy.ExitFacts:
         a = st.latest
@@ -202,6 +215,9 @@ class Attempts:
         self.journal.save(st)
 
     def apply(self, st: JobState, v: policy.Verdict, spec: JobSpec | None) -> None:
+        if st.latest.lost and v.classification != "done":
+            self.journal.set_state(st, reg.HELD, f"{st.latest.lost}; last: {v.reason}", "hold")
+            return
         if v.classification in TERMINAL_OF:
             self.journal.set_state(st, TERMINAL_OF[v.classification], v.reason, "decision")
             return
@@ -235,8 +251,8 @@ class Attempts:
 
     def give_up(self, st: JobState, v: policy.Verdict) -> bool:
         if v.uses_budget:
-            why = policy.give_up_reason(st.failures, st.failure_times, len(st.attempts), time.time(), self.k)
-        elif len(st.attempts) >= self.k.max_restarts:
+            why = policy.give_up_reason(st.failures, st.failure_times, st.started, time.time(), self.k)
+        elif st.started >= self.k.max_restarts:
             why = f"hard cap of {self.k.max_restarts} attempts reached"
         else:
             why = policy.requeue_limit_reason(st.requeues, self.k) if v.classification == "requeue" else None

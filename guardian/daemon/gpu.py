@@ -54,6 +54,16 @@ class Gpus:
         u = self.nvml.nvmlDeviceGetUUID(handle)
         return u.decode() if isinstance(u, bytes) else str(u)
 
+    def inventory(self) -> list[str] | None:
+        """UUIDs of the devices NVML sees now; None when NVML is off or the query failed."""
+        if not self.available:
+            return None
+        try:
+            return [self._uuid(h) for h in self._handles()]
+        except self.nvml.NVMLError as e:
+            log.warning("NVML device query failed: %s", e)
+            return None
+
     def usage(self, pids: set[int]) -> dict[str, int]:
         """GPU UUID → bytes used by any of ``pids`` (compute and graphics contexts)."""
         if not self.available or not pids:

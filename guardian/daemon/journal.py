@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from . import registry as reg
+from .notify import Notifier, kind_of_state
 from .records import JobState
 from .safefiles import BadFileError
 
@@ -18,12 +19,15 @@ log = logging.getLogger(__name__)
 
 
 class Journal:
-    def __init__(self, home: reg.Home) -> None:
+    def __init__(self, home: reg.Home, notifier: Notifier | None = None) -> None:
         self.home = home
         self.frozen: set[str] = set()
+        self.notifier = notifier
 
     def event(self, st: JobState, event: str, reason: str, **evidence: Any) -> None:
         st.events += 1
+        if event == "hang" and self.notifier is not None:
+            self.notifier.send(st, "hung")
         log.info("job %s: %s: %s", st.name, event, reason)
         try:
             reg.append_event(self.home, st.name, event, reason, **evidence)
@@ -38,3 +42,10 @@ class Journal:
         st.state, st.reason = state, reason
         self.event(st, event or state, reason, **ev)
         self.save(st)
+        kind = kind_of_state(state, reason)
+        if kind and self.notifier is not None:
+            self.notifier.send(st, kind)
+
+    def close(self) -> None:
+        if self.notifier is not None:
+            self.notifier.close()

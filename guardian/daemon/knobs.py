@@ -38,6 +38,14 @@ class Knobs:
     disk_factor: float = 2.0  # free disk must exceed this × the last checkpoint's size
     gate_retry: float = 30.0  # re-check a failed restart gate (disk, GPU) this often
     stderr_tail_lines: int = 20
+    devices: str = ""  # the GPU inventory as a list ("0,1" or UUIDs); empty: NVML, else CUDA_VISIBLE_DEVICES
+    max_concurrent: int = 0  # jobs running at once (0: no limit besides devices)
+    keep_attempts: int = 10  # attempt directories kept besides the first and the latest failure
+    log_max_bytes: int = 64 << 20  # an attempt log or events.jsonl larger than this is rotated
+    notify: str = ""  # a command for every job's events (JSON on stdin), besides the job's own
+    webhook: str = ""  # a URL for every job's events, besides the job's own
+    notify_interval: float = 60.0  # at most one notification per job and event kind this often
+    notify_timeout: float = 10.0  # a notifier running longer is killed (it never stalls the daemon)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -21,6 +21,7 @@ class Newest:
     path: str
     mark: tuple[int, int]  # (seq, step): the order checkpoints were committed in
     bytes: int
+    created: float = 0.0  # when it was committed (the manifest's created_unix)
 
 
 class ProgressCache:
@@ -55,7 +56,7 @@ def newest_checked(run_dir: str, *, deep: bool) -> Newest | None:
     if info is None or info.manifest is None:
         return None
     m = info.manifest
-    return Newest(info.name, info.path, (m.seq, m.step), m.total_bytes)
+    return Newest(info.name, info.path, (m.seq, m.step), m.total_bytes, m.created_unix)
 
 
 def valid_before(run_dir: str, name: str | None) -> Newest | None:
@@ -74,5 +75,5 @@ def valid_before(run_dir: str, name: str | None) -> Newest | None:
         checked = reader.inspect_checkpoint(info.path, verify=True)
         if checked.valid and checked.manifest is not None:
             m = checked.manifest
-            return Newest(checked.name, checked.path, (m.seq, m.step), m.total_bytes)
+            return Newest(checked.name, checked.path, (m.seq, m.step), m.total_bytes, m.created_unix)
     return None

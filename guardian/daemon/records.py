@@ -48,6 +48,12 @@ class JobSpec:
     created: float = field(default_factory=time.time)
     format: str = JOB_FORMAT
     nproc: int | None = None  # ranks under torchrun (``--nproc-per-node``); argv is then the launcher
+    gpus: int | None = None  # whole devices to allocate (CUDA_VISIBLE_DEVICES); None: not managed
+    cpu_only: bool = False  # run with CUDA_VISIBLE_DEVICES="" (sees no GPU at all)
+    priority: int = 0  # higher starts first; equal priorities start in registration order
+    notify: str | None = None  # a command given each event as JSON on stdin (``--notify``)
+    webhook: str | None = None  # a URL each event is POSTed to as JSON (``--webhook``)
+    adopt: dict | None = None  # {pid, create_time}: a hand-started process to watch, not start
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], what: str) -> JobSpec:
@@ -78,6 +84,8 @@ class Attempt:
     newest_checkpoint: str | None = None
     gpus: list[str] = field(default_factory=list)
     adopted: bool = False
+    devices: list[str] = field(default_factory=list)  # allocated to it (CUDA_VISIBLE_DEVICES)
+    lost: str | None = None  # why its devices vanished: the job is held when the attempt ends
 
 
 @dataclass
@@ -120,8 +128,13 @@ class JobState:
         return self.attempts[-1]
 
     @property
+    def started(self) -> int:
+        """Attempts started so far. Old attempt records are pruned, so not ``len(attempts)``."""
+        return self.attempts[-1].n if self.attempts else 0
+
+    @property
     def restarts(self) -> int:
-        return max(0, len(self.attempts) - 1)
+        return max(0, self.started - 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

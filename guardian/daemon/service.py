@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 
 from ..smallfiles import write_small_file_atomically
@@ -73,3 +74,38 @@ def write_unit(path: str, text: str) -> None:
     """Write the unit atomically: systemd (or a reader) never sees half of one."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_small_file_atomically(path, text.encode(), mode=0o644)
+
+
+def remove_unit(path: str) -> bool:
+    """Delete a unit this tool wrote; False if there is none. Refuses a unit that does not
+    run ``guardian watch`` (someone else's file under our name)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read(1 << 16)
+    except FileNotFoundError:
+        return False
+    if " watch" not in text or "guardian" not in text:
+        raise OSError(f"{path}: does not look like a unit written by `guardian service install`; left alone")
+    os.unlink(path)
+    return True
+
+
+def uninstall_steps(user_mode: bool) -> list[str]:
+    ctl = "systemctl --user" if user_mode else "systemctl"
+    return [
+        f"{ctl} disable --now guardian   # stops the daemon; running jobs keep running",
+        f"{ctl} daemon-reload",
+    ]
+
+
+def systemd_state(user_mode: bool) -> str:
+    """``systemctl is-active guardian`` (active, inactive, failed...), or why it is unknown."""
+    ctl = shutil.which("systemctl")
+    if ctl is None:
+        return "unknown (no systemctl on this machine)"
+    cmd = [ctl, *(["--user"] if user_mode else []), "is-active", UNIT_NAME]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
+    return (r.stdout.strip() or r.stderr.strip() or f"exit {r.returncode}").splitlines()[0]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from . import DaemonError
+from . import DaemonError, view
+from . import progress as progress_mod
 from . import registry as reg
 from .records import JobSpec, JobState
 from .safefiles import BadFileError, read_run_heartbeat
@@ -30,11 +31,15 @@ def job_summary(h: reg.Home, name: str) -> dict[str, Any]:
     cur = st.current
     running = cur if st.state in (reg.RUNNING, reg.STOPPING) else None
     beat_time = hb.get("time") if hb else None
+    newest = progress_mod.newest_checked(spec.run_dir, deep=False) if spec else None
+    now = time.time()
+    speed = view.rate(hb and hb.get("step"), beat_time, newest and newest.mark[1], newest and newest.created)
+    done, eta = view.progress(hb if running else None, speed)
     return {
         "name": name,
         "state": st.state,
         "reason": st.reason,
-        "attempts": len(st.attempts),
+        "attempts": st.started,
         "restarts": st.restarts,
         "failures_without_progress": st.failures,
         "pid": (running.child or {}).get("pid") if running else None,  # the job's, never the shim's
@@ -46,8 +51,16 @@ def job_summary(h: reg.Home, name: str) -> dict[str, Any]:
         "heartbeat_age": round(time.time() - beat_time, 1) if isinstance(beat_time, (int, float)) else None,
         "heartbeat_problem": hb_problem,
         "step": hb.get("step") if hb else None,
+        "epoch": hb.get("epoch") if hb else None,
+        "steps_per_sec": round(speed, 3) if speed and running else None,
+        "progress": done,
+        "eta": eta,
+        "checkpoint_age": round(now - newest.created, 1) if newest and newest.created else None,
         "phase": hb.get("phase") if hb else None,
         "gpus": cur.gpus if cur else [],
+        "devices": running.devices if running else [],  # allocated (CUDA_VISIBLE_DEVICES)
+        "wants_gpus": spec.gpus if spec else None,
+        "priority": spec.priority if spec else 0,
         "next_start_at": st.next_start_at,
         "stderr_tail": st.stderr_tail,
         "run_dir": spec.run_dir if spec else None,

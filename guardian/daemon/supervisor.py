@@ -35,13 +35,14 @@ import psutil
 
 from ..errors import RunLockedError
 from ..locking import RunLock
-from . import DaemonError, UnsafeJobError, procs, progress, reconcile
+from . import DaemonError, UnsafeJobError, adoption, devices, housekeeping, procs, progress, reconcile
 from . import registry as reg
 from .attempts import Attempts
 from .gpu import Gpus, gpu_event, note_gpus
 from .hangs import HangWatch
 from .journal import Journal
 from .knobs import Knobs
+from .notify import Notifier
 from .records import JobSpec, JobState
 from .safefiles import BadFileError
 from .shim import CHILD_FILE, SHIM_FILE
@@ -62,8 +63,9 @@ class Supervisor:
         self.cache = progress.ProgressCache()
         self.waker = Waker()
         self.gpus = gpus or Gpus()
-        self.journal = Journal(home)
+        self.journal = Journal(home, Notifier(knobs, self.specs))
         self.attempts = Attempts(home, knobs, self.journal, self.gpus, self.cache, self.boot)
+        self.attempts.jobs = self.jobs
         self.stopper = Stopper(self.journal, knobs)
         self.hangs = HangWatch(home, knobs, self.journal, self.stopper, self.attempts.tag)
         self.stop_event = threading.Event()
@@ -84,6 +86,7 @@ class Supervisor:
                 self.waker.wait(self.k.poll)
         finally:
             self.waker.stop()
+            self.journal.close()
             self.gpus.stop()
             self.release()
 
@@ -121,7 +124,8 @@ class Supervisor:
     def tick(self) -> None:
         self.passes += 1
         self.scan()
-        for name in list(self.jobs):
+        devices.new_pass(self.attempts.alloc, self.home, self.jobs.values(), self.stopper, self.attempts.tag)
+        for name in devices.queue_order(self.specs, list(self.jobs)):
             self.guarded(name, self.advance)
         for ev in self.gpus.drain_events():
             gpu_event(self.jobs.values(), ev, self.journal)
@@ -189,6 +193,8 @@ class Supervisor:
         if not was_known:
             kind = "registered" if not st.attempts else "loaded"
             self.journal.event(st, kind, f"state {st.state}", argv=spec.argv, run_dir=spec.run_dir)
+        if adoption.adopt_into(st, spec, self.home, self.boot):
+            self.journal.event(st, "adopted", st.reason, pid=st.latest.child and st.latest.child["pid"])
         self.jobs[name] = st
         self.journal.save(st)
         if st.state in (reg.RUNNING, reg.STOPPING) and not self.hangs.watching(name):
@@ -307,6 +313,7 @@ class Supervisor:
             self.end_attempt(st, spec)
             return
         self.note_progress(st, spec)
+        housekeeping.cap_logs(self.home.attempt_dir(st.name, st.latest.n), self.k.log_max_bytes)
         note_gpus(self.gpus, st, self.journal)
         if st.state == reg.RUNNING:
             if not self.take_stop_request(st):

@@ -136,3 +136,24 @@ def digest(run_dir: str, env: dict[str, str] | None = None) -> str:
     )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["digest"]
+
+
+def reap(home: str) -> int:
+    """Kill whatever a test's jobs left running (jobs outlive the daemon by design).
+
+    Found by the shim's attempt tag or a command line under ``home``; returns how many.
+    """
+    killed = 0
+    needle = f"GUARDIAN_ATTEMPT_TAG={os.path.abspath(home)}".encode()
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            mine = any(home in arg for arg in p.info["cmdline"] or [])
+            if not mine:
+                with open(f"/proc/{p.pid}/environ", "rb") as f:
+                    mine = any(v.startswith(needle) for v in f.read().split(b"\0"))
+            if mine and p.pid != os.getpid():
+                p.kill()
+                killed += 1
+        except (OSError, psutil.Error):
+            continue
+    return killed

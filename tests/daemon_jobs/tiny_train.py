@@ -9,6 +9,7 @@ valid checkpoint whenever the daemon restarts it. Knobs (env):
                        dir remembers that the hang happened
     TINY_FAIL          raise this exception class (by name) at start-up, before training
     TINY_EXIT0_EARLY   exit 0 from inside the loop at this step (no "finished" marker)
+    TINY_EXIT_AT       STEP:CODE — exit with CODE at that step, after its checkpoints (e.g. 30:78)
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sleep = float(os.environ.get("TINY_SLEEP", "0.01"))
     hang_at, exit0_at = env_int("TINY_HANG_AT"), env_int("TINY_EXIT0_EARLY")
+    exit_step, _, exit_code = os.environ.get("TINY_EXIT_AT", "").partition(":")
     marker = os.path.join(run_dir, "hung-once")
     with guardian.protect(
         {"model": model, "optimizer": opt, "loader": loader},
@@ -71,6 +73,8 @@ def main() -> None:
                         time.sleep(3600)
                 if exit0_at is not None and g.global_step == exit0_at:
                     os._exit(0)
+                if exit_step and g.global_step == int(exit_step):
+                    os._exit(int(exit_code))
     print(f"finished at step {g.global_step}", flush=True)
 
 
