@@ -192,6 +192,7 @@ class Guard:
     def epochs(self, n: int) -> Iterator[int]:
         """Epoch numbers from where the run stands up to ``n`` (exclusive). Ends early
         when early stopping triggers. The end of each iteration is the epoch boundary."""
+        self.voice.totals["epochs_total"] = n  # progress and ETA in `guardian status`
         while self.epoch < n and not self.policy.stopped:
             self._in_epoch_body = True
             self.history.epoch_started()

@@ -26,6 +26,7 @@ class RunVoice:
         self._last_beat = 0.0
         self._last_step_time = time.monotonic()
         self._intervals: deque[float] = deque(maxlen=512)
+        self.totals: dict[str, int] = {}  # the loop's length when known (epochs_total)
 
     def step_taken(self, now: float) -> None:
         self._intervals.append(now - self._last_step_time)
@@ -38,7 +39,7 @@ class RunVoice:
             return
         self._last_beat = now
         try:
-            runfiles.write_heartbeat(self.run_dir, step, epoch, phase, self._p99())
+            runfiles.write_heartbeat(self.run_dir, step, epoch, phase, self._p99(), **self.totals)
         except OSError as e:  # liveness only; never worth stopping training for
             log.warning("could not write heartbeat: %s", e)
 

@@ -35,8 +35,12 @@ def write_status(run_dir: str, state: str, **fields: Any) -> None:
     write_small_file_atomically(os.path.join(run_dir, RUN_STATUS_FILE), strictjson.dumps_pretty(record))
 
 
-def write_heartbeat(run_dir: str, step: int, epoch: int, phase: str, p99: float | None = None) -> None:
+def write_heartbeat(
+    run_dir: str, step: int, epoch: int, phase: str, p99: float | None = None, **totals: int
+) -> None:
+    """``totals``: the loop's length when known (``epochs_total``), for progress and ETA."""
     record = {
+        **totals,
         "pid": os.getpid(),
         "step": step,
         "epoch": epoch,
