@@ -6,7 +6,8 @@ an evaluation, saves every few steps — the shape of a real job that Slurm pree
 CONFIG keys: ``workers`` (num_workers), ``persistent`` (persistent_workers),
 ``start_method`` (the loader's multiprocessing context, None: the default),
 ``epochs``, ``samples``, ``batch``, ``every_steps``, ``loader_generator`` (shuffle
-with the loader's own ``torch.Generator``), ``accumulate`` (micro-batches per
+with the loader's own ``torch.Generator``), ``sampler_generator`` (a RandomSampler
+with its own generator), ``accumulate`` (micro-batches per
 optimizer step), ``augment`` ("index": per-sample noise seeded by the index,
 "worker": noise from the worker process's torch RNG stream).
 
@@ -27,7 +28,7 @@ import sys
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 import guardian
 
@@ -40,6 +41,7 @@ DEFAULT = {
     "batch": 8,
     "every_steps": 7,
     "loader_generator": False,
+    "sampler_generator": False,
     "accumulate": 1,
     "augment": "index",
 }
@@ -76,10 +78,15 @@ def build(cfg: dict):
     model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, 2))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(5) if cfg["loader_generator"] else None
+    data = Features(cfg["samples"], cfg["augment"])
+    sampler = None
+    if cfg["sampler_generator"]:
+        sampler = RandomSampler(data, generator=torch.Generator().manual_seed(6))
     loader = DataLoader(
-        Features(cfg["samples"], cfg["augment"]),
+        data,
         batch_size=cfg["batch"],
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         generator=gen,
         num_workers=cfg["workers"],
         persistent_workers=cfg["persistent"] and cfg["workers"] > 0,
