@@ -87,3 +87,13 @@ def test_a_different_num_workers_on_resume_is_warned_about(tmp_path):
     changed = run_job(run, {**cfg, "workers": 2})
     warning = [line for line in changed.stderr.splitlines() if "num_workers=0" in line]
     assert warning and "has 2 now" in warning[0] and "bit-exact" in warning[0], changed.stderr[-3000:]
+
+
+@pytest.mark.parametrize("generator", [False, True], ids=["torch-rng", "loader-generator"])
+def test_persistent_workers_resumed_at_an_epoch_boundary_shuffle_exactly(tmp_path, generator):
+    """A persistent-worker loader draws its workers' base seed only when its iterator is
+    created — in the first epoch of a process. A resumed process creates it in a later
+    epoch; that extra draw must not shift the shuffle of the epoch."""
+    cfg = {"workers": 2, "persistent": True, "epochs": 3, "every_steps": 100, "loader_generator": generator}
+    ref, run = killed_at_epoch_boundary_then_resumed(tmp_path, cfg, epoch=1)
+    assert final_digest(run) == final_digest(ref)
