@@ -59,7 +59,7 @@ from .rundir import take_run_dir
 from .saving import SaveFacts, Saver, SaveRequests
 from .state.components import OptimizerState
 from .state.discover import describe, discover
-from .worker_signals import is_worker_death
+from .worker_signals import is_worker_death, stop_reporting_worker_deaths
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,9 @@ class Guard:
     def _abandon(self, exc_type: Any, exc: BaseException | None) -> None:
         """No checkpoint of the current (possibly half-updated) state; but a save already
         in flight was taken at an exact point, so it is completed."""
+        requeue = self._preempt_requested() and is_worker_death(exc)
+        if requeue:  # the other workers die of the same signal: their reports must not cut the exit short
+            stop_reporting_worker_deaths()
         try:
             self.saver.writer.wait()
         except GuardianError as e:
@@ -165,7 +168,7 @@ class Guard:
         if self._preempting and isinstance(exc, SystemExit):
             self.voice.status_best_effort("preempted", **self._status_fields(exit_code=exc.code))
             return
-        if self._preempt_requested() and is_worker_death(exc):
+        if requeue:
             self._requeue_without_checkpoint(exc)
         error = {"type": exc_type.__name__, "message": str(exc)[:2000]}
         self.voice.status_best_effort("failed", **self._status_fields(error=error))
