@@ -9,7 +9,10 @@ CONFIG keys: ``workers`` (num_workers), ``persistent`` (persistent_workers),
 with the loader's own ``torch.Generator``), ``sampler_generator`` (a RandomSampler
 with its own generator), ``accumulate`` (micro-batches per
 optimizer step), ``augment`` ("index": per-sample noise seeded by the index,
-"worker": noise from the worker process's torch RNG stream).
+"worker": noise from the worker process's torch RNG stream), ``eval_workers``
+(evaluate through a loader with worker processes that the job iterates itself, not
+through ``g.batches()``), ``signal_in_eval`` (in that epoch's evaluation, create
+``RUN.in-eval`` and hold until the test has created ``RUN.signalled``; once per run).
 
 Environment: ``EXIT_AFTER_EPOCH_SAVE=k`` makes the job ``os._exit(0)`` once the
 checkpoint at the end of epoch ``k`` is committed, before any step of the next epoch
@@ -24,11 +27,12 @@ import json
 import os
 import random
 import sys
+import time
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 import guardian
 
@@ -44,6 +48,8 @@ DEFAULT = {
     "sampler_generator": False,
     "accumulate": 1,
     "augment": "index",
+    "eval_workers": 0,
+    "signal_in_eval": None,
 }
 
 
@@ -95,6 +101,20 @@ def build(cfg: dict):
     return model, opt, loader
 
 
+def evaluate(model: nn.Module, val_x: torch.Tensor, cfg: dict, run: str, epoch: int) -> torch.Tensor:
+    if not cfg["eval_workers"]:
+        return model(val_x).pow(2).mean()
+    loader = DataLoader(TensorDataset(val_x), batch_size=1, num_workers=cfg["eval_workers"])
+    total = torch.zeros(())
+    for i, (xb,) in enumerate(loader):
+        if i == 0 and epoch == cfg["signal_in_eval"] and not os.path.exists(run + ".signalled"):
+            open(run + ".in-eval", "w").close()
+            while not os.path.exists(run + ".signalled"):  # the test signals the process group
+                time.sleep(0.01)
+        total = total + model(xb).pow(2).mean()
+    return total / len(loader)
+
+
 def main() -> None:
     run, cfg = sys.argv[1], {**DEFAULT, **json.loads(sys.argv[2])}
     exit_after_epoch = os.environ.get("EXIT_AFTER_EPOCH_SAVE")
@@ -117,7 +137,7 @@ def main() -> None:
                 g.step()
             model.eval()
             with torch.no_grad():
-                val = model(val_x).pow(2).mean()
+                val = evaluate(model, val_x, cfg, run, epoch)
             g.report(val_loss=val)
     sys.exit(0)
 
