@@ -63,7 +63,7 @@ from .resume import Resumer
 from .rundir import take_run_dir
 from .saving import SaveFacts, Saver, SaveRequests
 from .state.discover import describe, discover
-from .worker_signals import is_worker_death, requeue_after_worker_death
+from .worker_signals import is_worker_death, requeue_after_worker_death, stop_reporting_worker_deaths
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +159,14 @@ class Guard:
 
     def _abandon(self, exc_type: Any, exc: BaseException | None) -> None:
         """Nothing of the (maybe half-updated) state is saved; a save in flight completes."""
+        requeue = self._preempt_requested() and is_worker_death(exc)
+        if requeue:  # the other workers die of the same signal: their reports must not cut the exit short
+            stop_reporting_worker_deaths()
         self.saver.settle()
         if self._preempting and isinstance(exc, SystemExit):
             self.voice.status_best_effort("preempted", **self._status_fields(exit_code=exc.code))
             return
-        if self._preempt and self._preempt.requested and is_worker_death(exc):
+        if requeue and self._preempt:
             self.voice.status_best_effort(
                 "preempted", **self._status_fields(exit_code=self._preempt.exit_code)
             )
@@ -201,8 +204,7 @@ class Guard:
             self._end_epoch()
 
     def batches(self, loader: Any) -> Iterator[Any]:
-        """Iterate the training loader for the current epoch, resuming mid-epoch at the
-        sampler level when the run was checkpointed inside this epoch."""
+        """The current epoch's batches; a mid-epoch resume skips at the sampler level."""
         inner = self.position.iterate(loader, self._restore_checkpoint_rng, self._exact_point_reached)
         return self.history.batches(inner)
 
@@ -257,13 +259,11 @@ class Guard:
             self._preempt_now(self.requests.take([]))  # outside the batch loop and any epoch
 
     def log(self, **scalars: Any) -> None:
-        """Append scalars (floats or one-element tensors) to the run's ``history.csv`` at
-        the current step (say the training loss). Unlike ``report()``, never saves."""
+        """Append scalars (floats or 1-element tensors) to ``history.csv``; never saves."""
         self.history.record(self.global_step, self.epoch, {k: to_float(v, k) for k, v in scalars.items()})
 
     def save(self, reason: str = "manual") -> str | None:
-        """Ask for a checkpoint: taken now at an exact point, else at the next one. Returns
-        the path if it committed at once (synchronous writer), else None."""
+        """A checkpoint at the next exact point; its path if committed at once, else None."""
         return self._request_save(reason)
 
     # ------------------------------------------------------------------ exact points

@@ -42,6 +42,7 @@ class LoopPosition:
         self.in_iteration = False  # a batch was handed out and its g.step() has not come yet
         self._resume_into: dict[str, Any] | None = None  # a mid-epoch position to resume into
         self._saved_generators: list[Any] | None = None  # loader generators to restore at the next epoch
+        self._continued_reuses_iterator = False  # at the boundary resumed from, a persistent iterator lived
         self._saved_workers: int | None = None  # the loader's num_workers when the checkpoint was taken
 
     def key(self) -> tuple[int, int, int]:
@@ -73,12 +74,15 @@ class LoopPosition:
                 data_pos.restore_epoch_start(loader, pending["epoch_start"])
                 self.epoch_start = pending["epoch_start"]
                 self.batch_in_epoch = pending["batch_in_epoch"]
-                it = data_pos.iterate_from(loader, self.batch_in_epoch, on_resumed)
+                it = data_pos.iterate_from(loader, self.batch_in_epoch, on_resumed, self.epoch_start)
             else:
                 self._restore_boundary_generators(loader)
                 self.epoch_start = data_pos.capture_epoch_start(loader)
+                if self._continued_reuses_iterator:  # as the run being continued had it
+                    self.epoch_start["reused_iterator"] = True
+                self._continued_reuses_iterator = False
                 self.batch_in_epoch = 0
-                it = iter(loader)
+                it = data_pos.iterate_epoch(loader, self.epoch_start)
         for batch in it:
             self.batch_in_epoch += 1
             self.batches_total += 1
@@ -144,6 +148,7 @@ class LoopPosition:
             "epoch_start": self.epoch_start if self.mid_epoch else None,
             "loader_generators": [g.get_state() for g in gens] or None,
             "num_workers": getattr(self.loader, "num_workers", None),
+            "reuses_iterator": self.loader is not None and data_pos.reuses_iterator(self.loader),
         }
 
     def load_state_dict(self, progress: dict[str, Any]) -> None:
@@ -153,6 +158,7 @@ class LoopPosition:
         self.batches_total = progress["batches_total"]
         self._resume_into = progress if progress.get("epoch_start") is not None else None
         self._saved_generators = None if self._resume_into else progress.get("loader_generators")
+        self._continued_reuses_iterator = not self._resume_into and progress.get("reuses_iterator") is True
         workers = progress.get("num_workers")
         self._saved_workers = workers if isinstance(workers, int) and not isinstance(workers, bool) else None
 

@@ -91,9 +91,37 @@ def _take_signals() -> None:
             os._exit(0)  # the loader ends its worker: torch's own handler does the same
 
 
+def stop_reporting_worker_deaths() -> None:
+    """For a process leaving because it was preempted: torch's SIGCHLD handler would
+    raise once more for every other worker the same signal killed, wherever the exit
+    path happens to be (seen: inside the join of the last save). Only the main thread
+    can change it; elsewhere nothing is done."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def is_worker_death(exc: BaseException | None) -> bool:
-    """Is ``exc`` torch's report of a DataLoader worker that died or exited?"""
-    return isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker (pid")
+    """Does ``exc`` (or an exception it was raised from) report a DataLoader worker that
+    died? torch says so in a RuntimeError, or the main process meets the dead worker's
+    connection first (a ConnectionError or EOFError raised inside torch's data loading)."""
+    for _ in range(8):  # a short chain: the report is at most a few links away
+        if exc is None:
+            return False
+        if isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker (pid"):
+            return True
+        if isinstance(exc, (ConnectionError, EOFError)) and _raised_in_data_loading(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _raised_in_data_loading(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if "torch/utils/data/" in tb.tb_frame.f_code.co_filename.replace(os.sep, "/"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def requeue_after_worker_death(

@@ -6,9 +6,13 @@ an evaluation, saves every few steps — the shape of a real job that Slurm pree
 CONFIG keys: ``workers`` (num_workers), ``persistent`` (persistent_workers),
 ``start_method`` (the loader's multiprocessing context, None: the default),
 ``epochs``, ``samples``, ``batch``, ``every_steps``, ``loader_generator`` (shuffle
-with the loader's own ``torch.Generator``), ``accumulate`` (micro-batches per
+with the loader's own ``torch.Generator``), ``sampler_generator`` (a RandomSampler
+with its own generator), ``accumulate`` (micro-batches per
 optimizer step), ``augment`` ("index": per-sample noise seeded by the index,
-"worker": noise from the worker process's torch RNG stream).
+"worker": noise from the worker process's torch RNG stream), ``eval_workers``
+(evaluate through a loader with worker processes that the job iterates itself, not
+through ``g.batches()``), ``signal_in_eval`` (in that epoch's evaluation, create
+``RUN.in-eval`` and hold until the test has created ``RUN.signalled``; once per run).
 
 Environment: ``EXIT_AFTER_EPOCH_SAVE=k`` makes the job ``os._exit(0)`` once the
 checkpoint at the end of epoch ``k`` is committed, before any step of the next epoch
@@ -23,11 +27,12 @@ import json
 import os
 import random
 import sys
+import time
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 import guardian
 
@@ -40,8 +45,11 @@ DEFAULT = {
     "batch": 8,
     "every_steps": 7,
     "loader_generator": False,
+    "sampler_generator": False,
     "accumulate": 1,
     "augment": "index",
+    "eval_workers": 0,
+    "signal_in_eval": None,
 }
 
 
@@ -76,16 +84,35 @@ def build(cfg: dict):
     model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, 2))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(5) if cfg["loader_generator"] else None
+    data = Features(cfg["samples"], cfg["augment"])
+    sampler = None
+    if cfg["sampler_generator"]:
+        sampler = RandomSampler(data, generator=torch.Generator().manual_seed(6))
     loader = DataLoader(
-        Features(cfg["samples"], cfg["augment"]),
+        data,
         batch_size=cfg["batch"],
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         generator=gen,
         num_workers=cfg["workers"],
         persistent_workers=cfg["persistent"] and cfg["workers"] > 0,
         multiprocessing_context=cfg["start_method"] if cfg["workers"] else None,
     )
     return model, opt, loader
+
+
+def evaluate(model: nn.Module, val_x: torch.Tensor, cfg: dict, run: str, epoch: int) -> torch.Tensor:
+    if not cfg["eval_workers"]:
+        return model(val_x).pow(2).mean()
+    loader = DataLoader(TensorDataset(val_x), batch_size=1, num_workers=cfg["eval_workers"])
+    total = torch.zeros(())
+    for i, (xb,) in enumerate(loader):
+        if i == 0 and epoch == cfg["signal_in_eval"] and not os.path.exists(run + ".signalled"):
+            open(run + ".in-eval", "w").close()
+            while not os.path.exists(run + ".signalled"):  # the test signals the process group
+                time.sleep(0.01)
+        total = total + model(xb).pow(2).mean()
+    return total / len(loader)
 
 
 def main() -> None:
@@ -110,7 +137,7 @@ def main() -> None:
                 g.step()
             model.eval()
             with torch.no_grad():
-                val = model(val_x).pow(2).mean()
+                val = evaluate(model, val_x, cfg, run, epoch)
             g.report(val_loss=val)
     sys.exit(0)
 

@@ -151,3 +151,35 @@ def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(tmp_path, 
         launcher.close()
     assert len(preempted) == 20
     assert final_digest(run) == final_digest(ref)
+
+
+@pytest.mark.slow
+def test_workers_of_a_loader_the_program_iterates_itself_dying_of_the_signal_still_exit_75(tmp_path):
+    """An evaluation loader iterated directly (not through g.batches()) keeps torch's
+    worker signal handling: a process-group SIGTERM during evaluation kills its
+    workers and torch raises in the loop. That is still a preemption: exit 75 with
+    the last checkpoint (no new one can be taken there)."""
+    cfg = {"workers": 0, "eval_workers": 2, "epochs": 2, "samples": 96, "every_steps": 5, "signal_in_eval": 1}
+    run = str(tmp_path / "run")
+    env = {**ENV, "GUARDIAN_QUIET": "0"}
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:  # a file, not a pipe: the workers inherit it too
+        job = subprocess.Popen(
+            [sys.executable, JOB, run, json.dumps(cfg)], env=env, start_new_session=True, stderr=out
+        )
+    try:
+        _wait_for(lambda: os.path.exists(run + ".in-eval") or job.poll() is not None, "the evaluation")
+        before = reader.newest_valid(run).name
+        os.killpg(job.pid, signal.SIGTERM)
+        open(run + ".signalled", "w").close()
+        job.wait(timeout=DEADLINE)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    err = log.read_text()
+    assert job.returncode == EXIT_REQUEUE, err[-3000:]
+    assert "died of it before a checkpoint could be taken" in err
+    assert reader.newest_valid(run).name == before  # nothing new claimed
+    assert read_status(run)["state"] == "preempted"
+    _wait_for(lambda: _group_gone(job.pid), "the evaluation workers to exit")

@@ -46,8 +46,21 @@ def loader_generators(loader: Any) -> list[torch.Generator]:
     return gens
 
 
+def reuses_iterator(loader: Any) -> bool:
+    """Will ``iter(loader)`` reuse a live persistent-worker iterator? Such an epoch draws
+    no base seed for the workers; a fresh iterator draws one (from the loader's generator
+    or torch's) before its sampler shuffles with the same RNG."""
+    return (
+        bool(getattr(loader, "persistent_workers", False)) and getattr(loader, "_iterator", None) is not None
+    )
+
+
 def capture_epoch_start(loader: Any) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in loader_generators(loader)]}
+    return {
+        "torch": torch.get_rng_state(),
+        "generators": [g.get_state() for g in loader_generators(loader)],
+        "reused_iterator": reuses_iterator(loader),
+    }
 
 
 def restore_epoch_start(loader: Any, state: dict[str, Any]) -> None:
@@ -69,10 +82,13 @@ class _SkipFirst:
     ``on_skipped`` before anything is yielded. Lazy like the sampler it wraps, so
     RNG draws happen at exactly the same moments as without it."""
 
-    def __init__(self, inner: Any, skip: int, on_skipped: Callable[[], None]) -> None:
+    def __init__(
+        self, inner: Any, skip: int, on_skipped: Callable[[], None], before: Callable[[], None] | None = None
+    ) -> None:
         self.inner = inner
         self.skip = skip
         self.on_skipped = on_skipped
+        self.before = before  # runs right before the inner sampler is first iterated
         self.used = False
 
     def __iter__(self) -> Iterator[Any]:
@@ -80,6 +96,8 @@ class _SkipFirst:
             yield from self.inner
             return
         self.used = True
+        if self.before is not None:
+            self.before()
         it = iter(self.inner)
         for _ in range(self.skip):
             if next(it, _END) is _END:
@@ -97,13 +115,41 @@ class _SkipFirst:
 _END = object()
 
 
-def iterate_from(loader: Any, skip: int, on_skipped: Callable[[], None]) -> Iterator[Any]:
+def iterate_epoch(loader: Any, epoch_start: dict[str, Any]) -> Iterator[Any]:
+    """``iter(loader)`` for a new epoch that started at ``epoch_start``."""
+    before = _as_if_reused(loader, epoch_start)
+    if before is None or not isinstance(loader, DataLoader) or loader._dataset_kind != 0:
+        return iter(loader)
+    return _iter_wrapped(loader, 0, lambda: None, before)
+
+
+def _as_if_reused(loader: Any, epoch_start: dict[str, Any] | None) -> Callable[[], None] | None:
+    """A persistent-worker loader reuses its iterator from its second epoch on, so the
+    run being continued drew no base seed there; the first epoch of a resumed process
+    creates a fresh iterator, which does. Then the sampler's RNG is put back to the
+    epoch start right before it draws, and the epoch shuffles as in the run being
+    continued. (The new workers keep their new base seed: a worker's own RNG stream is
+    never exact across a restart; see the module docstring.)"""
+    if not epoch_start or not epoch_start.get("reused_iterator") or reuses_iterator(loader):
+        return None
+    return lambda: restore_epoch_start(loader, epoch_start)
+
+
+def iterate_from(
+    loader: Any, skip: int, on_skipped: Callable[[], None], epoch_start: dict[str, Any] | None = None
+) -> Iterator[Any]:
     """``iter(loader)`` positioned after ``skip`` batches; see the module docstring."""
     if not isinstance(loader, DataLoader) or loader._dataset_kind != 0:  # 0 = map-style
         return _iterate_by_reading(loader, skip, on_skipped)
+    return _iter_wrapped(loader, skip, on_skipped, _as_if_reused(loader, epoch_start))
+
+
+def _iter_wrapped(
+    loader: Any, skip: int, on_skipped: Callable[[], None], before: Callable[[], None] | None
+) -> Iterator[Any]:
     attr = "batch_sampler" if loader.batch_sampler is not None else "sampler"
     original = getattr(loader, attr)
-    object.__setattr__(loader, attr, _SkipFirst(original, skip, on_skipped))
+    object.__setattr__(loader, attr, _SkipFirst(original, skip, on_skipped, before))
     try:
         return iter(loader)
     finally:
