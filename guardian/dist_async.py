@@ -37,7 +37,7 @@ from .format.manifest import Manifest
 from .staging import StagingArena, byte_view, copy_into_arena, needs_pinned, wait_for_device_copies
 from .state.snapshot import Snapshot
 
-log = logging.getLogger("guardian")
+log = logging.getLogger(__name__)
 
 TENSOR_ALIGN = 64  # each frozen tensor starts on a 64-byte boundary (any dtype view is legal)
 
@@ -109,7 +109,7 @@ class DistributedAsyncWriter(BackgroundSave):
         try:
             dist.destroy_process_group(group)
         except (ValueError, RuntimeError) as e:  # destroyed with the default group already
-            log.debug("guardian: private checkpoint group already gone: %s", e)
+            log.debug("private checkpoint group already gone: %s", e)
 
     # ------------------------------------------------------------------ internals
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-log = logging.getLogger("guardian")
+log = logging.getLogger(__name__)
 
 
 def loader_generators(loader: Any) -> list[torch.Generator]:
@@ -159,7 +159,7 @@ def _iter_wrapped(
 def _iterate_by_reading(loader: Any, skip: int, on_skipped: Callable[[], None]) -> Iterator[Any]:
     if skip:
         log.warning(
-            "guardian: %s has no sampler to skip with; reading and discarding %d batch(es) to "
+            "%s has no sampler to skip with; reading and discarding %d batch(es) to "
             "reach the resume position",
             type(loader).__name__,
             skip,
