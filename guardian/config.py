@@ -27,3 +27,4 @@ class GuardConfig:
     on_save_error: OnSaveError
     handle_signals: bool
     tensorboard: bool = False
+    replicate_to: str | None = None  # a remote prefix (fsspec URL): guardian/remote/

@@ -45,6 +45,7 @@ def protect(
     writer: Writer | None = None,
     async_save: bool = True,
     tensorboard: bool = False,
+    replicate_to: str | os.PathLike[str] | None = None,
     **components: Any,
 ) -> Guard:
     """Wrap a training loop (see ``guardian.guard`` for the loop API and its rules).
@@ -74,6 +75,10 @@ def protect(
     ``tensorboard``: also write the metric history as TensorBoard event files in
     ``RUN/tensorboard`` (needs ``pip install 'guardian[tensorboard]'``); the history
     itself, ``RUN/history.csv``, is always kept (docs/history.md).
+    ``replicate_to``: a remote prefix (``s3://bucket/prefix/run``, any fsspec URL, or a
+    path on a shared file system); defaults to ``$GUARDIAN_REPLICATE_TO``. Each committed
+    checkpoint is uploaded in the background, and a run directory with nothing to
+    resume from resumes from there (docs/remote.md). Checked writable here.
     """
     _refuse_unknown_options(components)
     dir = dir if dir is not None else knobs.run_dir()
@@ -89,6 +94,11 @@ def protect(
         raise ValueError("early stopping (patience=) needs monitor= to know what to watch")
     if restore_best and best is None:
         raise ValueError("restore_best=True needs monitor= to know which checkpoint is the best")
+    replicate_to = replicate_to if replicate_to is not None else os.environ.get("GUARDIAN_REPLICATE_TO")
+    if replicate_to:
+        from .remote import check_target
+
+        check_target(os.fspath(replicate_to))
     config = GuardConfig(
         run_dir=os.fspath(dir),
         schedule=SaveSchedule(every_steps, every_seconds, every_epochs),
@@ -103,6 +113,7 @@ def protect(
         on_save_error=on_save_error,
         handle_signals=handle_signals,
         tensorboard=tensorboard,
+        replicate_to=os.fspath(replicate_to) if replicate_to else None,
     )
     return Guard(trainer, components, config, writer or _default_writer(async_save))
 

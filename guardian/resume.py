@@ -66,7 +66,14 @@ class Restored:
 
 class Resumer:
     def __init__(
-        self, run_dir: str, components: dict[str, Any], world: World, *, strict: bool, partial: bool = False
+        self,
+        run_dir: str,
+        components: dict[str, Any],
+        world: World,
+        *,
+        strict: bool,
+        partial: bool = False,
+        remote: str | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.components = components
@@ -76,6 +83,7 @@ class Resumer:
         # the checkpoint's other components are ignored, never an error.
         self.partial = partial
         self.seq = 0  # the highest manifest seq seen: new saves continue after it
+        self.remote = remote  # replicate_to: asked when the run directory has no checkpoint
 
     def resume(self, request: Any, on_load: Any = None) -> Restored | None:
         """Choose and load (every rank the same checkpoint); None: start fresh."""
@@ -135,8 +143,19 @@ class Resumer:
                 commit.set_aside(self.run_dir, info.name, "protect(resume=False): starting fresh")
             return None
         if request is True:
+            if not existing and self.remote:  # a new node: the remote tier has the run
+                return self._from_remote()
             return self._newest_restorable(existing)
         return self._named(str(request), existing)
+
+    def _from_remote(self) -> str | None:
+        """Download the newest remote checkpoint that verifies and passes the meta pass."""
+        from .remote.fetch import fetch_restorable
+
+        chosen = fetch_restorable(str(self.remote), self.run_dir, self._why_unusable)
+        if chosen is not None:
+            self.seq = max(self.seq, manifest_mod.read(chosen).seq)
+        return chosen
 
     def first_restorable(
         self, candidates: list[reader.CheckpointInfo]

@@ -140,6 +140,11 @@ def _setup_logging(h: reg.Home, verbose: bool) -> None:
     metavar="NAME",
     help="Store this variable even if its name looks like a secret (*TOKEN*, *KEY*, ...). Repeatable.",
 )
+@click.option(
+    "--replicate-to",
+    metavar="URL",
+    help="Replicate checkpoints to this remote prefix (s3://bucket/prefix/run): docs/remote.md.",
+)
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
@@ -149,6 +154,7 @@ def run(
     replace: bool,
     nproc: int | None,
     keep_env: tuple[str, ...],
+    replicate_to: str | None,
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -175,7 +181,7 @@ def run(
             argv=_job_argv(nproc, command),
             cwd=os.getcwd(),
             run_dir=rd,
-            env=filter_env(dict(os.environ), keep_env),
+            env=_with_replication(filter_env(dict(os.environ), keep_env), replicate_to),
             owner_uid=os.getuid(),
             nproc=nproc,
         )
@@ -194,6 +200,21 @@ def run(
         {"name": name, "run_dir": rd, "argv": spec.argv, "nproc": nproc, "daemon_pid": pid},
         f"registered job {name!r} (run dir {rd}); {note}",
     )
+
+
+def _with_replication(env: dict[str, str], url: str | None) -> dict[str, str]:
+    """The job's environment with ``GUARDIAN_REPLICATE_TO``. A URL carrying user info or
+    a query (where a secret could hide) is refused: it would be stored in the job files."""
+    if not url:
+        return env
+    from ..remote.store import redact
+
+    if redact(url) != url.rstrip("/"):
+        raise DaemonError(
+            "--replicate-to: give the URL without credentials or query (they would be stored in the "
+            "job's files); credentials come from the environment or ~/.aws (docs/remote.md)"
+        )
+    return {**env, "GUARDIAN_REPLICATE_TO": url}
 
 
 def _job_argv(nproc: int | None, command: tuple[str, ...]) -> list[str]:
@@ -275,12 +296,27 @@ def _print_job(j: dict[str, Any], detail: bool) -> None:
         f"checkpoint={j['last_checkpoint'] or '-'} gpus={','.join(j['gpus']) or '-'}"
     )
     click.echo(f"    {j['reason']}")
+    if remote := _remote_durable(j.get("run_dir")):
+        click.echo(f"    remote: {remote}")
     if j.get("heartbeat_problem"):
         click.echo(f"    heartbeat: {j['heartbeat_problem']}")
     if j["stderr_tail"] and (detail or j["state"] in (reg.FAILED, reg.HELD, reg.INCOMPLETE)):
         click.echo("    last lines of stderr:")
         for line in j["stderr_tail"][-10:]:
             click.echo(f"      | {line}")
+
+
+def _remote_durable(run_dir: str | None) -> str | None:
+    """The newest remote-durable checkpoint (``RUN/remote.json``), for ``status``."""
+    if not run_dir:
+        return None
+    try:
+        with open(os.path.join(run_dir, "remote.json"), "rb") as f:
+            info = json.loads(f.read(65536))
+        text = f"{info['newest_durable']} (step {int(info['step'])}) durable on {info['url']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return "".join(c if c.isprintable() else "?" for c in text)[:500]
 
 
 # ---------------------------------------------------------------------------- logs
