@@ -202,7 +202,8 @@ def s3fs_client(endpoint: str):
 # ---------------------------------------------------------------- a training script
 
 JOB = r"""
-import json, os, signal, sys, time
+import json, os, random, signal, sys, time
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -210,6 +211,8 @@ import guardian
 from safetensors.torch import save_file
 
 run_dir, url, kill_at, out = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), sys.argv[4]
+random.seed(0)  # a reproducible script seeds every RNG it has
+np.random.seed(0)
 torch.manual_seed(0)
 x = torch.randn(96, 10, generator=torch.Generator().manual_seed(1))
 y = (x[:, 0] > 0).long()
