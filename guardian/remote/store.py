@@ -176,16 +176,30 @@ class RemoteStore:
         self.put_chunks(rel, iter([data]))
 
     def remove(self, rel: str) -> None:
+        """Delete one object. ``rm_file``, never ``rm``: ``rm`` expands glob characters,
+        and a prefix may contain ``[`` or ``*``."""
         try:
-            self.fs.rm(self.path(rel))
+            self.fs.rm_file(self.path(rel))
         except FileNotFoundError:
             pass
 
     def remove_tree(self, name: str) -> None:
+        """Delete every object under ``name`` (one checkpoint), object by object."""
+        self._fresh()
         try:
-            self.fs.rm(self.path(name), recursive=True)
+            found = self.fs.find(self.path(name))
         except FileNotFoundError:
-            pass
+            return
+        prefix = self.path(name) + "/"
+        for full in found:
+            if str(full).startswith(prefix):  # never anything outside the checkpoint
+                self.remove(str(full)[len(self.root) + 1 :])
+        if self.local:
+            for sub in sorted(self.fs.find(self.path(name), withdirs=True), reverse=True):
+                if self.fs.isdir(sub) and str(sub).startswith(self.root + "/"):
+                    self.fs.rmdir(sub)
+            if self.fs.isdir(self.path(name)):
+                self.fs.rmdir(self.path(name))
 
     def check_writable(self) -> None:
         """Write and delete a probe object: a bucket that does not exist, a denied
@@ -205,22 +219,14 @@ class RemoteStore:
     def abort_incomplete_uploads(self) -> int:
         """S3 only: abort multipart uploads under the prefix that a killed writer never
         completed (invisible, but billed). Returns how many were aborted."""
-        call = getattr(self.fs, "call_s3", None)
+        call = getattr(self.fs, "call_s3", None)  # s3fs's synchronous wrapper of a boto call
         if call is None:
             return 0
         bucket, _, key = self.root.partition("/")
-        from fsspec.asyn import sync
-
-        listed = sync(self.fs.loop, call, "list_multipart_uploads", Bucket=bucket, Prefix=key + "/")
+        listed = call("list_multipart_uploads", Bucket=bucket, Prefix=key + "/")
         aborted = 0
         for up in listed.get("Uploads", []):
-            sync(
-                self.fs.loop,
-                call,
-                "abort_multipart_upload",
-                Bucket=bucket,
-                Key=up["Key"],
-                UploadId=up["UploadId"],
-            )
-            aborted += 1
+            if str(up.get("Key", "")).startswith(key + "/"):
+                call("abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+                aborted += 1
         return aborted
