@@ -519,7 +519,7 @@ def test_hostile_prefix_objects_are_refused(s3, moto, tmp_path):
     listed = {n: p for n, _m, p in remote_checkpoints(RemoteStore(s3))}
     assert "not-a-checkpoint" not in listed and "step-000000099" not in listed
     assert listed["step-000000002"] is None
-    assert all(listed[f"step-0000000{i}"] for i in ("09", "10", "11", "12", "13"))
+    assert all(listed[f"step-0000000{i}"] for i in ("09", "10", "11", "12", "13")), listed
 
     fresh = str(tmp_path / "fresh")
     os.mkdir(fresh)

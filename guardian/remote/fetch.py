@@ -45,6 +45,11 @@ def read_manifest(store: RemoteStore, name: str) -> Manifest:
         raise CorruptCheckpointError(
             f"{what}: names checkpoint {man.name[:80]!r}, not {name!r} (copied or forged)"
         )
+    for rel in man.files:
+        if not rel.endswith((".safetensors", ".json")):
+            raise CorruptCheckpointError(
+                f"{what}: lists {rel[:120]!r}, not a guardian file (a pickle?); refusing"
+            )
     return man
 
 
@@ -81,9 +86,6 @@ def download(store: RemoteStore, name: str, run_dir: str) -> str:
     """Download remote checkpoint ``name`` into ``run_dir/name`` (committed locally only
     when every file arrived with its listed size and hash). Returns the local path."""
     man = read_manifest(store, name)
-    for rel in man.files:
-        if not rel.endswith((".safetensors", ".json")):
-            raise CorruptCheckpointError(f"{store.shown}/{name}/{rel}: not a guardian file; refusing")
     commit.check_free_space(run_dir, man.total_bytes)
     if os.path.lexists(os.path.join(run_dir, name)):
         commit.set_aside(run_dir, name, "replaced by the remote copy")
@@ -196,9 +198,6 @@ def remote_infos(url: str, *, verify: bool) -> list[Any]:
 def _hash_problems(store: RemoteStore, name: str, man: Manifest) -> list[str]:
     problems = []
     for rel, entry in sorted(man.files.items()):
-        if not rel.endswith((".safetensors", ".json")):
-            problems.append(f"{store.shown}/{name}/{rel}: not a guardian file; refusing")
-            continue
         try:
             for _ in _checked(store, f"{name}/{rel}", entry):
                 pass
