@@ -8,6 +8,7 @@ stay open, no byte moves) to play an endpoint that hangs mid-upload.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -527,3 +528,54 @@ def test_hostile_prefix_objects_are_refused(s3, moto, tmp_path):
     assert chosen is not None and os.path.basename(chosen) == "step-000000002"
     assert sorted(os.listdir(fresh)) == ["step-000000002"]
     assert not (tmp_path / "outside.json").exists()
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_ls_and_verify_read_remote_prefixes(s3, moto, tmp_path):
+    """`guardian ls/verify s3://…` list committed remote checkpoints and hash their
+    objects; a corrupted object makes verify exit 3 naming it."""
+    from click.testing import CliRunner
+    from fault_helpers import save_checkpoint
+
+    from guardian.cli import main
+
+    fs = s3fs_client(moto.url)
+    root = s3[len("s3://") :]
+    local = str(tmp_path / "src")
+    os.mkdir(local)
+    for step in (1, 2):
+        fs.put(save_checkpoint(local, step), f"{root}/step-00000000{step}", recursive=True)
+    r = CliRunner().invoke(main, ["ls", "--json", s3])
+    assert r.exit_code == 0, r.output
+    assert [row["name"] for row in json.loads(r.output)] == ["step-000000001", "step-000000002"]
+    r = CliRunner().invoke(main, ["verify", s3])
+    assert r.exit_code == 0 and "2 of 2 checkpoint(s) valid" in r.output, r.output
+
+    key = f"{root}/step-000000002/tensors.safetensors"
+    data = bytearray(fs.cat_file(key))
+    data[-1] ^= 1
+    fs.pipe_file(key, bytes(data))
+    r = CliRunner().invoke(main, ["verify", s3 + "/step-000000002"])
+    assert r.exit_code == 3 and "hash" in r.output and "tensors.safetensors" in r.output, r.output
+
+
+def test_cli_run_replicate_to_stores_the_url_not_credentials(s3, tmp_path):
+    from click.testing import CliRunner
+
+    from guardian.cli import main
+    from guardian.daemon import registry as reg
+
+    h = str(tmp_path / "h")
+    r = CliRunner().invoke(main, ["run", "--home", h, "--name", "x", "--replicate-to", s3, "--", "t"])
+    assert r.exit_code == 0, r.output
+    env = reg.load_spec(reg.Home(h), "x").env
+    assert env["GUARDIAN_REPLICATE_TO"] == s3
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env
+    with open(reg.Home(h).job_file("x", "job.json")) as f:
+        assert "testing-secret-never-logged" not in f.read()
+    r = CliRunner().invoke(
+        main, ["run", "--home", h, "--name", "y", "--replicate-to", "s3://user:pw@bucket/run", "--", "t"]
+    )
+    assert r.exit_code != 0 and "without credentials" in r.output

@@ -72,8 +72,8 @@ class RemoteStore:
         self.url = url.rstrip("/")
         self.shown = redact(self.url)
         try:
-            import fsspec
-            from fsspec.core import split_protocol
+            import fsspec  # type: ignore[import-untyped]
+            from fsspec.core import split_protocol  # type: ignore[import-untyped]
         except ImportError as e:
             raise RemoteStoreError(
                 f"replicating to {self.shown} needs fsspec: pip install 'guardian[s3]'"
