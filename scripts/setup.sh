@@ -14,7 +14,12 @@ PIP=(.venv/bin/python -m pip -q --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install "torch==2.13.0"
 fi
-"${PIP[@]}" install -e ".[test,ray,lightning]"   # ray: the Ray Train hand-off test; lightning: its integration tests
+# s3fs pins botocore (through aiobotocore); moto, in the test extra, needs boto3, whose newest
+# release may want a newer botocore. Pin boto3 to the botocore s3fs brought, or pip walks
+# back through every boto3 release before it finds one that fits.
+"${PIP[@]}" install "s3fs>=2023.6"
+BOTO3="boto3==$(.venv/bin/python -c 'import botocore; print(botocore.__version__)')"
+"${PIP[@]}" install -e ".[test,ray,lightning]" "$BOTO3"   # ray: the Ray Train hand-off test; lightning: its integration tests
 # The power-cut tests mount a FUSE file system: they need fusermount (Debian's fuse3).
 # As root on Debian/Ubuntu we install it; elsewhere those tests skip and say why.
 if [ "$(id -u)" = 0 ] && ! command -v fusermount3 >/dev/null && command -v apt-get >/dev/null; then
