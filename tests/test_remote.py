@@ -270,6 +270,7 @@ def same_weights(a: str, b: str) -> bool:
 # ---------------------------------------------------------------- must show
 
 
+@pytest.mark.slow
 def test_node_lost_resumes_from_remote_bitwise(s3, moto, tmp_path):
     """Training replicates; the process is SIGKILLed and its run directory deleted (the
     node is lost); the same script on an empty directory resumes from the remote and
@@ -430,6 +431,7 @@ def test_shared_filesystem_target_round_trip(tmp_path):
     assert [n for n, m, p in remote_checkpoints(RemoteStore(target)) if p is None]
 
 
+@pytest.mark.slow
 def test_endpoint_hangs_mid_upload_training_unaffected(moto, monkeypatch, tmp_path, caplog):
     """The endpoint stops answering during an upload: training steps on (the upload
     thread times out and retries with backoff), at most one checkpoint waits behind the
