@@ -27,6 +27,7 @@ class GuardConfig:
     on_save_error: OnSaveError
     handle_signals: bool
     tensorboard: bool = False
+    replicate_to: str | None = None  # a remote prefix (fsspec URL): guardian/remote/
 
     def restores_best(self, *, early_stopped: bool) -> bool:
         """``restore_best``: None loads the best weights when early stopping fired, True

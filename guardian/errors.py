@@ -95,3 +95,8 @@ class CheckpointWriteError(GuardianError, OSError):
 
 class MetricError(GuardianError, ValueError):
     """A metric handed to guardian is not a number."""
+
+
+class RemoteStoreError(GuardianError, OSError):
+    """The remote tier (``replicate_to=``) cannot be used: a bucket that does not exist,
+    denied writes, an endpoint that does not answer, or fsspec's backend missing."""

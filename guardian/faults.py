@@ -26,6 +26,7 @@ POINTS = (
     "retention.renamed",
     "retention.deleted",
     "step.after_save",
+    "remote.file_uploaded",
 )
 
 _counts: dict[str, int] = {}

@@ -342,6 +342,7 @@ class Guard:
 
     def _resume(self) -> None:
         resumer = Resumer(self.run_dir, self.components, self.world, strict=self.config.strict)
+        resumer.remote = self.config.replicate_to  # asked when the run directory has no checkpoint
         restored = resumer.resume(
             self.config.resume, on_load=lambda: self.voice.beat(0, 0, "load", force=True)
         )

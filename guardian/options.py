@@ -46,6 +46,7 @@ def protect(
     async_save: bool = True,
     tensorboard: bool = False,
     watch: bool | None = None,
+    replicate_to: str | os.PathLike[str] | None = None,
     **components: Any,
 ) -> Guard:
     """Wrap a training loop (see ``guardian.guard`` for the loop API and its rules).
@@ -77,6 +78,10 @@ def protect(
     itself, ``RUN/history.csv``, is always kept (docs/history.md).
     ``watch``: register this run with the user's ``guardian watch`` daemon, which restarts
     it if it dies (docs/daemon.md); None (default) follows ``GUARDIAN_WATCH=1``.
+    ``replicate_to``: a remote prefix (``s3://bucket/prefix/run``, any fsspec URL, or a
+    path on a shared file system); defaults to ``$GUARDIAN_REPLICATE_TO``. Each committed
+    checkpoint is uploaded in the background, and a run directory with nothing to
+    resume from resumes from there (docs/remote.md). Checked writable here.
     """
     _refuse_unknown_options(components)
     dir = dir if dir is not None else knobs.run_dir()
@@ -92,6 +97,11 @@ def protect(
         raise ValueError("early stopping (patience=) needs monitor= to know what to watch")
     if restore_best and best is None:
         raise ValueError("restore_best=True needs monitor= to know which checkpoint is the best")
+    replicate_to = replicate_to if replicate_to is not None else os.environ.get("GUARDIAN_REPLICATE_TO")
+    if replicate_to:
+        from .remote import check_target
+
+        check_target(os.fspath(replicate_to))
     config = GuardConfig(
         run_dir=os.fspath(dir),
         schedule=SaveSchedule(every_steps, every_seconds, every_epochs),
@@ -106,6 +116,7 @@ def protect(
         on_save_error=on_save_error,
         handle_signals=handle_signals,
         tensorboard=tensorboard,
+        replicate_to=os.fspath(replicate_to) if replicate_to else None,
     )
     adopt.register_if_asked(config.run_dir, watch)  # the daemon restarts this script if it dies
     return Guard(trainer, components, config, writer or _default_writer(async_save))

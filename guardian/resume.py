@@ -18,6 +18,7 @@ from typing import Any
 from . import commit, knobs
 from .distributed import World
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, GuardianError, StateMismatchError
+from .format import manifest as manifest_mod
 from .format import reader
 from .restore import Restored, Restorer
 from .state import rng as rng_mod
@@ -27,7 +28,14 @@ log = logging.getLogger(__name__)
 
 class Resumer:
     def __init__(
-        self, run_dir: str, components: dict[str, Any], world: World, *, strict: bool, partial: bool = False
+        self,
+        run_dir: str,
+        components: dict[str, Any],
+        world: World,
+        *,
+        strict: bool,
+        partial: bool = False,
+        remote: str | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.world = world
@@ -35,6 +43,7 @@ class Resumer:
         self.check_fits = self.restorer.check_fits
         self.load = self.restorer.load
         self.seq = 0  # the highest manifest seq seen: new saves continue after it
+        self.remote = remote  # replicate_to: asked when the run directory has no checkpoint
 
     def resume(self, request: Any, on_load: Any = None) -> Restored | None:
         """Choose and load (every rank the same checkpoint); None: start fresh."""
@@ -94,8 +103,19 @@ class Resumer:
                 commit.set_aside(self.run_dir, info.name, "protect(resume=False): starting fresh")
             return None
         if request is True:
+            if not existing and self.remote:  # a new node: the remote tier has the run
+                return self._from_remote()
             return self._newest_restorable(existing)
         return self._named(str(request), existing)
+
+    def _from_remote(self) -> str | None:
+        """Download the newest remote checkpoint that verifies and passes the meta pass."""
+        from .remote.fetch import fetch_restorable
+
+        chosen = fetch_restorable(str(self.remote), self.run_dir, self._why_unusable)
+        if chosen is not None:
+            self.seq = max(self.seq, manifest_mod.read(chosen).seq)
+        return chosen
 
     def first_restorable(
         self, candidates: list[reader.CheckpointInfo]

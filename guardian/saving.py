@@ -110,12 +110,25 @@ class Saver:
         self.last_checkpoint: str | None = None
         self.best_checkpoint: str | None = None  # the newest committed "best" checkpoint
         self.on_commit: Callable[[str, Manifest], None] | None = None  # after each commit, on rank 0
+        self._listeners: list[Callable[[str, Manifest], None]] = []  # add_listener: more of them
+        self._closers: list[Callable[[], None]] = []
+        self.replicate_to = config.replicate_to  # a remote prefix: guardian/remote/
         self.last_save_time = time.monotonic()  # for every_seconds
         self._reserved = False
+
+    def add_listener(self, on_commit: Callable[[str, Manifest], None], on_close: Callable[[], None]) -> None:
+        """Also tell ``on_commit`` of each commit (rank 0, after ``self.on_commit``);
+        ``on_close`` runs when the saver closes, after the writer finished."""
+        self._listeners.append(on_commit)
+        self._closers.append(on_close)
 
     def attach(self, world: World) -> None:
         """Called on entering the guard, once the process group (if any) is known."""
         self.world = world
+        if self.replicate_to:
+            from .remote import start_replication
+
+            start_replication(self, self.replicate_to, world.is_leader)
         if world.distributed and self.writer.mode != "sync":
             self.writer.close()
             self.writer = self._distributed_async_writer()
@@ -268,6 +281,8 @@ class Saver:
             self.best_checkpoint = path
         if self.on_commit is not None:
             self.on_commit(path, manifest)
+        for listener in self._listeners:
+            listener(path, manifest)
         self._apply_retention(manifest)
 
     def _apply_retention(self, newest: Manifest) -> None:
@@ -343,7 +358,11 @@ class Saver:
         return self.world.distributed and bool(getattr(self.writer, "busy", False))
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        finally:
+            for closer in self._closers:
+                closer()
 
     def _distributed_async_writer(self) -> Any:
         """The asynchronous writer for ranks (dist_async), or the synchronous one where

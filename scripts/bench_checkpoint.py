@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from guardian.async_writer import AsyncWriter
+from guardian.format import manifest as manifest_mod
 from guardian.format.manifest import Manifest
 from guardian.staging import copy_implementation
 from guardian.state import snapshot as snap_mod
@@ -269,6 +270,94 @@ def dcp_worker_main(size_mb: float) -> int:
         except Exception as e:  # noqa: BLE001 — reported by the parent
             print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
     return 0
+
+
+# ------------------------------------------------------------------ remote tier
+
+
+def start_moto() -> tuple[str, subprocess.Popen]:
+    """moto's S3 server on 127.0.0.1 (a local stand-in for an object store), with a bucket."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        # the server stands in for another machine: at nice 19 its CPU is taken only
+        # from idle time, so the slowdown measured is the client's, not the server's
+        preexec_fn=lambda: os.nice(19),
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.1)
+    os.environ.update(
+        {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_ENDPOINT_URL": endpoint}
+    )
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("guardian-bench")
+    return "s3://guardian-bench/run", proc
+
+
+def remote_case(target: str, d: str, reps: int, mb: float) -> dict[str, Any]:
+    """Replicate a committed checkpoint while a compute loop runs: the loop's slowdown
+    against its own speed just before, and local commit → remote manifest written."""
+    from guardian.policies import Retention
+    from guardian.remote.store import RemoteStore
+    from guardian.remote.upload import Replicator
+
+    proc = None
+    if target == "moto":
+        target, proc = start_moto()
+    run = os.path.join(d, "remote-run")
+    os.makedirs(run, exist_ok=True)
+    model, opt = build_state(mb)
+    writer = SyncWriter()
+    fg = Foreground()
+    replicator = Replicator(RemoteStore(target), run, Retention(2, 1, None), None)
+    slowdowns, durable = [], []
+    try:
+        for r in range(reps):
+            snap = snap_mod.capture(guardian_states(model, opt))
+            name = f"step-{r + 1:09d}"
+            path = writer.submit(run, snap, manifest_for(name, snap), lambda p, m: None)
+            man = manifest_mod.read(path)
+            base = fg.iteration_time(1.0)
+            replicator.committed(path, man)
+            n, t0 = 0, time.perf_counter()
+            while replicator._busy or replicator._pending is not None or n == 0:
+                fg.step()
+                n += 1
+            during = (time.perf_counter() - t0) / n
+            if replicator.durable is None or replicator.durable.name != name:
+                raise RuntimeError(f"upload of {name} did not become durable (see the log)")
+            slowdowns.append(during / base - 1)
+            durable.append(replicator.durable.seconds_after_commit)
+    finally:
+        replicator.close(timeout=60)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+    return {
+        "target": "moto server on 127.0.0.1" if proc is not None else target,
+        "checkpoint_bytes": man.total_bytes,
+        "fg_slowdown_while_uploading_pct": round(100 * statistics.median(slowdowns), 2),
+        "time_to_remote_durable_s": round(statistics.median(durable), 3),
+        "reps": reps,
+    }
 
 
 # ------------------------------------------------------------------ guardian
@@ -614,6 +703,13 @@ def main() -> int:
     ap.add_argument("--dir", default="/tmp/guardian-bench")
     ap.add_argument("--no-dcp", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--remote",
+        default=None,
+        help="also measure replication to this fsspec URL ('moto': a local S3 server); adds 'remote'",
+    )
+    ap.add_argument("--remote-mb", type=float, default=64, help="parameter MB of the remote case")
+    ap.add_argument("--remote-only", action="store_true", help="measure only the remote case")
     ap.add_argument("--dcp-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument(
         "--integrations", action="store_true", help="the integrations' save stall vs the plain loop"
@@ -633,6 +729,13 @@ def main() -> int:
 
     shutil.rmtree(args.dir, ignore_errors=True)
     os.makedirs(args.dir)
+    if args.remote_only:
+        remote = remote_case(args.remote or "moto", args.dir, args.reps, args.remote_mb)
+        shutil.rmtree(args.dir, ignore_errors=True)
+        print("remote:", json.dumps(remote))
+        if args.json:
+            print(json.dumps({"remote": remote}))
+        return 0
     model, opt = build_state(args.size_mb)
 
     def states() -> dict[str, tuple[str, Any]]:
@@ -684,12 +787,16 @@ def main() -> int:
             "dir": args.dir,
         }
     )
+    if args.remote:
+        summary["remote"] = remote_case(args.remote, args.dir, args.reps, args.remote_mb)
     summary["targets_met"] = check_targets(summary)
     shutil.rmtree(args.dir, ignore_errors=True)
     for k, v in summary.items():
-        if k not in ("targets_met", "small"):
+        if k not in ("targets_met", "small", "remote"):
             print(f"{k:42s} {v}")
     print("small:", json.dumps(summary["small"]))
+    if "remote" in summary:
+        print("remote:", json.dumps(summary["remote"]))
     print("targets:", json.dumps(summary["targets_met"]))
     if args.json:
         print(json.dumps(summary))

@@ -44,7 +44,16 @@ if .venv/bin/python -m pip show guardian >/dev/null 2>&1; then
   .venv/bin/python -m pip uninstall -y -q guardian
 fi
 echo "setup: installing torch-guardian${extras:+[$extras]} (editable) into .venv"
-"${INSTALL[@]}" -e ".${extras:+[$extras]}"
+if [ "$JOB" = test ]; then
+  # s3fs pins botocore (through aiobotocore); moto, in the test extra, needs boto3, whose
+  # newest release may want a newer botocore. Pin boto3 to the botocore s3fs brought, or
+  # pip walks back through every boto3 release before it finds one that fits.
+  "${INSTALL[@]}" "s3fs>=2023.6"
+  BOTO3="boto3==$(.venv/bin/python -c 'import botocore; print(botocore.__version__)')"
+  "${INSTALL[@]}" -e ".${extras:+[$extras]}" "$BOTO3"
+else
+  "${INSTALL[@]}" -e ".${extras:+[$extras]}"
+fi
 # The power-cut tests mount a FUSE file system: they need fusermount (Debian's fuse3).
 # As root on Debian/Ubuntu we install it; elsewhere those tests skip and say why.
 if [ "$JOB" = test ] && [ "$(id -u)" = 0 ] && ! command -v fusermount3 >/dev/null && command -v apt-get >/dev/null; then

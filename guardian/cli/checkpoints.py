@@ -17,6 +17,7 @@ import click
 from ..errors import EXIT_INVALID, EXIT_NOT_FOUND, GuardianError
 from ..format import reader
 from ..progress_bar import progress_bar
+from ..remote.fetch import is_remote, remote_infos
 
 
 def _fail(message: str, code: int) -> None:
@@ -83,7 +84,10 @@ def _row(info: reader.CheckpointInfo) -> dict[str, Any]:
 def ls(run_dir: str, as_json: bool, verify: bool) -> None:
     """List the checkpoints of a run directory, oldest first."""
     try:
-        infos = reader.list_checkpoints(run_dir, verify=verify)
+        if is_remote(run_dir):  # s3://bucket/prefix/run: manifests listed, objects hashed with --verify
+            infos = remote_infos(run_dir, verify=verify)
+        else:
+            infos = reader.list_checkpoints(run_dir, verify=verify)
     except GuardianError as e:
         _fail(str(e), e.exit_code)
     except (OSError, RecursionError, MemoryError) as e:
@@ -154,6 +158,13 @@ def verify(path: str, as_json: bool) -> None:
 
     Exits 0 when all are valid; otherwise 3, naming each bad file.
     """
+    if is_remote(path):
+        try:
+            remote = remote_infos(path, verify=True)
+        except GuardianError as e:
+            _fail(str(e), e.exit_code)
+        _report_verified(remote, path, as_json)
+        return
     try:
         path, is_ckpt = reader.resolve(path)
         listed = [reader.inspect_checkpoint(path, verify=False)] if is_ckpt else reader.list_checkpoints(path)
@@ -164,6 +175,10 @@ def verify(path: str, as_json: bool) -> None:
         _fail(str(e), e.exit_code)
     except (OSError, RecursionError, MemoryError) as e:
         _read_failure(path, e)
+    _report_verified(infos, path, as_json)
+
+
+def _report_verified(infos: list[reader.CheckpointInfo], path: str, as_json: bool) -> None:
     if not infos:
         _fail(f"no checkpoints in {path}", EXIT_NOT_FOUND)
     bad = [i for i in infos if not i.valid]

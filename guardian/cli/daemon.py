@@ -177,6 +177,11 @@ def _setup_logging(h: reg.Home, verbose: bool, max_bytes: int) -> None:
 )
 @click.option("--notify", metavar="CMD", help="Run CMD (sh -c) with each event as JSON on stdin.")
 @click.option("--webhook", metavar="URL", help="POST each event as JSON to URL.")
+@click.option(
+    "--replicate-to",
+    metavar="URL",
+    help="Replicate checkpoints to this remote prefix (s3://bucket/prefix/run): docs/remote.md.",
+)
 @json_option
 @click.argument("command", nargs=-1, required=False, type=click.UNPROCESSED)
 def run(
@@ -191,6 +196,7 @@ def run(
     priority: int,
     notify: str | None,
     webhook: str | None,
+    replicate_to: str | None,
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -232,7 +238,7 @@ def run(
             argv=argv,
             cwd=kept.cwd if kept is not None and not command else os.getcwd(),
             run_dir=rd,
-            env=filter_env(dict(os.environ), keep_env),
+            env=_with_replication(filter_env(dict(os.environ), keep_env), replicate_to),
             owner_uid=os.getuid(),
             nproc=nproc,
             gpus=gpus,
@@ -256,6 +262,21 @@ def run(
         {"name": name, "run_dir": rd, "argv": spec.argv, "nproc": nproc, "daemon_pid": pid},
         f"registered job {name!r} (run dir {rd}); {note}",
     )
+
+
+def _with_replication(env: dict[str, str], url: str | None) -> dict[str, str]:
+    """The job's environment with ``GUARDIAN_REPLICATE_TO``. A URL carrying user info or
+    a query (where a secret could hide) is refused: it would be stored in the job files."""
+    if not url:
+        return env
+    from ..remote.store import redact
+
+    if redact(url) != url.rstrip("/"):
+        raise DaemonError(
+            "--replicate-to: give the URL without credentials or query (they would be stored in the "
+            "job's files); credentials come from the environment or ~/.aws (docs/remote.md)"
+        )
+    return {**env, "GUARDIAN_REPLICATE_TO": url}
 
 
 def _job_argv(nproc: int | None, command: tuple[str, ...]) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from ..daemon import DaemonError, view
+from ..daemon import DaemonError, safefiles, view
 from ..daemon import registry as reg
 from .daemon import _fail, _home, _state_or_none, daemon_pid, home_option, json_option
 
@@ -67,12 +67,29 @@ def _print_job(j: dict[str, Any], detail: bool) -> None:
         f"checkpoint={j['last_checkpoint'] or '-'} ({view.human_age(j.get('checkpoint_age'))} old)"
     )
     click.echo(f"    {j['reason']}")
+    if remote := _remote_durable(j.get("run_dir")):
+        click.echo(f"    remote: {remote}")
     if j.get("heartbeat_problem"):
         click.echo(f"    heartbeat: {j['heartbeat_problem']}")
     if j["stderr_tail"] and (detail or j["state"] in (reg.FAILED, reg.HELD, reg.INCOMPLETE)):
         click.echo("    last lines of stderr:")
         for line in j["stderr_tail"][-10:]:
             click.echo(f"      | {line}")
+
+
+def _remote_durable(run_dir: str | None) -> str | None:
+    """The newest remote-durable checkpoint (``RUN/remote.json``, written by a run with
+    ``replicate_to``), shown beside the local one; read like every other run file."""
+    if not run_dir:
+        return None
+    try:
+        info = safefiles.read_json_object(os.path.join(run_dir, "remote.json"), 65536)
+        if info is None:
+            return None
+        text = f"{info['newest_durable']} (step {int(info['step'])}) durable on {info['url']}"
+    except (OSError, ValueError, KeyError, TypeError, DaemonError):
+        return None
+    return "".join(c if c.isprintable() else "?" for c in text)[:500]
 
 
 # ---------------------------------------------------------------------------- logs
