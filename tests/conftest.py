@@ -51,3 +51,19 @@ def run(template, tmp_path):
     dest = str(tmp_path / "run")
     shutil.copytree(template, dest, symlinks=True)
     return dest
+
+
+def soak() -> bool:
+    """GUARDIAN_SOAK=1: run the soak tests at their full size (minutes each)."""
+    return os.environ.get("GUARDIAN_SOAK", "") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's hook signature
+    if soak():
+        return
+    skip = pytest.mark.skip(
+        reason="soak test: run with GUARDIAN_SOAK=1 (its measured result is in the issue note)"
+    )
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)

@@ -23,7 +23,7 @@ def du(path: str) -> int:
     return total
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # about 6 minutes: GUARDIAN_SOAK=1 runs it
 @pytest.mark.timeout(2400)  # a thousand real attempts, each a real process
 def test_a_job_exiting_75_a_thousand_times_keeps_the_daemon_directory_under_its_size(tmp_path):
     home = str(tmp_path / "home")
