@@ -67,8 +67,8 @@ _ARENA: dict = {}
 
 
 def _report_arena(g, rank: int, first_save_step: int) -> None:
-    """REPORT_ARENA=<dir>: after step 1, the staging arena reserved in the background;
-    right after the first save's copy, whether that save reused it (written per rank)."""
+    """REPORT_ARENA=<dir>: once step 1's batch has ended, the staging arena reserved in the
+    background; once the first save's batch has ended, whether that save reused it."""
     out = os.environ.get("REPORT_ARENA")
     if not out or g.global_step not in (1, first_save_step):
         return
@@ -114,6 +114,9 @@ def main(run_dir: str, cfg: dict) -> None:
             sampler.set_epoch(epoch)
             model.train()
             for xb, yb in g.batches(loader):
+                # at the top of the next batch: step N's saves (and the arena reservation)
+                # are taken at the end of its batch's body
+                _report_arena(g, rank, cfg.get("every_steps", 4))
                 loss = nn.functional.cross_entropy(model(xb), yb)
                 loss.backward()
                 if term_at and g.global_step + 1 == term_at:
@@ -122,7 +125,6 @@ def main(run_dir: str, cfg: dict) -> None:
                 opt.zero_grad()
                 sched.step()
                 g.step()
-                _report_arena(g, rank, cfg.get("every_steps", 4))
                 if kill_at and g.global_step == kill_at and _first_time(os.environ.get("KILL_MARKER")):
                     os.kill(os.getpid(), signal.SIGKILL)
             g.report(loss=loss)

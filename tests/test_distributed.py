@@ -155,20 +155,20 @@ def test_background_save_failing_on_one_rank_stops_every_rank_at_the_same_step(t
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
 
 
-def test_any_exception_in_one_ranks_part_is_agreed_and_warn_keeps_every_rank_training(tmp_path):
-    """Not a write error — a plain RuntimeError in rank 1's part of the 2nd save. Every
-    rank still reaches every agreement of the protocol (no rank left waiting in a
-    collective); with on_save_error='warn' both ranks log it, skip that checkpoint and
-    finish training; the later saves commit normally."""
+def test_a_bug_in_one_ranks_part_is_not_forgiven_by_warn_and_ends_every_rank(tmp_path):
+    """Not a write error — a plain RuntimeError in rank 1's part of the 2nd save. A bug is
+    never turned into a log line (issue 11, item 9): even with on_save_error='warn' it
+    propagates as itself on that rank, every rank stops (none is left waiting in a
+    collective), and every committed checkpoint stays valid."""
     run = str(tmp_path / "run")
     results = by_hand(
         run, CFG, FAIL_SAVE_RANK="1", FAIL_SAVE_AT="2", FAIL_SAVE_ERROR="bug", ON_SAVE_ERROR="warn"
     )
-    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    assert all(r.returncode != 0 for r in results), [r.returncode for r in results]
     assert "RuntimeError: injected: not a write error" in results[1].stderr
-    assert all("FAILED" in r.stderr for r in results), [r.stderr[-2000:] for r in results]
-    steps = [i.manifest.step for i in reader.list_checkpoints(run, verify=True)]
-    assert 4 in steps and 8 not in steps and max(steps) == 36, steps  # 3 epochs x 12 steps
+    infos = reader.list_checkpoints(run, verify=True)
+    assert infos and all(i.valid for i in infos)
+    assert 8 not in [i.manifest.step for i in infos]
 
 
 def test_rank_sigkilled_mid_training_resumes_bit_exact(reference, tmp_path):

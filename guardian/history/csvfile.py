@@ -158,8 +158,10 @@ def _parse_row(line: bytes, columns: list[str]) -> tuple[Row | None, str]:
 
 
 class HistoryFile:
-    """The open ``history.csv`` of a run (rank 0 only). Each ``append`` is one
-    ``write`` syscall; ``sync`` makes everything appended so far durable."""
+    """The ``history.csv`` of a run (rank 0 only). Each ``append`` is one ``write`` of an
+    O_APPEND descriptor opened for it and closed after: no writable descriptor stays
+    open between rows, so the file system is never held "busy" (a read-only remount,
+    a clean unmount) by the history. ``sync`` makes everything appended durable."""
 
     def __init__(self, path: str, columns: list[str]) -> None:
         self.path = path
@@ -167,7 +169,6 @@ class HistoryFile:
         self._index = {c: i for i, c in enumerate(self.columns)}
         if not os.path.exists(path):
             write_small_file_atomically(path, encode_header(self.columns))
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
     def append(self, step: int, epoch: int, tick: int, values: dict[str, float], wall_time: float) -> None:
         new = [c for c in values if c not in self._index]
@@ -177,9 +178,13 @@ class HistoryFile:
         for name, value in values.items():
             cells[self._index[name]] = value
         data = encode_row(step, epoch, wall_time, tick, cells)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
 
     def _add_columns(self, new: list[str]) -> None:
         """Rewrite the header atomically with ``new`` appended (see the module docstring)."""
@@ -188,18 +193,18 @@ class HistoryFile:
         header_end = _record_end(data) or len(data)
         columns = self.columns + new
         write_small_file_atomically(self.path, encode_header(columns) + data[header_end:])
-        os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self.columns = columns
         self._index = {c: i for i, c in enumerate(columns)}
 
     def sync(self) -> None:
-        os.fsync(self._fd)
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Nothing stays open between rows; kept for the callers' symmetry."""
 
 
 def cut_history(path: str, table: HistoryTable, keep: int) -> list[str]:

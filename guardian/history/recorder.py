@@ -72,7 +72,7 @@ class History:
         self._waiting: str | None = None  # a resumed run re-running code: "next_batch" / "next_epoch"
         self._in_loop = False  # g.epochs() or g.batches() is in use
         self._file: HistoryFile | None = None
-        self._events_fd = -1
+        self._events_path: str | None = None  # appended by open-write-close: no fd stays open
         self._tb: TensorBoardLog | None = None
 
     # ------------------------------------------------------------------ start
@@ -91,10 +91,9 @@ class History:
         step = int((progress or {}).get("global_step", 0)) if checkpoint else 0
         try:
             kept = self._open_file(state, checkpoint)
-            self._events_fd = os.open(
-                os.path.join(self.run_dir, EVENTS_FILE),
-                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                0o644,
+            self._events_path = os.path.join(self.run_dir, EVENTS_FILE)
+            os.close(
+                os.open(self._events_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
             )
             if checkpoint:
                 self._event("restart", step=step, checkpoint=os.path.basename(checkpoint.rstrip("/")))
@@ -257,15 +256,24 @@ class History:
                 monitor=(manifest.extra or {}).get("monitor"),
                 metrics=dict(manifest.metrics),
             )
-            os.fsync(self._events_fd)
+            if self._events_path is not None:
+                fd = os.open(self._events_path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         except OSError as e:
             self._give_up(e)
 
     def _event(self, kind: str, **fields: Any) -> None:
-        if self._events_fd < 0:
+        if self._events_path is None:
             return
         line = json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n"
-        os.write(self._events_fd, line.encode())
+        fd = os.open(self._events_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------------ the end
 
@@ -282,9 +290,7 @@ class History:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._events_fd >= 0:
-            os.close(self._events_fd)
-            self._events_fd = -1
+        self._events_path = None
 
     def close(self) -> None:
         self._close_files()
