@@ -58,7 +58,7 @@ def readme_loop(readme: str) -> str:
 
 
 def run(python: str, cwd: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "GUARDIAN_QUIET": "0"}  # its resume line is checked
     return subprocess.run(
         [python, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=DEADLINE_S
     )

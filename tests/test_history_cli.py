@@ -132,7 +132,9 @@ def run_in_pty(args: list[str], timeout: float = 300) -> str:
 def test_verify_of_a_1gb_checkpoint_draws_a_bar_on_a_terminal_only(big_checkpoint):
     drawn = run_in_pty([*GUARDIAN, "verify", big_checkpoint])
     assert re.search(r"verifying:\s+\d+%\|", drawn), drawn
-    assert re.search(r"\d+(\.\d+)?[MG]i?B?/s", drawn) or "GiB" in drawn or "MiB" in drawn, drawn
+    # the bar knows the size it hashes (1.00G); a rate is drawn only if hashing outlasts
+    # tqdm's redraw interval, which a warm page cache may not
+    assert re.search(r"/1\.0+G", drawn) or "GiB" in drawn or "MiB" in drawn, drawn
     assert "1 of 1 checkpoint(s) valid" in drawn
 
     as_json = run_in_pty([*GUARDIAN, "verify", big_checkpoint, "--json"])

@@ -570,7 +570,7 @@ def test_cli_run_replicate_to_stores_the_url_not_credentials(s3, tmp_path):
     from guardian.daemon import registry as reg
 
     h = str(tmp_path / "h")
-    r = CliRunner().invoke(main, ["run", "--home", h, "--name", "x", "--replicate-to", s3, "--", "t"])
+    r = CliRunner().invoke(main, ["run", "--home", h, "--name", "x", "--replicate-to", s3, "--", "true"])
     assert r.exit_code == 0, r.output
     env = reg.load_spec(reg.Home(h), "x").env
     assert env["GUARDIAN_REPLICATE_TO"] == s3
@@ -578,6 +578,6 @@ def test_cli_run_replicate_to_stores_the_url_not_credentials(s3, tmp_path):
     with open(reg.Home(h).job_file("x", "job.json")) as f:
         assert "testing-secret-never-logged" not in f.read()
     r = CliRunner().invoke(
-        main, ["run", "--home", h, "--name", "y", "--replicate-to", "s3://user:pw@bucket/run", "--", "t"]
+        main, ["run", "--home", h, "--name", "y", "--replicate-to", "s3://user:pw@bucket/run", "--", "true"]
     )
     assert r.exit_code != 0 and "without credentials" in r.output
