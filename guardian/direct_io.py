@@ -107,6 +107,9 @@ def _probe(directory: str) -> bool | None:
     except OSError as e:
         log.debug("could not probe O_DIRECT in %s: %s", directory, e)
         return None
+    except Exception as e:  # noqa: BLE001 - a probe that breaks only costs speed: buffered writes are safe
+        log.warning("the O_DIRECT probe in %s failed (%r); writing there buffered this time", directory, e)
+        return None
     finally:
         try:
             os.unlink(path)
@@ -124,7 +127,9 @@ def _probe(directory: str) -> bool | None:
 
 def _write_direct_probe(path: str, pattern: bytes, flag: int) -> str | None:
     """Write ``pattern`` with O_DIRECT from an aligned buffer; a refusal is returned as
-    the reason, any other error raised."""
+    the reason, any other error raised. Every view of the buffer is released before the
+    buffer is closed, on every path (a live view makes ``mmap.close`` raise BufferError,
+    which would mask the real outcome)."""
     buf = mmap.mmap(-1, len(pattern))  # anonymous mmap memory is page-aligned
     try:
         buf[:] = pattern
@@ -135,23 +140,30 @@ def _write_direct_probe(path: str, pattern: bytes, flag: int) -> str | None:
                 return f"O_DIRECT refused at open: {e.strerror}"
             raise
         try:
-            view, done = memoryview(buf), 0
-            while done < len(pattern):
-                try:
-                    n = os.write(fd, view[done:])
-                except OSError as e:
-                    if e.errno in _DIRECT_REFUSED:
-                        return f"O_DIRECT write refused: {e.strerror}"
-                    raise
-                if n <= 0:
-                    return "O_DIRECT write made no progress"
-                done += n
-            view.release()
-            os.fsync(fd)
+            with memoryview(buf) as view:
+                problem = _write_all_direct(fd, view)
+            if problem is None:
+                os.fsync(fd)
+            return problem
         finally:
             os.close(fd)
     finally:
         buf.close()
+
+
+def _write_all_direct(fd: int, view: memoryview) -> str | None:
+    done = 0
+    while done < len(view):
+        with view[done:] as rest:
+            try:
+                n = os.write(fd, rest)
+            except OSError as e:
+                if e.errno in _DIRECT_REFUSED:
+                    return f"O_DIRECT write refused: {e.strerror}"
+                raise
+        if n <= 0:
+            return "O_DIRECT write made no progress"
+        done += n
     return None
 
 
