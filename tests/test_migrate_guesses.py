@@ -17,7 +17,7 @@ import guardian.migrate as M
 from guardian.cli import main
 from guardian.format import manifest as manifest_mod
 from guardian.format import reader
-from guardian.migrate.plan import make_plan
+from guardian.migrate.planner import make_plan
 from guardian.migrate.rules import parse_rules
 from guardian.migrate.sources import tensor_spec
 from guardian.migrate.targets import from_module

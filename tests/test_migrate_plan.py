@@ -6,7 +6,7 @@ import torch
 from test_migrate_support import NewNet, OldNet, TiedLM, WideNet
 from torch import nn
 
-from guardian.migrate.plan import make_plan
+from guardian.migrate.planner import make_plan
 from guardian.migrate.report import render, to_json
 from guardian.migrate.rules import parse_rules
 from guardian.migrate.sources import tensor_spec

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from guardian.migrate import ops
 from guardian.migrate.apply import migrate_model, migrate_optimizer, restore_groups
-from guardian.migrate.plan import make_plan
+from guardian.migrate.planner import make_plan
 from guardian.migrate.rules import parse_rules
 from guardian.migrate.sources import tensor_spec
 from guardian.migrate.targets import Target

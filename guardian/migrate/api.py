@@ -18,7 +18,8 @@ from .apply import (
     write_checkpoint,
 )
 from .errors import InputRejectedError, LossyRevertError, PlanBlockedError, StalePlanError, VerificationError
-from .plan import DEFAULT_THRESHOLD, Plan, make_plan, plan_from_json
+from .plan import DEFAULT_THRESHOLD, Plan, plan_from_json
+from .planner import make_plan
 from .rules import Rules, load_rules, parse_rules
 from .sources import Source, load_source, model_digest
 from .targets import Target, from_module, load_target, write_signature

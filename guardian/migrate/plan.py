@@ -202,10 +202,3 @@ def _entry_from(d: dict[str, Any]) -> Entry:
     e.src_specs = [(tuple(s), t) for s, t in e.src_specs]
     e.dst_specs = [(tuple(s), t) for s, t in e.dst_specs]
     return e
-
-
-def make_plan(*args: Any, **kwargs: Any) -> Plan:
-    """See ``planner.make_plan`` (kept here: the plan's maker beside the plan)."""
-    from .planner import make_plan as _make
-
-    return _make(*args, **kwargs)
