@@ -18,3 +18,11 @@ def missing(framework: str, extra: str, package: str, error: ImportError) -> Imp
         f"guardian's {framework} integration needs {package}, which is not installed here "
         f"({error}). Fix: pip install 'torch-guardian[{extra}]'  (or: pip install {package})"
     )
+
+
+def protect_options(every_steps: int | None, **policy: object) -> dict[str, object]:
+    """The ``protect()`` options of an integration's callback: the framework's own
+    step cadence, and no epoch saves from ``g.epochs()`` — the callbacks take those
+    themselves, once the framework's epoch (evaluation included) has run to its end.
+    ``policy``: monitor, mode, min_delta, keep_last, keep_best, async_save, strict."""
+    return {"every_steps": every_steps, "every_epochs": None, **policy}

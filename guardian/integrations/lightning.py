@@ -37,7 +37,7 @@ import logging
 import os
 from typing import Any
 
-from . import missing
+from . import missing, protect_options
 
 try:
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -84,9 +84,8 @@ class GuardianCallback(Callback):
         super().__init__()
         self.dir = os.fspath(dir)
         self.every_n_epochs = every_n_epochs
-        self.options = dict(
-            every_steps=every_n_train_steps,
-            every_epochs=None,  # epoch saves are taken here, at on_train_epoch_end
+        self.options = protect_options(
+            every_n_train_steps,
             monitor=monitor,
             mode=mode,
             min_delta=min_delta,

@@ -56,7 +56,7 @@ import os
 import sys
 from typing import Any
 
-from . import missing
+from . import missing, protect_options
 
 try:
     import transformers
@@ -124,9 +124,8 @@ class GuardianCallback(TrainerCallback):
         self.dir = os.fspath(dir)
         self.every_n_epochs = every_n_epochs
         self.monitor = monitor
-        self.options = dict(
-            every_steps=every_n_steps,
-            every_epochs=None,  # epoch saves are taken here, once an epoch has run to its end
+        self.options = protect_options(
+            every_n_steps,
             monitor=monitor,
             mode=mode,
             min_delta=min_delta,
