@@ -293,7 +293,7 @@ class _LightningState:
             attr = "batch_sampler" if getattr(dl, "batch_sampler", None) is not None else "sampler"
             original = getattr(dl, attr)
             on_skipped = (lambda: rng_mod.restore_global(checkpoint_rng)) if not swapped else (lambda: None)
-            object.__setattr__(dl, attr, data_pos._SkipFirst(original, skip, on_skipped))
+            object.__setattr__(dl, attr, data_pos.SkipFirstBatches(original, skip, on_skipped))
             swapped.append((dl, attr, original))
         try:
             iter(fetcher)

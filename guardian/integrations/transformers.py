@@ -71,7 +71,7 @@ from ..errors import GuardianError
 from ..preemption import handling_signals
 from ..state import data as data_pos
 from ..state import rng as rng_mod
-from ..worker_signals import _LeaveSignalsToMain
+from ..worker_signals import LeaveSignalsToMain
 
 log = logging.getLogger(__name__)
 
@@ -469,7 +469,7 @@ class _workers_leave_signals_to_main:
     def __enter__(self) -> None:
         if self.loader is not None:
             self.original = self.loader.worker_init_fn
-            self.loader.worker_init_fn = _LeaveSignalsToMain(self.original)
+            self.loader.worker_init_fn = LeaveSignalsToMain(self.original)
 
     def __exit__(self, *exc: Any) -> None:
         if self.loader is not None:
