@@ -299,7 +299,7 @@ class CheckpointView(Mapping[str, torch.Tensor]):
             raise KeyError(f"{key!r} is not a tensor of {self.path}") from None
         out = torch.empty(e.shape, dtype=dtype)
         if e.nbytes:
-            view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
+            view = out.reshape(-1).view(torch.uint8).numpy().data  # a writable 'B' memoryview
             fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 preadv_exactly(fd, [view], start + e.begin, full)
