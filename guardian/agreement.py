@@ -7,19 +7,23 @@ the *same* step on every rank: a checkpoint whose parts come from different step
 not a checkpoint, and a rank that learns a save's outcome alone raises alone.
 
 A blocking all-reduce per step would agree at once, but it stalls the loop on the
-slowest rank's arrival and, with NCCL, costs a device sync. Instead, with a lag of
-``LAG`` boundary steps:
+slowest rank's arrival and, with NCCL, costs a device sync. Instead:
 
-* at boundary step ``n`` every rank *posts* its flags: a non-blocking MAX all-reduce
-  (``async_op=True``) on a private gloo group (CPU tensors: no device, no sync), and
-  goes on training;
-* at boundary step ``n + LAG`` every rank takes step ``n``'s reduced flags — by then
-  long arrived (the training's own gradient all-reduce keeps ranks within a step of
-  each other) — and acts on them. Every rank applies the same flags at the same step.
+* at a *posting* boundary step ``n`` every rank posts its flags: a non-blocking MAX
+  all-reduce (``async_op=True``) on a private gloo group (CPU tensors: no device, no
+  sync), and goes on training;
+* at step ``n + max(period, LAG)`` every rank takes step ``n``'s reduced flags — by
+  then long arrived (the training's own gradient all-reduce keeps ranks within a step
+  of each other) — and acts on them. Every rank applies the same flags at the same step.
 
-So a signal is acted on ``LAG`` steps after it arrived. A reduction that has not
-arrived is waited for (counted in ``blocked_waits``): the lag bounds the delay, it
-never lets a rank act alone.
+Posting costs the training thread a little CPU (a gloo thread wakes up), so ranks post
+every ``period`` steps: about ``POST_INTERVAL`` seconds apart, at most ``MAX_PERIOD``
+steps. Each post carries every rank's proposed period; the smallest is adopted when
+that post is acted on — at the same step everywhere, so every rank keeps posting at
+the same steps. A signal is acted on at most ``2 * period`` (or ``LAG + period``)
+boundary steps after it arrived. A reduction that has not arrived when due is waited
+for (counted in ``blocked_waits``): the lag bounds the delay, it never lets a rank act
+alone.
 
 Flags are only valid in the *era* (the saver's sequence number) they were posted in:
 a seconds-based save or "no rank is busy" posted before a save that happened since
@@ -44,6 +48,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -54,7 +60,9 @@ from .distributed import World, keep_alive
 
 log = logging.getLogger(__name__)
 
-LAG = 2  # boundary steps between posting flags and acting on them (module docstring)
+LAG = 2  # fewest boundary steps between posting flags and acting on them (module docstring)
+POST_INTERVAL = 0.05  # seconds of training between two posts, when steps are shorter than that
+MAX_PERIOD = 64  # most boundary steps between two posts
 ABANDON_WAIT = timedelta(seconds=60)  # leaving on an error: how long peers may take to post
 
 
@@ -72,16 +80,21 @@ class _Posted:
     work: Any
     flags: torch.Tensor
     era: int
+    apply_at: int  # the boundary step at which every rank acts on it
 
 
 class Agreement:
     """Lagged, non-blocking agreement on the per-step flags (module docstring)."""
 
-    def __init__(self, world: World, group: Any = None, lag: int = LAG) -> None:
+    def __init__(self, world: World, group: Any = None, lag: int | None = None) -> None:
         self.world = world if group is None else dataclasses.replace(world, backend="gloo", group=group)
-        self.lag = lag if group is not None else 0
+        self.lag = (LAG if lag is None else lag) if group is not None else 0
         self._group = group
         self._posted: collections.deque[_Posted] = collections.deque()
+        self._step = 0  # boundary steps seen (the same count on every rank)
+        self._next_post = 1
+        self.period = 1  # boundary steps between posts: agreed, so the same on every rank
+        self._last_post: tuple[int, float] | None = None  # (step, monotonic time) of the last post
         self.preempt_due = False  # sticky: a decision to preempt has been taken (act at an exact point)
         self.blocked_waits = 0  # reductions not yet arrived when due (should stay ~0)
 
@@ -104,8 +117,9 @@ class Agreement:
     # ------------------------------------------------------------------ per step
 
     def post(self, era: int, preempt: bool, seconds_due: bool, busy: bool) -> Decision:
-        """This boundary step's local flags in; the decision to act on at this step out
-        (the flags posted ``lag`` boundary steps ago, reduced over every rank)."""
+        """Called at every boundary step with this rank's flags; returns what every rank
+        acts on at this step (flags posted earlier, reduced over every rank). ``era``:
+        the saver's sequence number (flags from before a save are stale)."""
         decision = self._reduce(era, preempt, seconds_due, busy)
         self.preempt_due = self.preempt_due or decision.preempt
         return decision
@@ -116,21 +130,39 @@ class Agreement:
         if self.lag == 0:
             p, s, b = self.world.any_of(preempt, seconds_due, busy)
             return Decision(p, s, not b)
-        flags = torch.tensor([int(preempt), int(seconds_due), int(busy)], dtype=torch.int64)
+        self._step += 1
+        decision = Decision()
+        if self._posted and self._posted[0].apply_at == self._step:
+            decision = self._decide(self._posted.popleft(), era)
+        if self._step == self._next_post:
+            self._post(era, [int(preempt), int(seconds_due), int(busy), -self._wanted_period()])
+        return decision
+
+    def _post(self, era: int, values: list[int]) -> None:
+        flags = torch.tensor(values, dtype=torch.int64)
         work = torch.distributed.all_reduce(
             flags, op=torch.distributed.ReduceOp.MAX, group=self._group, async_op=True
         )
-        self._posted.append(_Posted(work, flags, era))
-        if len(self._posted) <= self.lag:
-            return Decision()
-        return self._decide(self._posted.popleft(), era)
+        self._posted.append(_Posted(work, flags, era, self._step + max(self.period, self.lag)))
+        self._next_post = self._step + self.period
+        self._last_post = (self._step, time.monotonic())
+
+    def _wanted_period(self) -> int:
+        """This rank's proposal: posts about ``POST_INTERVAL`` apart, judged by its steps
+        since the last post. The ranks take the smallest proposal (the shortest delay)."""
+        if self._last_post is None:
+            return 1
+        step, since = self._last_post
+        step_time = (time.monotonic() - since) / max(self._step - step, 1)
+        return max(1, min(MAX_PERIOD, math.ceil(POST_INTERVAL / max(step_time, 1e-9))))
 
     def _decide(self, posted: _Posted, era: int) -> Decision:
         self._wait(posted.work)
-        preempt, seconds_due, busy = (bool(v) for v in posted.flags.tolist())
+        preempt, seconds_due, busy, neg_period = posted.flags.tolist()
+        self.period = max(1, min(MAX_PERIOD, -neg_period))  # from the next post on, on every rank
         if posted.era != era:  # a save happened since: only the sticky preemption still holds
-            return Decision(preempt=preempt)
-        return Decision(preempt, seconds_due, not busy)
+            return Decision(preempt=bool(preempt))
+        return Decision(bool(preempt), bool(seconds_due), not busy)
 
     def _wait(self, work: Any, timeout: timedelta | None = None) -> None:
         if not work.is_completed():
