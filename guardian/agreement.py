@@ -61,8 +61,8 @@ from .distributed import World, keep_alive
 log = logging.getLogger(__name__)
 
 LAG = 2  # fewest boundary steps between posting flags and acting on them (module docstring)
-POST_INTERVAL = 0.05  # seconds of training between two posts, when steps are shorter than that
-MAX_PERIOD = 64  # most boundary steps between two posts
+POST_INTERVAL = 0.25  # seconds of training between two posts, when steps are shorter than that
+MAX_PERIOD = 256  # most boundary steps between two posts
 ABANDON_WAIT = timedelta(seconds=60)  # leaving on an error: how long peers may take to post
 
 
