@@ -83,7 +83,7 @@ def make_dirs_durably(path: str, mode: int = 0o755) -> list[str]:
     missing = []
     probe = path
     while not os.path.isdir(probe):
-        if os.path.lexists(probe):
+        if os.path.lexists(probe) and not os.path.isdir(probe):  # another rank may just have made it
             raise FileExistsError(17, "exists and is not a directory", probe)
         missing.append(probe)
         parent = os.path.dirname(probe)

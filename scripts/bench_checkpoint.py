@@ -704,6 +704,9 @@ def main() -> int:
     ap.add_argument("--no-dcp", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
+        "--no-dist-step", action="store_true", help="skip the 2-rank step overhead (bench_dist_step)"
+    )
+    ap.add_argument(
         "--remote",
         default=None,
         help="also measure replication to this fsspec URL ('moto': a local S3 server); adds 'remote'",
@@ -789,6 +792,12 @@ def main() -> int:
     )
     if args.remote:
         summary["remote"] = remote_case(args.remote, args.dir, args.reps, args.remote_mb)
+    if not args.no_dist_step:  # protect()'s step overhead on 2 gloo ranks, bare and beside cpuhog
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_dist_step
+
+        summary.update(bench_dist_step.run(under_load=True, rounds=min(6, args.reps + 1)))
+        TARGETS.update(bench_dist_step.TARGETS)
     summary["targets_met"] = check_targets(summary)
     shutil.rmtree(args.dir, ignore_errors=True)
     for k, v in summary.items():
