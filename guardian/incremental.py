@@ -1,0 +1,258 @@
+"""Incremental checkpoints: tensors that did not change are not written again.
+
+A save splits its tensors in two files. ``tensors.safetensors`` holds what changed
+since the last committed save of this process; ``shared.safetensors`` holds the rest
+(a frozen backbone, LoRA base weights, constant buffers). When the set of unchanged
+tensors is the one already stored in the previous checkpoint's shared file, the new
+checkpoint *hard-links* that file inside its transaction, before the commit rename:
+no byte is copied or written, and the file system's link count is the reference
+count. Retention (rename + rmtree), set-aside (rename) and ``guardian verify`` (hash
+every listed file) therefore never break a reference, by construction.
+
+Deciding "unchanged" must never be wrong: a tensor counts as unchanged only when it
+is still the same memory (data pointer, shape, strides, dtype, device — and we keep a
+reference to the previous one, so its memory cannot be freed and reused by another
+tensor meanwhile), its autograd version counter has not moved (every in-place torch
+op bumps it, including an optimizer's step under ``no_grad``), and a sample of its
+bytes is equal. The sample is the net for writes the counter does not see
+(``p.data.mul_()``, numpy views): any edit of the whole tensor (an EMA update, a
+rescale) changes it. An edit of a few bytes through ``.data`` can slip through the
+sample; ``full_every`` bounds how long such a stale copy would be linked.
+
+The first save of a process is a full one (nothing is known yet), the second writes a
+fresh shared file, later ones link it. A shared file is refreshed (copied from the
+previous one, hash-checked) every ``full_every`` saves if asked, so a media error in
+one copy reaches only the checkpoints of that generation. Hard links refused by the
+file system (some FUSE mounts) fall back to that copy, with one log line.
+Multi-process saves and DTensor state do not use this (they always write in full).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .commit import CheckpointTxn
+from .errors import CheckpointWriteError
+from .format import manifest as manifest_mod
+from .format import safetensors_io
+from .format.layout import FORMAT_ID, SHARED_FILE
+from .format.manifest import FileEntry, Manifest
+from .state import tensors as T
+from .state.snapshot import Snapshot, tensor_chunks
+
+log = logging.getLogger(__name__)
+
+SAMPLE_POINTS = 4096  # bytes compared per tensor on top of the version counter
+MIN_SHARED_FRACTION = 0.25  # a shared file for less than this share of the bytes is not worth a file
+COPY_CHUNK = 8 << 20
+LINK_REFUSED = {errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+@dataclass(frozen=True)
+class _Print:
+    """What a tensor was at a committed save (``tensor`` pins its memory)."""
+
+    tensor: torch.Tensor
+    version: int
+    sample: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _SharedFile:
+    """The shared file of the newest committed checkpoint."""
+
+    ckpt_dir: str
+    keys: tuple[str, ...]
+    entry: FileEntry
+    generation: int  # saves since this content was last written or copied
+
+
+@dataclass
+class SharedPlan:
+    """How the pending checkpoint gets its shared file, carried by its manifest into
+    ``CheckpointTxn.commit`` (so any writer, sync or async, applies it before the
+    manifest is written)."""
+
+    keys: tuple[str, ...]
+    link_from: _SharedFile | None = None  # link (or copy) this file
+    fresh: dict[str, torch.Tensor] = field(default_factory=dict)  # or write these tensors
+    copy: bool = False  # copy link_from instead of linking (a refresh)
+
+    def apply(self, txn: CheckpointTxn) -> FileEntry:
+        if self.link_from is None:
+            specs = [(k, T.st_dtype(t), tuple(t.shape)) for k, t in self.fresh.items()]
+            layout = safetensors_io.plan_layout(specs, metadata={"format": FORMAT_ID})
+            snap = Snapshot(tensors=self.fresh)
+            return txn.add_file(SHARED_FILE, tensor_chunks(snap, layout))
+        src = os.path.join(self.link_from.ckpt_dir, SHARED_FILE)
+        if not self.copy:
+            try:
+                return txn.link_file(SHARED_FILE, src, self.link_from.entry)
+            except OSError as e:
+                if e.errno not in LINK_REFUSED:
+                    raise _source_error(src, e) from e
+                log.warning("hard links refused here (%s); copying the unchanged tensors instead", e.strerror)
+        return _copy_checked(txn, src, self.link_from.entry)
+
+
+def _source_error(src: str, e: OSError) -> CheckpointWriteError:
+    return CheckpointWriteError(
+        f"could not refer to the unchanged tensors in {src}: {e.strerror or e}. The next save "
+        "writes every tensor; earlier checkpoints are untouched.",
+        e.errno,
+    )
+
+
+def _copy_checked(txn: CheckpointTxn, src: str, expected: FileEntry) -> FileEntry:
+    """Copy a shared file into the pending checkpoint; its hash must be the one its
+    manifest recorded, or the copy would launder corrupt bytes into a new checkpoint."""
+
+    def chunks():
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            while chunk := os.read(fd, COPY_CHUNK):
+                yield chunk
+        finally:
+            os.close(fd)
+
+    try:
+        entry = txn.add_file(SHARED_FILE, chunks())
+    except CheckpointWriteError:
+        raise
+    except OSError as e:
+        raise _source_error(src, e) from e
+    if entry != expected:
+        raise CheckpointWriteError(
+            f"{src} no longer matches its manifest (corrupted on disk): this save cannot reuse it. "
+            "The next save writes every tensor; run `guardian verify` on the run directory."
+        )
+    return entry
+
+
+class IncrementalSaves:
+    """Per-process memory of the last committed save; plans each save's split."""
+
+    def __init__(self, full_every: int = 0) -> None:
+        self.full_every = full_every  # 0: link for as long as the tensors stay unchanged
+        self._prints: dict[str, _Print] = {}  # as of the newest committed save
+        self._shared: _SharedFile | None = None
+        self._pending: tuple[dict[str, _Print], SharedPlan | None] | None = None
+
+    def plan(self, snap: Snapshot, *, copy_fresh: bool) -> tuple[Snapshot, SharedPlan | None]:
+        """The snapshot to hand to the writer (only the changed tensors) and the plan
+        for the rest, which the caller puts on the manifest (``Manifest.shared``).
+        Call it once the previous save's outcome is known. ``copy_fresh``: tensors of
+        a new shared file are cloned now, for a writer that returns before writing
+        (the live tensors may change as soon as ``submit`` returns)."""
+        if self._pending is not None:  # the previous save never committed
+            self.failed()
+        prints = {k: self._print(k, t) for k, t in snap.tensors.items()}
+        unchanged = [k for k, p in prints.items() if p is not None and self._prints.get(k) is p]
+        prints_now = {k: p or _take_print(snap.tensors[k]) for k, p in prints.items()}
+        plan = self._choose(snap, unchanged)
+        self._pending = (prints_now, plan)
+        if plan is None:
+            return snap, None
+        kept = set(plan.keys)
+        if plan.link_from is None:
+            plan.fresh = {
+                k: (snap.tensors[k].detach().to("cpu", copy=True) if copy_fresh else snap.tensors[k])
+                for k in plan.keys
+            }
+        changed = Snapshot(components=snap.components)
+        changed.tensors = {k: t for k, t in snap.tensors.items() if k not in kept}
+        return changed, plan
+
+    def _print(self, key: str, t: torch.Tensor) -> _Print | None:
+        """The previous print when ``t`` is provably unchanged since it was taken."""
+        old = self._prints.get(key)
+        if old is None or not _eligible(t):
+            return None
+        o = old.tensor
+        same = (
+            t.device == o.device
+            and t.dtype == o.dtype
+            and t.shape == o.shape
+            and t.stride() == o.stride()
+            and t.data_ptr() == o.data_ptr()
+            and t._version == old.version
+        )
+        return old if same and torch.equal(_sample(t), old.sample) else None
+
+    def _choose(self, snap: Snapshot, unchanged: list[str]) -> SharedPlan | None:
+        total = snap.tensor_bytes
+        unchanged_set = set(unchanged)
+        base = self._shared
+        if base is not None and set(base.keys) <= unchanged_set and _still_there(base):
+            refresh = bool(self.full_every) and base.generation + 1 >= self.full_every
+            return SharedPlan(keys=base.keys, link_from=base, copy=refresh)
+        size = sum(_nbytes(snap.tensors[k]) for k in unchanged)
+        if not unchanged or size < MIN_SHARED_FRACTION * total:
+            return None
+        return SharedPlan(keys=tuple(unchanged))
+
+    def committed(self, path: str, manifest: Manifest) -> None:
+        """The pending save is durable: it is now what the next one compares with."""
+        if self._pending is None:
+            return
+        prints, plan = self._pending
+        self._pending = None
+        self._prints = prints
+        entry = manifest.files.get(SHARED_FILE)
+        if plan is None or entry is None:
+            self._shared = None
+            return
+        linked = plan.link_from is not None and not plan.copy
+        generation = plan.link_from.generation + 1 if linked and plan.link_from else 0
+        self._shared = _SharedFile(path, plan.keys, entry, generation)
+
+    def failed(self) -> None:
+        """A save failed: compare with the last committed one again; a broken shared
+        file is never offered twice."""
+        self._pending = None
+        self._shared = None
+
+
+def _still_there(base: _SharedFile) -> bool:
+    """The previous shared file is where its manifest says, at its size (retention
+    or a user may have removed it since; its hash is checked only on a copy)."""
+    try:
+        st = os.lstat(os.path.join(base.ckpt_dir, SHARED_FILE))
+        man = manifest_mod.read(base.ckpt_dir)
+    except Exception:  # noqa: BLE001 - anything wrong there (gone, corrupt manifest): write afresh
+        return False
+    return st.st_size == base.entry.bytes and man.files.get(SHARED_FILE) == base.entry
+
+
+def _eligible(t: torch.Tensor) -> bool:
+    return (
+        type(t) is torch.Tensor
+        and t.layout == torch.strided
+        and t.is_contiguous()
+        and t.numel() > 0
+        and not (t.is_conj() or t.is_neg())
+    )
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _take_print(t: torch.Tensor) -> _Print:
+    sample = _sample(t) if _eligible(t) else torch.empty(0, dtype=torch.uint8)
+    return _Print(tensor=t.detach(), version=t._version, sample=sample)
+
+
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    """Up to ``SAMPLE_POINTS`` bytes spread evenly over the tensor, as a CPU copy."""
+    flat = t.detach().reshape(-1).view(torch.uint8)
+    n = flat.numel()
+    if n <= SAMPLE_POINTS:
+        return flat.to("cpu", copy=True)
+    idx = torch.linspace(0, n - 1, SAMPLE_POINTS, dtype=torch.float64).long().to(flat.device)
+    return flat[idx].cpu()
