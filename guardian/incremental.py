@@ -51,6 +51,7 @@ SAMPLE_POINTS = 4096  # bytes compared per tensor on top of the version counter
 MIN_SHARED_FRACTION = 0.25  # a shared file for less than this share of the bytes is not worth a file
 COPY_CHUNK = 8 << 20
 LINK_REFUSED = {errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+_no_links: set[str] = set()  # run directories whose file system refused a hard link: copy there
 
 
 @dataclass(frozen=True)
@@ -90,13 +91,18 @@ class SharedPlan:
             snap = Snapshot(tensors=self.fresh)
             return txn.add_file(SHARED_FILE, tensor_chunks(snap, layout))
         src = os.path.join(self.link_from.ckpt_dir, SHARED_FILE)
-        if not self.copy:
+        if not self.copy and txn.run_dir not in _no_links:
             try:
                 return txn.link_file(SHARED_FILE, src, self.link_from.entry)
             except OSError as e:
                 if e.errno not in LINK_REFUSED:
                     raise _source_error(src, e) from e
-                log.warning("hard links refused here (%s); copying the unchanged tensors instead", e.strerror)
+                _no_links.add(txn.run_dir)
+                log.warning(
+                    "hard links refused in %s (%s); unchanged tensors are copied there instead",
+                    txn.run_dir,
+                    e.strerror,
+                )
         return _copy_checked(txn, src, self.link_from.entry)
 
 
