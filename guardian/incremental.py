@@ -34,20 +34,24 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .commit import CheckpointTxn
 from .errors import CheckpointWriteError
-from .format import manifest as manifest_mod
 from .format import safetensors_io
-from .format.layout import FORMAT_ID, SHARED_FILE
+from .format.hashing import new_hasher
+from .format.layout import FORMAT_ID, SHARED_FILE, TENSORS_FILE
 from .format.manifest import FileEntry, Manifest
 from .state import tensors as T
 from .state.snapshot import Snapshot, tensor_chunks
 
 log = logging.getLogger(__name__)
 
-SAMPLE_POINTS = 4096  # bytes compared per tensor on top of the version counter
+SAMPLE_BLOCKS, SAMPLE_BLOCK = 64, 64  # bytes compared per tensor on top of the version counter:
+SAMPLE_POINTS = (
+    SAMPLE_BLOCKS * SAMPLE_BLOCK
+)  # whole cache lines spread evenly (scattered bytes cost a miss each)
 MIN_SHARED_FRACTION = 0.25  # a shared file for less than this share of the bytes is not worth a file
 COPY_CHUNK = 8 << 20
 LINK_REFUSED = {errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
@@ -60,7 +64,8 @@ class _Print:
 
     tensor: torch.Tensor
     version: int
-    sample: torch.Tensor
+    sample: bytes
+    where: tuple  # what makes it the same memory: see ``_where``
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,7 @@ class _SharedFile:
     keys: tuple[str, ...]
     entry: FileEntry
     generation: int  # saves since this content was last written or copied
+    inode: tuple[int, int] = (0, 0)  # (st_dev, st_ino) when committed
 
 
 @dataclass
@@ -83,8 +89,12 @@ class SharedPlan:
     link_from: _SharedFile | None = None  # link (or copy) this file
     fresh: dict[str, torch.Tensor] = field(default_factory=dict)  # or write these tensors
     copy: bool = False  # copy link_from instead of linking (a refresh)
+    # or copy their bytes out of the previous checkpoint's files (relative path → entry)
+    extract_from: tuple[str, dict[str, FileEntry]] | None = None
 
     def apply(self, txn: CheckpointTxn) -> FileEntry:
+        if self.extract_from is not None:
+            return _extract(txn, *self.extract_from, set(self.keys))
         if self.link_from is None:
             specs = [(k, T.st_dtype(t), tuple(t.shape)) for k, t in self.fresh.items()]
             layout = safetensors_io.plan_layout(specs, metadata={"format": FORMAT_ID})
@@ -112,6 +122,66 @@ def _source_error(src: str, e: OSError) -> CheckpointWriteError:
         "writes every tensor; earlier checkpoints are untouched.",
         e.errno,
     )
+
+
+def _extract(txn: CheckpointTxn, ckpt_dir: str, files: dict[str, FileEntry], keys: set[str]) -> FileEntry:
+    """Write a new shared file from the previous checkpoint's tensor files: the bytes
+    of ``keys`` there are their bytes now (they did not change), so an asynchronous
+    save needs no copy of them in memory. Every source file is hashed whole as it
+    streams by and must match its manifest, or the save fails (corrupt bytes are
+    never carried into a new checkpoint)."""
+    sources = []
+    for rel in (TENSORS_FILE, SHARED_FILE):
+        if rel in files:
+            layout = safetensors_io.read_layout(os.path.join(ckpt_dir, rel))
+            wanted = sorted((e for e in layout.entries if e.key in keys), key=lambda e: e.begin)
+            sources.append((rel, files[rel], layout.data_start, wanted))
+    specs = [(e.key, e.dtype, e.shape) for *_, wanted in sources for e in wanted]
+    if {k for k, _, _ in specs} != keys:
+        raise CheckpointWriteError(
+            f"{ckpt_dir} does not hold every unchanged tensor; the next save writes all"
+        )
+    header = safetensors_io.plan_layout(specs, metadata={"format": FORMAT_ID}).header
+
+    def chunks():
+        yield header
+        for rel, entry, start, wanted in sources:
+            yield from _ranges_checked(
+                os.path.join(ckpt_dir, rel), entry, [(start + e.begin, start + e.end) for e in wanted]
+            )
+
+    try:
+        return txn.add_file(SHARED_FILE, chunks())
+    except CheckpointWriteError:
+        raise
+    except OSError as e:
+        raise _source_error(ckpt_dir, e) from e
+
+
+def _ranges_checked(path: str, expected: FileEntry, ranges: list[tuple[int, int]]):
+    """Yield the bytes of sorted ``ranges`` of ``path`` while hashing all of it."""
+    hasher = new_hasher()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        pos, i = 0, 0
+        while chunk := os.read(fd, COPY_CHUNK):
+            hasher.update(chunk)
+            end = pos + len(chunk)
+            while i < len(ranges) and ranges[i][0] < end:
+                lo, hi = max(ranges[i][0], pos), min(ranges[i][1], end)
+                if lo < hi:
+                    yield memoryview(chunk)[lo - pos : hi - pos]
+                if ranges[i][1] > end:
+                    break
+                i += 1
+            pos = end
+    finally:
+        os.close(fd)
+    if pos != expected.bytes or hasher.hexdigest() != expected.hash:
+        raise CheckpointWriteError(
+            f"{path} no longer matches its manifest (corrupted on disk): this save cannot reuse it. "
+            "The next save writes every tensor; run `guardian verify` on the run directory."
+        )
 
 
 def _copy_checked(txn: CheckpointTxn, src: str, expected: FileEntry) -> FileEntry:
@@ -148,6 +218,7 @@ class IncrementalSaves:
         self._prints: dict[str, _Print] = {}  # as of the newest committed save
         self._shared: _SharedFile | None = None
         self._pending: tuple[dict[str, _Print], SharedPlan | None] | None = None
+        self._last: tuple[str, dict[str, FileEntry]] | None = None  # newest committed: path, files
 
     def plan(self, snap: Snapshot, *, copy_fresh: bool) -> tuple[Snapshot, SharedPlan | None]:
         """The snapshot to hand to the writer (only the changed tensors) and the plan
@@ -165,7 +236,9 @@ class IncrementalSaves:
         if plan is None:
             return snap, None
         kept = set(plan.keys)
-        if plan.link_from is None:
+        if plan.link_from is None and copy_fresh and self._last is not None:
+            plan.extract_from = self._last  # no copy in the stall: the bytes are on disk already
+        elif plan.link_from is None:
             plan.fresh = {
                 k: (snap.tensors[k].detach().to("cpu", copy=True) if copy_fresh else snap.tensors[k])
                 for k in plan.keys
@@ -177,18 +250,9 @@ class IncrementalSaves:
     def _print(self, key: str, t: torch.Tensor) -> _Print | None:
         """The previous print when ``t`` is provably unchanged since it was taken."""
         old = self._prints.get(key)
-        if old is None or not _eligible(t):
+        if old is None or t._version != old.version or not _eligible(t) or _where(t) != old.where:
             return None
-        o = old.tensor
-        same = (
-            t.device == o.device
-            and t.dtype == o.dtype
-            and t.shape == o.shape
-            and t.stride() == o.stride()
-            and t.data_ptr() == o.data_ptr()
-            and t._version == old.version
-        )
-        return old if same and torch.equal(_sample(t), old.sample) else None
+        return old if _sample(t) == old.sample else None
 
     def _choose(self, snap: Snapshot, unchanged: list[str]) -> SharedPlan | None:
         total = snap.tensor_bytes
@@ -209,30 +273,37 @@ class IncrementalSaves:
         prints, plan = self._pending
         self._pending = None
         self._prints = prints
+        self._last = (path, dict(manifest.files))
         entry = manifest.files.get(SHARED_FILE)
         if plan is None or entry is None:
             self._shared = None
             return
         linked = plan.link_from is not None and not plan.copy
         generation = plan.link_from.generation + 1 if linked and plan.link_from else 0
-        self._shared = _SharedFile(path, plan.keys, entry, generation)
+        try:
+            st = os.lstat(os.path.join(path, SHARED_FILE))
+        except OSError:
+            self._shared = None
+            return
+        self._shared = _SharedFile(path, plan.keys, entry, generation, (st.st_dev, st.st_ino))
 
     def failed(self) -> None:
         """A save failed: compare with the last committed one again; a broken shared
         file is never offered twice."""
         self._pending = None
         self._shared = None
+        self._last = None
 
 
 def _still_there(base: _SharedFile) -> bool:
-    """The previous shared file is where its manifest says, at its size (retention
-    or a user may have removed it since; its hash is checked only on a copy)."""
+    """The previous shared file is still the file that was committed, at its size
+    (retention or a user may have removed it since). A committed manifest is never
+    rewritten; the link itself checks the inode again, and a copy checks the hash."""
     try:
         st = os.lstat(os.path.join(base.ckpt_dir, SHARED_FILE))
-        man = manifest_mod.read(base.ckpt_dir)
-    except Exception:  # noqa: BLE001 - anything wrong there (gone, corrupt manifest): write afresh
+    except OSError:
         return False
-    return st.st_size == base.entry.bytes and man.files.get(SHARED_FILE) == base.entry
+    return (st.st_dev, st.st_ino) == base.inode and st.st_size == base.entry.bytes
 
 
 def _eligible(t: torch.Tensor) -> bool:
@@ -250,15 +321,31 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _take_print(t: torch.Tensor) -> _Print:
-    sample = _sample(t) if _eligible(t) else torch.empty(0, dtype=torch.uint8)
-    return _Print(tensor=t.detach(), version=t._version, sample=sample)
+    sample = _sample(t) if _eligible(t) else b""
+    return _Print(tensor=t.detach(), version=t._version, sample=sample, where=_where(t))
 
 
-def _sample(t: torch.Tensor) -> torch.Tensor:
-    """Up to ``SAMPLE_POINTS`` bytes spread evenly over the tensor, as a CPU copy."""
+def _where(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t.dtype, t.shape, t.stride(), t.device)
+
+
+def _sample(t: torch.Tensor) -> bytes:
+    """Up to ``SAMPLE_POINTS`` bytes in blocks spread evenly over the tensor, copied.
+    Host tensors are sampled with one strided numpy copy: torch ops go through the
+    intra-op thread pool, which on a loaded machine costs more than the copy saved."""
     flat = t.detach().reshape(-1).view(torch.uint8)
     n = flat.numel()
+    if flat.device.type != "cpu":
+        picked = (
+            flat if n <= SAMPLE_POINTS else flat.as_strided((SAMPLE_BLOCKS, SAMPLE_BLOCK), (_stride(n), 1))
+        )
+        return picked.cpu().numpy().tobytes()
+    data = flat.numpy()
     if n <= SAMPLE_POINTS:
-        return flat.to("cpu", copy=True)
-    idx = torch.linspace(0, n - 1, SAMPLE_POINTS, dtype=torch.float64).long().to(flat.device)
-    return flat[idx].cpu()
+        return data.tobytes()
+    return np.lib.stride_tricks.as_strided(data, (SAMPLE_BLOCKS, SAMPLE_BLOCK), (_stride(n), 1)).tobytes()
+
+
+def _stride(n: int) -> int:
+    """Distance between sampled blocks: the first at 0, the last ending at ``n``."""
+    return (n - SAMPLE_BLOCK) // (SAMPLE_BLOCKS - 1)
