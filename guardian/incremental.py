@@ -66,6 +66,7 @@ class _Print:
     version: int
     sample: bytes
     where: tuple  # what makes it the same memory: see ``_where``
+    probe: np.ndarray | None = None  # host tensors: the sampled blocks, a view of that memory
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,8 @@ class IncrementalSaves:
         old = self._prints.get(key)
         if old is None or t._version != old.version or not _eligible(t) or _where(t) != old.where:
             return None
-        return old if _sample(t) == old.sample else None
+        now = old.probe.tobytes() if old.probe is not None else _sample(t)  # same memory: same view
+        return old if now == old.sample else None
 
     def _choose(self, snap: Snapshot, unchanged: list[str]) -> SharedPlan | None:
         total = snap.tensor_bytes
@@ -321,8 +323,11 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _take_print(t: torch.Tensor) -> _Print:
-    sample = _sample(t) if _eligible(t) else b""
-    return _Print(tensor=t.detach(), version=t._version, sample=sample, where=_where(t))
+    if not _eligible(t):
+        return _Print(tensor=t.detach(), version=t._version, sample=b"", where=_where(t))
+    probe = _probe(t) if t.device.type == "cpu" else None
+    sample = probe.tobytes() if probe is not None else _sample(t)
+    return _Print(tensor=t.detach(), version=t._version, sample=sample, where=_where(t), probe=probe)
 
 
 def _where(t: torch.Tensor) -> tuple:
@@ -330,20 +335,26 @@ def _where(t: torch.Tensor) -> tuple:
 
 
 def _sample(t: torch.Tensor) -> bytes:
-    """Up to ``SAMPLE_POINTS`` bytes in blocks spread evenly over the tensor, copied.
-    Host tensors are sampled with one strided numpy copy: torch ops go through the
-    intra-op thread pool, which on a loaded machine costs more than the copy saved."""
+    """Up to ``SAMPLE_POINTS`` bytes in blocks spread evenly over the tensor, copied."""
+    if t.device.type == "cpu":
+        return _probe(t).tobytes()
     flat = t.detach().reshape(-1).view(torch.uint8)
     n = flat.numel()
-    if flat.device.type != "cpu":
-        picked = (
-            flat if n <= SAMPLE_POINTS else flat.as_strided((SAMPLE_BLOCKS, SAMPLE_BLOCK), (_stride(n), 1))
-        )
-        return picked.cpu().numpy().tobytes()
-    data = flat.numpy()
+    picked = flat if n <= SAMPLE_POINTS else flat.as_strided((SAMPLE_BLOCKS, SAMPLE_BLOCK), (_stride(n), 1))
+    return picked.cpu().numpy().tobytes()
+
+
+def _probe(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of the sampled blocks of a host tensor (no copy). numpy, not torch:
+    torch ops go through the intra-op thread pool, which on a loaded machine costs
+    more than the copy the check saves."""
+    data = t.detach().reshape(-1).view(torch.uint8).numpy()
+    n = data.size
     if n <= SAMPLE_POINTS:
-        return data.tobytes()
-    return np.lib.stride_tricks.as_strided(data, (SAMPLE_BLOCKS, SAMPLE_BLOCK), (_stride(n), 1)).tobytes()
+        return data
+    return np.lib.stride_tricks.as_strided(
+        data, (SAMPLE_BLOCKS, SAMPLE_BLOCK), (_stride(n), 1), writeable=False
+    )
 
 
 def _stride(n: int) -> int:
