@@ -16,13 +16,16 @@ tensor meanwhile), its autograd version counter has not moved (every in-place to
 op bumps it, including an optimizer's step under ``no_grad``), and a sample of its
 bytes is equal. The sample is the net for writes the counter does not see
 (``p.data.mul_()``, numpy views): any edit of the whole tensor (an EMA update, a
-rescale) changes it. An edit of a few bytes through ``.data`` can slip through the
-sample; ``full_every`` bounds how long such a stale copy would be linked.
+rescale) changes it. An edit of a few bytes through ``.data`` that misses every
+sampled block would go unseen: code that does that must not use incremental saves.
 
 The first save of a process is a full one (nothing is known yet), the second writes a
-fresh shared file, later ones link it. A shared file is refreshed (copied from the
-previous one, hash-checked) every ``full_every`` saves if asked, so a media error in
-one copy reaches only the checkpoints of that generation. Hard links refused by the
+fresh shared file (an asynchronous writer copies those bytes from the previous
+checkpoint's files, hash-checked, instead of from memory during the stall), later ones
+link it; when the unchanged set shrinks, or grows by more than a quarter, a new shared
+file is written. A shared file is refreshed (copied from the previous one,
+hash-checked) every ``full_every`` saves if asked, so a media error in one copy
+reaches only the checkpoints of that generation. Hard links refused by the
 file system (some FUSE mounts) fall back to that copy, with one log line.
 Multi-process saves and DTensor state do not use this (they always write in full).
 """
@@ -260,10 +263,12 @@ class IncrementalSaves:
         total = snap.tensor_bytes
         unchanged_set = set(unchanged)
         base = self._shared
-        if base is not None and set(base.keys) <= unchanged_set and _still_there(base):
-            refresh = bool(self.full_every) and base.generation + 1 >= self.full_every
-            return SharedPlan(keys=base.keys, link_from=base, copy=refresh)
         size = sum(_nbytes(snap.tensors[k]) for k in unchanged)
+        if base is not None and set(base.keys) <= unchanged_set and _still_there(base):
+            shared = sum(_nbytes(snap.tensors[k]) for k in base.keys)
+            if size - shared <= MIN_SHARED_FRACTION * shared:  # else more froze since: a new file
+                refresh = bool(self.full_every) and base.generation + 1 >= self.full_every
+                return SharedPlan(keys=base.keys, link_from=base, copy=refresh)
         if not unchanged or size < MIN_SHARED_FRACTION * total:
             return None
         return SharedPlan(keys=tuple(unchanged))
