@@ -55,6 +55,9 @@ SAMPLE_BLOCKS, SAMPLE_BLOCK = 64, 64  # bytes compared per tensor on top of the 
 SAMPLE_POINTS = (
     SAMPLE_BLOCKS * SAMPLE_BLOCK
 )  # whole cache lines spread evenly (scattered bytes cost a miss each)
+# Smaller tensors are always rewritten: they cost nothing, and one that changes now and
+# then (the RNG state kept at an epoch's start) would otherwise force a new shared file.
+MIN_SHARED_TENSOR = 8 << 10
 MIN_SHARED_FRACTION = 0.25  # a shared file for less than this share of the bytes is not worth a file
 COPY_CHUNK = 8 << 20
 LINK_REFUSED = {errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
@@ -233,7 +236,11 @@ class IncrementalSaves:
         if self._pending is not None:  # the previous save never committed
             self.failed()
         prints = {k: self._print(k, t) for k, t in snap.tensors.items()}
-        unchanged = [k for k, p in prints.items() if p is not None and self._prints.get(k) is p]
+        unchanged = [
+            k
+            for k, p in prints.items()
+            if p is not None and self._prints.get(k) is p and _nbytes(snap.tensors[k]) >= MIN_SHARED_TENSOR
+        ]
         prints_now = {k: p or _take_print(snap.tensors[k]) for k, p in prints.items()}
         plan = self._choose(snap, unchanged)
         self._pending = (prints_now, plan)
