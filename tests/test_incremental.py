@@ -449,3 +449,43 @@ def test_the_benchmark_prints_its_keys(tmp_path):
     for key in ("incremental_bytes_ratio", "incremental_stall_ratio", "incremental_frozen_fraction"):
         assert isinstance(summary[key], float), key
     assert summary["incremental_frozen_fraction"] >= 0.9
+
+
+@pytest.mark.parametrize("bad", [0, -2, "yes", 1.5])
+def test_the_option_is_checked(tmp_path, bad):
+    with pytest.raises(ValueError, match="incremental must be"):
+        guardian.protect(model=torch.nn.Linear(2, 2), dir=str(tmp_path / "run"), incremental=bad)
+
+
+def test_a_shared_file_follows_the_unchanged_set(tmp_path):
+    """Linked while the set stays; rewritten when a shared tensor changes or when
+    much more became unchanged (a layer frozen later in training)."""
+    run = str(tmp_path / "run")
+    os.mkdir(run)
+    a, b = torch.ones(1 << 14), torch.zeros(1 << 13)
+    tracker = IncrementalSaves()
+
+    def save(step: int) -> tuple[str, ...]:
+        snap, plan = tracker.plan(capture({"m": ("module", {"a": a, "b": b})}), copy_fresh=False)
+        man = Manifest(name=checkpoint_name(step), step=step, epoch=0, seq=step, files={})
+        man.shared = plan
+        with CheckpointTxn(run, man.name) as txn:
+            write_files(txn, snap)
+            tracker.committed(txn.commit(man), man)
+        assert reader.inspect_checkpoint(os.path.join(run, man.name)).valid
+        return plan.keys if plan else ()
+
+    b.add_(1)
+    assert save(1) == ()
+    b.add_(1)
+    assert save(2) == ("m/a",)
+    b.add_(1)
+    assert save(3) == ("m/a",) and inode(os.path.join(run, checkpoint_name(3))) == inode(
+        os.path.join(run, checkpoint_name(2))
+    )
+    assert save(4) == ("m/a", "m/b")  # b stopped changing: half as large again as a
+    assert inode(os.path.join(run, checkpoint_name(4))) != inode(os.path.join(run, checkpoint_name(3)))
+    a.mul_(2)
+    assert save(5) == ("m/b",)  # a changed: never linked again
+    view = guardian.open(os.path.join(run, checkpoint_name(5)))
+    assert torch.equal(view["m/a"], a) and torch.equal(view["m/b"], b)
