@@ -51,10 +51,10 @@ from .state.snapshot import Snapshot, tensor_chunks
 
 log = logging.getLogger(__name__)
 
-SAMPLE_BLOCKS, SAMPLE_BLOCK = 64, 64  # bytes compared per tensor on top of the version counter:
+SAMPLE_BLOCKS, SAMPLE_BLOCK = 4, 1024  # bytes compared per tensor on top of the version counter:
 SAMPLE_POINTS = (
     SAMPLE_BLOCKS * SAMPLE_BLOCK
-)  # whole cache lines spread evenly (scattered bytes cost a miss each)
+)  # few blocks, evenly spread: on cold memory each costs a page walk and misses
 # Smaller tensors are always rewritten: they cost nothing, and one that changes now and
 # then (the RNG state kept at an epoch's start) would otherwise force a new shared file.
 MIN_SHARED_TENSOR = 8 << 10
@@ -73,6 +73,7 @@ class _Print:
     sample: bytes
     where: tuple  # what makes it the same memory: see ``_where``
     probe: np.ndarray | None = None  # host tensors: the sampled blocks, a view of that memory
+    nbytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,7 @@ class IncrementalSaves:
         unchanged = [
             k
             for k, p in prints.items()
-            if p is not None and self._prints.get(k) is p and _nbytes(snap.tensors[k]) >= MIN_SHARED_TENSOR
+            if p is not None and self._prints.get(k) is p and p.nbytes >= MIN_SHARED_TENSOR
         ]
         prints_now = {k: p or _take_print(snap.tensors[k]) for k, p in prints.items()}
         plan = self._choose(snap, unchanged)
@@ -261,10 +262,11 @@ class IncrementalSaves:
     def _print(self, key: str, t: torch.Tensor) -> _Print | None:
         """The previous print when ``t`` is provably unchanged since it was taken."""
         old = self._prints.get(key)
-        if old is None or t._version != old.version or not _eligible(t) or _where(t) != old.where:
+        if old is None or t._version != old.version or _where(t) != old.where:
             return None
-        now = old.probe.tobytes() if old.probe is not None else _sample(t)  # same memory: same view
-        return old if now == old.sample else None
+        if old.probe is not None:  # a host tensor, eligible then; the same memory and layout now
+            return old if old.probe.tobytes() == old.sample else None
+        return old if _eligible(t) and _sample(t) == old.sample else None
 
     def _choose(self, snap: Snapshot, unchanged: list[str]) -> SharedPlan | None:
         total = snap.tensor_bytes
@@ -335,15 +337,16 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _take_print(t: torch.Tensor) -> _Print:
+    nbytes = _nbytes(t)
     if not _eligible(t):
-        return _Print(tensor=t.detach(), version=t._version, sample=b"", where=_where(t))
+        return _Print(tensor=t.detach(), version=t._version, sample=b"", where=_where(t), nbytes=nbytes)
     probe = _probe(t) if t.device.type == "cpu" else None
     sample = probe.tobytes() if probe is not None else _sample(t)
-    return _Print(tensor=t.detach(), version=t._version, sample=sample, where=_where(t), probe=probe)
+    return _Print(t.detach(), t._version, sample, _where(t), probe, nbytes)
 
 
 def _where(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), t.dtype, t.shape, t.stride(), t.device)
+    return (type(t), t.data_ptr(), t.dtype, t.shape, t.stride(), t.device, t.is_conj(), t.is_neg())
 
 
 def _sample(t: torch.Tensor) -> bytes:
