@@ -227,18 +227,29 @@ def load(
     see ``read_tensors`` — the decoded tree then holds those very tensors, and a
     following ``load_state_dict`` copies each onto itself (a no-op in torch).
     """
-    tensors_path = os.path.join(ckpt_dir, prefix + TENSORS_FILE)
-    return decode_components(ckpt_dir, prefix, tensors_path, read_tensors(tensors_path, into))
+    paths = reader.tensor_files(ckpt_dir, prefix)  # two for an incremental checkpoint
+    tensors = reader.merge_tensor_maps([(p, read_tensors(p, into)) for p in paths])
+    return decode_components(ckpt_dir, prefix, paths[0], tensors)
 
 
 def load_meta(ckpt_dir: str, prefix: str = "") -> dict[str, tuple[str, Any]]:
     """Like ``load`` but every tensor is a *meta* tensor of the stored shape and dtype:
     the whole checkpoint can be checked against the live objects before one byte of
     it is read into them."""
-    tensors_path = os.path.join(ckpt_dir, prefix + TENSORS_FILE)
-    _, entries = stored_tensors(tensors_path)
-    meta = {e.key: torch.empty(e.shape, dtype=dtype, device="meta") for e, dtype in entries}
-    return decode_components(ckpt_dir, prefix, tensors_path, meta)
+    paths = reader.tensor_files(ckpt_dir, prefix)
+    meta = reader.merge_tensor_maps(
+        [
+            (
+                p,
+                {
+                    e.key: torch.empty(e.shape, dtype=dtype, device="meta")
+                    for e, dtype in stored_tensors(p)[1]
+                },
+            )
+            for p in paths
+        ]
+    )
+    return decode_components(ckpt_dir, prefix, paths[0], meta)
 
 
 def decode_components(
