@@ -76,6 +76,7 @@ class _Staged:
     image: StagedImage  # the tensors.safetensors file, in the arena (being filled)
     state_json: bytes
     gate: CommitGate  # approved at once, or once an overlapped copy is verified
+    overlapped: bool = False  # the copy runs beside the training loop, not in submit
 
 
 class AsyncWriter(BackgroundSave):
@@ -109,8 +110,10 @@ class AsyncWriter(BackgroundSave):
         buf = self._arena.acquire(layout.total_bytes, pinned=pinned)
         image = memoryview(buf.numpy()).cast("B") if layout.total_bytes else memoryview(b"")
         staged = StagedImage(image)
-        job = _Staged(image=staged, state_json=snap.state_json(), gate=CommitGate())
         deferred = self._deferrable(snap, manifest, pinned)
+        job = _Staged(
+            image=staged, state_json=snap.state_json(), gate=CommitGate(), overlapped=bool(deferred)
+        )
         try:  # from the thread's start on: an exception anywhere here must fail the image
             self._start(
                 self._persist,
@@ -282,6 +285,8 @@ class AsyncWriter(BackgroundSave):
         """Runs in the background thread; stores its outcome for ``_reap``."""
         try:
             prefix = rank_prefix(0, manifest.world_size)
+            if staged.overlapped:  # nobody waits for this thread; the copy thread paces it
+                lower_thread_priority()
             with CheckpointTxn(run_dir, manifest.name) as txn:
                 rel = prefix + TENSORS_FILE
                 writer = image_writer(f"{txn.tmp_dir}/{rel}", direct=self._direct)
