@@ -321,3 +321,45 @@ def test_sigkill_with_overlap_resumes_bit_exact(tmp_path, blocking_reference, ki
     proc = run_trainlib(run, CFG)
     assert proc.returncode == 0, proc.stderr
     assert final_digest(run) == blocking_reference
+
+
+@pytest.mark.parametrize("edit", ["data_edit", "numpy_edit", "nograd_param_edit"])
+def test_an_edit_while_the_copy_is_held_waits_for_it_or_is_refused(tmp_path, monkeypatch, edit):
+    """Deterministic: the background copy does not start before the loop reached for
+    ``.data``/``.numpy()`` (or, for the no_grad edit, before the edit is done)."""
+    torch.manual_seed(0)
+    model, ema = Net(), Net()
+    writer = AsyncWriter(overlap=True)
+    reached = threading.Event()
+    real_wait, real_copy = overlap_mod.WINDOW.wait_copied, overlap_mod.copy_into_arena
+
+    def noting_wait() -> None:
+        reached.set()
+        real_wait()
+
+    def held_copy(dst, src) -> None:
+        assert reached.wait(120), "the loop never reached the edit"
+        real_copy(dst, src)
+
+    monkeypatch.setattr(overlap_mod.WINDOW, "wait_copied", noting_wait)
+    try:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_step(model, opt, torch.Generator().manual_seed(0))
+        monkeypatch.setattr(overlap_mod, "copy_into_arena", held_copy)
+        done: list[str] = []
+        reference = submit(writer, str(tmp_path), "held", states_of(model, opt, ema), done)
+        assert writer._copy is not None and not writer._copy.copied
+        if edit == "nograd_param_edit":
+            act(edit, model, opt, None, ema, None)
+            reached.set()
+        else:
+            act(edit, model, opt, None, ema, torch.Generator())
+            assert writer._copy.copied  # the access waited for the copy
+        writer.wait()
+    finally:
+        writer.close()
+    if edit == "nograd_param_edit":
+        assert not done and not writer.overlap
+    else:
+        assert len(done) == 1
+        assert_holds(done[0], reference)
