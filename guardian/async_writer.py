@@ -140,7 +140,10 @@ class AsyncWriter(BackgroundSave):
     def check(self) -> None:
         """Cheap; called every step. Reports a finished save (callback or error)."""
         if self._copy is not None and self._copy.copied:
-            self._settle_overlap()
+            error = self._settle_overlap()
+            if error is not None:  # a bug in the copy: never only a log line
+                super().wait()
+                raise error
         if self._finished():
             self._reap()
 

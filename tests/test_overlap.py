@@ -363,3 +363,24 @@ def test_an_edit_while_the_copy_is_held_waits_for_it_or_is_refused(tmp_path, mon
     else:
         assert len(done) == 1
         assert_holds(done[0], reference)
+
+
+def test_a_failure_of_the_background_copy_is_raised_and_nothing_is_committed(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model, ema = Net(), Net()
+    writer = AsyncWriter(overlap=True)
+    try:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_step(model, opt, torch.Generator().manual_seed(0))
+
+        def broken(dst, src) -> None:
+            raise RuntimeError("copy broke")
+
+        monkeypatch.setattr(overlap_mod, "copy_into_arena", broken)
+        done: list[str] = []
+        submit(writer, str(tmp_path), "broken", states_of(model, opt, ema), done)
+        with pytest.raises(RuntimeError, match="copy broke"):
+            writer.wait()
+    finally:
+        writer.close()
+    assert not done and os.listdir(tmp_path) == []
