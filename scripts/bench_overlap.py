@@ -37,7 +37,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from guardian import overlap
 from guardian.async_writer import AsyncWriter
 from guardian.format.manifest import Manifest
 from guardian.state import snapshot as snap_mod
@@ -97,6 +99,20 @@ class Loop:
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, d: str) -> None:
         self.model, self.opt, self.x, self.d = model, opt, x, d
         self.saves = 0
+        self.hook_wait = 0.0  # the last optimizer step's wait in guardian's pre-hook
+        self._entered = 0.0
+
+    def around_guardian_hook(self) -> list[Any]:
+        """Two pre-hooks, registered before and after guardian's: the time between
+        them is the wait for the copy. Call before the writers exist."""
+        assert overlap.WINDOW._hook is None, "guardian's step pre-hook must be registered between ours"
+        first = register_optimizer_step_pre_hook(lambda *a: setattr(self, "_entered", time.perf_counter()))
+        return [first]
+
+    def after_guardian_hook(self) -> Any:
+        return register_optimizer_step_pre_hook(
+            lambda *a: setattr(self, "hook_wait", time.perf_counter() - self._entered)
+        )
 
     def step(self, writer: AsyncWriter | None = None) -> tuple[float, float, float]:
         """(whole step, its optimizer.step() alone, its save's submit alone) in seconds."""
@@ -116,15 +132,14 @@ class Loop:
 
 
 def stalls(loop: Loop, writer: AsyncWriter, base_steps: int) -> tuple[float, float]:
-    """(stall by step times, stall the loop spent blocked: submit + the pre-hook's wait)."""
+    """(stall by step times, time the loop was blocked: submit + the wait in the pre-hook)."""
     base = [loop.step() for _ in range(base_steps)]
     whole = statistics.median(b[0] for b in base)
-    opt_step = statistics.median(b[1] for b in base)
     saved = loop.step(writer)
     after = loop.step()
     writer.wait()
     shutil.rmtree(os.path.join(loop.d, f"ckpt-{loop.saves}"), ignore_errors=True)
-    return saved[0] + after[0] - 2 * whole, saved[2] + max(0.0, after[1] - opt_step)
+    return saved[0] + after[0] - 2 * whole, saved[2] + loop.hook_wait
 
 
 def measure(
@@ -136,7 +151,9 @@ def measure(
     torch.manual_seed(0)
     model, opt, x = build(param_mb, batch)
     loop = Loop(model, opt, x, d)
+    hooks = loop.around_guardian_hook()
     overlapped, blocking = AsyncWriter(overlap=True), AsyncWriter(overlap=False)
+    hooks.append(loop.after_guardian_hook())
     try:
         for _ in range(2):  # optimizer state exists, the pre-hook has seen the optimizer, pages warm
             loop.step()
@@ -153,6 +170,8 @@ def measure(
     finally:
         overlapped.close()
         blocking.close()
+        for hook in hooks:
+            hook.remove()
         shutil.rmtree(d, ignore_errors=True)
     m_save = statistics.median(saves)
     m_on, m_off = (statistics.median(s[0] for s in on), statistics.median(s[0] for s in off))
