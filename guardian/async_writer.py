@@ -22,6 +22,11 @@ Policies (the contract the guard relies on):
     commit by one step; it never runs before the checkpoint is durable.
   * Exit: the guard calls ``wait`` on normal exit, on exceptions and on preemption;
     the thread itself and the delivery of outcomes are ``background.BackgroundSave``.
+  * Overlap (guardian/overlap.py, on by default): parameters and optimizer state are
+    copied on a background thread while the next forward/backward runs; ``submit``
+    copies only the rest, and the next ``optimizer.step()`` waits for the copy. Saves
+    taken on the way out ("preempt", "final"), CUDA states, and every save after a
+    change outside ``optimizer.step()`` was detected copy before returning.
   * Abandoned staging: an exception anywhere in ``submit`` once the persist thread
     exists — even one a signal handler raises inside ``Thread.start`` or inside the
     clean-up — fails the image (now, or at the next ``wait``), so the persist thread
@@ -38,11 +43,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import knobs
 from .background import BackgroundSave
 from .commit import CheckpointTxn, check_free_space
 from .direct_io import image_writer
 from .format.layout import STATE_FILE, TENSORS_FILE, checkpoint_name, parse_checkpoint_name, rank_prefix
 from .format.manifest import Manifest
+from .overlap import WINDOW, BackgroundCopy, CommitGate, Segment
 from .staging import (
     StagedImage,
     StagingArena,
@@ -68,6 +75,8 @@ class _Staged:
 
     image: StagedImage  # the tensors.safetensors file, in the arena (being filled)
     state_json: bytes
+    gate: CommitGate  # approved at once, or once an overlapped copy is verified
+    overlapped: bool = False  # the copy runs beside the training loop, not in submit
 
 
 class AsyncWriter(BackgroundSave):
@@ -75,11 +84,15 @@ class AsyncWriter(BackgroundSave):
 
     mode = "async"
 
-    def __init__(self, *, direct_io: bool | None = None) -> None:
+    def __init__(self, *, direct_io: bool | None = None, overlap: bool | None = None) -> None:
         super().__init__()
         self._arena = StagingArena()
         self._direct = direct_io
         self._copier: ThreadPoolExecutor | None = None  # second memcpy stream while staging
+        self.overlap = knobs.overlap() if overlap is None else overlap
+        self._copy: BackgroundCopy | None = None  # the overlapped copy in flight
+        if self.overlap:
+            WINDOW.attach()
 
     # ------------------------------------------------------------------ interface
 
@@ -97,7 +110,10 @@ class AsyncWriter(BackgroundSave):
         buf = self._arena.acquire(layout.total_bytes, pinned=pinned)
         image = memoryview(buf.numpy()).cast("B") if layout.total_bytes else memoryview(b"")
         staged = StagedImage(image)
-        job = _Staged(image=staged, state_json=snap.state_json())
+        deferred = self._deferrable(snap, manifest, pinned)
+        job = _Staged(
+            image=staged, state_json=snap.state_json(), gate=CommitGate(), overlapped=bool(deferred)
+        )
         try:  # from the thread's start on: an exception anywhere here must fail the image
             self._start(
                 self._persist,
@@ -105,7 +121,11 @@ class AsyncWriter(BackgroundSave):
                 f"guardian-persist-{manifest.name}",
                 staged,
             )
-            self._stage(snap, layout, buf, staged, pinned)
+            if deferred:
+                self._stage_overlapped(snap, layout, staged, job.gate, deferred)
+            else:
+                self._stage(snap, layout, buf, staged, pinned)
+                job.gate.approve()
         except BaseException as e:
             self._abandon_staging(e)  # the persist thread gives up and aborts its transaction
             raise
@@ -119,8 +139,21 @@ class AsyncWriter(BackgroundSave):
 
     def check(self) -> None:
         """Cheap; called every step. Reports a finished save (callback or error)."""
+        if self._copy is not None and self._copy.copied:
+            error = self._settle_overlap()
+            if error is not None:  # a bug in the copy: never only a log line
+                super().wait()
+                raise error
         if self._finished():
             self._reap()
+
+    def wait(self) -> None:
+        """Close the overlap window (wait for the copy, verify it), then wait for the
+        commit as every asynchronous writer does."""
+        error = self._settle_overlap()
+        super().wait()
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         """Finish the in-flight save and free the arena; never raises."""
@@ -128,7 +161,79 @@ class AsyncWriter(BackgroundSave):
         if self._copier is not None:
             self._copier.shutdown()
             self._copier = None
+        if self.overlap:
+            self.overlap = False
+            WINDOW.detach()
         self._arena.release()
+
+    # ------------------------------------------------------------------ overlap
+
+    def _deferrable(self, snap: Snapshot, manifest: Manifest, pinned: bool) -> set[str]:
+        """Keys whose copy may run after ``submit`` returns (guardian/overlap.py).
+        None on the way out (the process is about to exit: nothing to overlap with)
+        and none on CUDA: side-stream copies are not implemented, for want of a GPU
+        to test them on; the blocking path below is the one that ran on CUDA."""
+        if not self.overlap or pinned or {"preempt", "final"} & set(manifest.reason):
+            return set()
+        owned = WINDOW.owned()
+        return {
+            key
+            for key, t in snap.tensors.items()
+            if t.device.type == "cpu"
+            and t.layout == torch.strided
+            and t.is_contiguous()
+            and t.numel()
+            and (t.data_ptr(), t.numel() * t.element_size()) in owned
+        }
+
+    def _stage_overlapped(
+        self, snap: Snapshot, layout, staged: StagedImage, gate: CommitGate, deferred: set[str]
+    ) -> None:
+        """Copy what is not deferred now; start the background copy of the rest. The
+        version of each deferred tensor is recorded here, at the snapshot."""
+        image = staged.view
+        image[: layout.data_start] = layout.header
+        base = layout.data_start
+        now: list[tuple[int, int, np.ndarray]] = []
+        later: list[Segment] = []
+        watched = []
+        size = 0
+        for entry in layout.entries:
+            if not entry.nbytes:
+                continue
+            t = snap.tensors[entry.key]
+            segment = (base + entry.begin, base + entry.end, byte_view(t, False).numpy())
+            if entry.key in deferred:
+                later.append(segment)
+                watched.append((entry.key, t, t._version))
+            else:
+                now.append(segment)
+                size += entry.nbytes
+        if now:
+            self._copy_batch(image, now, size)
+        staged.advance(later[0][0] if later else staged.total)
+        self._copy = BackgroundCopy(staged, later, watched, gate)
+        self._copy.start()
+
+    def _settle_overlap(self) -> BaseException | None:
+        """Training thread: close the window of the copy in flight. A change outside
+        ``optimizer.step()`` turns overlap off for the rest of the run (the refused
+        checkpoint's warning says why, when its outcome is reaped). Returns a failure
+        of the copy itself, to be raised once the persist thread is joined."""
+        copy, self._copy = self._copy, None
+        if copy is None:
+            return None
+        copy.close_window()
+        if copy.torn and self.overlap:
+            self.overlap = False
+            WINDOW.detach()
+        return copy.error
+
+    def _abandon_staging(self, error: BaseException) -> None:
+        if self._copy is not None:  # stop it before anything reuses the arena
+            self._copy.cancel(error)
+            self._copy = None
+        super()._abandon_staging(error)
 
     # ------------------------------------------------------------------ internals
 
@@ -183,6 +288,8 @@ class AsyncWriter(BackgroundSave):
         """Runs in the background thread; stores its outcome for ``_reap``."""
         try:
             prefix = rank_prefix(0, manifest.world_size)
+            if staged.overlapped:  # nobody waits for this thread; the copy thread paces it
+                lower_thread_priority()
             with CheckpointTxn(run_dir, manifest.name) as txn:
                 rel = prefix + TENSORS_FILE
                 writer = image_writer(f"{txn.tmp_dir}/{rel}", direct=self._direct)
@@ -194,6 +301,7 @@ class AsyncWriter(BackgroundSave):
                 # CPU first (direct_io lowered its own threads already).
                 lower_thread_priority()
                 txn.add_file(prefix + STATE_FILE, [staged.state_json])
+                staged.gate.wait()  # an overlapped copy is verified on the training thread
                 path = txn.commit(manifest)
             self._succeeded(on_committed, path, manifest)
         except BaseException as e:  # stored, re-raised on the training thread

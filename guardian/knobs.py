@@ -37,6 +37,12 @@ def async_save() -> bool:
     return os.environ.get("GUARDIAN_ASYNC", "1") not in ("0", "false", "no")
 
 
+def overlap() -> bool:
+    """``GUARDIAN_OVERLAP=0`` makes the async writer copy the whole state before a save
+    returns, instead of copying parameters and optimizer state during the next step."""
+    return os.environ.get("GUARDIAN_OVERLAP", "1") not in ("0", "false", "no")
+
+
 def direct_io() -> bool:
     """``GUARDIAN_DIRECT_IO=0`` makes the async writer use buffered writes only."""
     return os.environ.get("GUARDIAN_DIRECT_IO", "1") not in ("0", "false", "no")

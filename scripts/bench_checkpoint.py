@@ -706,6 +706,7 @@ def main() -> int:
     ap.add_argument("--small-reps", type=int, default=15)
     ap.add_argument("--dir", default="/tmp/guardian-bench")
     ap.add_argument("--no-dcp", action="store_true")
+    ap.add_argument("--no-overlap", action="store_true", help="skip the overlap scenario (bench_overlap.py)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
         "--no-dist-step", action="store_true", help="skip the 2-rank step overhead (bench_dist_step)"
@@ -784,6 +785,13 @@ def main() -> int:
     summary["small"] = small_case(args.dir, args.small_reps, args.small_mb)
     if not args.no_incremental:
         summary.update(bench_incremental.run(args, os.path.join(args.dir, "incremental")))
+    if not args.no_overlap:  # a save in a loop doing forward/backward work, alone and beside cpuhog.py 2
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_overlap
+
+        kw = {"param_mb": min(args.size_mb, 256), "reps": args.reps, "d": os.path.join(args.dir, "overlap")}
+        summary.update({**bench_overlap.measure(**kw), **bench_overlap.measure_under_load(**kw)})
+        TARGETS.update(bench_overlap.TARGETS)
     summary.update(
         {
             "state_bytes": state_bytes,
