@@ -144,3 +144,34 @@ def test_verify_still_reads_and_hashes_everything(tmp_path):
     checked = reader.inspect_checkpoint(newest.path, verify=True)
     assert not checked.valid and "content hash" in checked.problems[0]
     assert reader.inspect_checkpoint(older.path, verify=True).valid
+
+
+def test_the_daemon_starts_a_resume_without_reading_the_checkpoint(tmp_path):
+    """The daemon's loop thread records the resume point from the manifest and sizes
+    (the library verifies while loading): its process reads far less than the file."""
+    import signal
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from daemon_jobs.harness import Daemon, cli, env_with, events, kill_job_session, wait_for
+
+    run, home = str(tmp_path / "run"), str(tmp_path / "home")
+    model = nn.Linear(4096, 8192)  # 128 MiB of weights
+    with guardian.protect(model=model, dir=run, save_on_exit=False) as g:
+        g.save("big")
+    (ckpt,) = reader.list_checkpoints(run)
+    size = os.path.getsize(os.path.join(ckpt.path, TENSORS))
+    job = [sys.executable, "-c", "import time; time.sleep(120)"]
+    cli(home, "run", "--name", "big", "--dir", run, "--", *job, env=env_with())
+    d = Daemon(home).start()
+    try:
+        start = wait_for(
+            lambda: next((e for e in events(home, "big") if e["event"] == "start"), None), 60, "the start"
+        )
+        with open(f"/proc/{d.proc.pid}/io") as f:
+            daemon_read = next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+        kill_job_session(home, "big")
+    finally:
+        d.stop(signal.SIGTERM)
+    assert start["resume_from"] == ckpt.name
+    assert daemon_read < size / 2, (daemon_read, size)
