@@ -175,3 +175,23 @@ def test_the_daemon_starts_a_resume_without_reading_the_checkpoint(tmp_path):
         d.stop(signal.SIGTERM)
     assert start["resume_from"] == ckpt.name
     assert daemon_read < size / 2, (daemon_read, size)
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_read_tensors_names_what_a_refused_read_overwrote(tmp_path, monkeypatch, streams):
+    if streams == 2:
+        monkeypatch.setattr(snapshot, "PARALLEL_READ_MIN", 0)
+    (ckpt,) = _train(tmp_path, 1)
+    path = os.path.join(ckpt.path, TENSORS)
+    good = ckpt.manifest.files[TENSORS].hash
+    model, opt = _trainer(1)
+    live = snapshot.capture({"model": ("module", model.state_dict())}).tensors
+    overwrote: set[str] = set()
+    with pytest.raises(CorruptCheckpointError, match="does not match the manifest's 0{32}"):
+        snapshot.read_tensors(path, into=live, expect_hash="0" * 32, overwrites=overwrote)
+    assert overwrote == set(live)  # every live tensor matched and was written into
+    out = snapshot.read_tensors(path, into=live, expect_hash=good)
+    plain = snapshot.read_tensors(path)
+    assert out.keys() == plain.keys()
+    assert all(torch.equal(_bytes(out[k]), _bytes(plain[k])) for k in out)
+    assert all(out[k] is not plain[k] and out[k].data_ptr() == live[k].data_ptr() for k in live)
