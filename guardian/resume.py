@@ -1,15 +1,19 @@
 """Resuming: choose the checkpoint a run continues from, then restore it (``restore.py``).
 
 Choosing (rank 0): the newest checkpoint whose bytes verify *and* whose contents pass
-the restorer's meta pass. In one process the file is read once: the manifest and
-sizes are checked and the meta pass run, then the load verifies the hashes while the
-bytes stream into the tensors; a checkpoint refused there is treated as one that
-failed verification up front, and the next older one is loaded over it. A checkpoint that fails either is corrupt or forged (hashes
+the restorer's meta pass. A checkpoint that fails either is corrupt or forged (hashes
 are unkeyed, so a forger can re-hash): it is set aside — never deleted — once an older
 one is known to be good. If checkpoints exist and none can be restored, resume stops
 with an error naming them rather than silently starting from step 0. Under
 ``torch.distributed`` the other ranks take rank 0's choice by name, and every rank
 must restore it successfully, or all stop.
+
+One read in one process: the candidate gets the manifest and size checks and the
+meta pass, then the load hashes the bytes as they stream into the tensors. A
+checkpoint refused there counts as one that failed verification, and the next older
+one is loaded over it (``Restorer.overwritten`` checks that it overwrites all the
+refused one wrote). Under ``torch.distributed`` rank 0 still hashes before choosing
+(a rank must not fall back alone), and the load verifies again.
 """
 
 from __future__ import annotations

@@ -46,8 +46,12 @@ from guardian.state.discover import discover  # noqa: E402
 
 def fresh_trainer(size_mb: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     """As a restarted script builds it: parameters initialised, optimizer not stepped."""
-    n = max(1, round(size_mb * bench.MiB / (bench.HIDDEN * bench.HIDDEN * 4)))
-    model = nn.Sequential(*[nn.Linear(bench.HIDDEN, bench.HIDDEN) for _ in range(n)])
+    per_layer = bench.HIDDEN * bench.HIDDEN * 4
+    n = max(1, round(size_mb * bench.MiB / per_layer))
+    width = (
+        bench.HIDDEN if size_mb * bench.MiB >= per_layer else max(8, int((size_mb * bench.MiB / 4) ** 0.5))
+    )
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(n)])  # the shapes of bench.build_state
     return model, torch.optim.Adam(model.parameters(), lr=1e-4)
 
 
@@ -130,7 +134,11 @@ def measure(d: str, size_mb: float, reps: int, under_load: bool) -> dict:
                 hog.wait()
     finally:
         shutil.rmtree(d, ignore_errors=True)
+    summary["targets_met"] = {k: summary[k] >= v for k, v in TARGETS.items() if k in summary}
     return summary
+
+
+TARGETS = {"restart_speedup_vs_torch_load": 3.0, "restart_speedup_vs_torch_load_under_load": 3.0}
 
 
 def _times(d: str, size_mb: float, reps: int) -> dict[str, list[float]]:

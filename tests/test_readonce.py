@@ -195,3 +195,19 @@ def test_read_tensors_names_what_a_refused_read_overwrote(tmp_path, monkeypatch,
     assert out.keys() == plain.keys()
     assert all(torch.equal(_bytes(out[k]), _bytes(plain[k])) for k in out)
     assert all(out[k] is not plain[k] and out[k].data_ptr() == live[k].data_ptr() for k in live)
+
+
+def test_tiny_restart_benchmark_reports_the_verified_restart(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "bench_resume.py")
+    cmd = [sys.executable, script, "--size-mb", "2", "--reps", "1", "--dir", str(tmp_path / "r"), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["guardian_restart_verified_s"] > 0 and summary["restart_speedup_vs_torch_load"] > 0
+    assert len(summary["per_rep"]["restart"]) == 1
+    assert set(summary["targets_met"]) == {"restart_speedup_vs_torch_load"}
+    assert not os.path.exists(tmp_path / "r")
