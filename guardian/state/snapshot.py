@@ -21,7 +21,7 @@ import torch
 
 from ..commit import CheckpointTxn
 from ..errors import CorruptCheckpointError, UnsupportedStateError
-from ..format import reader, safetensors_io, strictjson
+from ..format import reader, safeio, safetensors_io, strictjson
 from ..format.hashing import new_hasher
 from ..format.layout import FORMAT_ID, FORMAT_VERSION, STATE_FILE, TENSORS_FILE
 from ..format.reader import load_state_json
@@ -153,9 +153,9 @@ def read_tensors(
     keys of ``into`` this read writes, before the first byte is read) tells the
     caller what to undo. Per file: call once for each tensor file of a checkpoint.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd, st = _open_tensor_file(path)
     try:
-        layout = safetensors_io.read_layout_fd(fd, os.fstat(fd).st_size, path)
+        layout = safetensors_io.read_layout_fd(fd, st.st_size, path)  # the header of these very bytes
         out: dict[str, torch.Tensor] = {}
         targets: list[tuple[int, memoryview]] = []
         for e, dtype in _torch_entries(layout, path):
@@ -181,6 +181,15 @@ def read_tensors(
     finally:
         os.close(fd)
     return out
+
+
+def _open_tensor_file(path: str) -> tuple[int, os.stat_result]:
+    """A regular file, opened without following a symlink or blocking on a FIFO."""
+    head, name = os.path.split(path)
+    try:
+        return safeio.open_regular(head or ".", name)
+    except FileNotFoundError as e:
+        raise CorruptCheckpointError(f"{path}: missing") from e
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
