@@ -86,7 +86,7 @@ class Restorer:
         man = manifest_mod.read(path)
         parts = self.parts(path)
         streamed = {prefix + TENSORS_FILE for prefix in parts}
-        _verify_files(path, man, skip=streamed)
+        _verify_files(path, man, skip=streamed, only=parts if self.world.distributed else None)
         # Checked: the model tensors' bytes can now be read straight into the live
         # parameters and buffers (no second full copy of the weights in memory).
         live = snap_mod.capture(
@@ -271,11 +271,13 @@ def _listed(path: str, man: manifest_mod.Manifest, rel: str) -> manifest_mod.Fil
     return entry
 
 
-def _verify_files(path: str, man: manifest_mod.Manifest, skip: set[str]) -> None:
+def _verify_files(path: str, man: manifest_mod.Manifest, skip: set[str], only: list[str] | None) -> None:
     """Hash every file of the checkpoint except ``skip`` (verified while loading):
-    the state files, and other ranks' tensor files of a multi-rank checkpoint."""
+    the state files, and other ranks' tensor files of a multi-rank checkpoint.
+    ``only`` (prefixes): under torch.distributed rank 0 hashed the whole checkpoint
+    before choosing it, so each rank checks just its own parts (not N ranks × N files)."""
     for rel, entry in sorted(man.files.items()):
-        if rel in skip:
+        if rel in skip or (only is not None and not any(_in_part(rel, p) for p in only)):
             continue
         try:
             fd, _ = safeio.open_regular(path, rel)
@@ -290,3 +292,7 @@ def _verify_files(path: str, man: manifest_mod.Manifest, skip: set[str]) -> None
                 f"{path}/{rel}: content hash {digest} ({size} bytes) does not match the manifest's "
                 f"{entry.hash} ({entry.bytes} bytes) (corrupted)"
             )
+
+
+def _in_part(rel: str, prefix: str) -> bool:
+    return rel.startswith(prefix) and "/" not in rel[len(prefix) :]
