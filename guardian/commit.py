@@ -1,7 +1,8 @@
 """The commit protocol: the only code that writes checkpoint bytes.
 
     1. mkdir RUN/.tmp-<name>-<pid>-<nonce>      (readers ignore dot-names)
-    2. for each file: create, write, fsync, close
+    2. for each file: create, write, fsync, close (or, for an incremental save's
+       unchanged tensors, a hard link to a committed checkpoint's fsynced file)
     3. manifest.json written last, fsynced      (its presence proves 2 is durable)
     4. fsync the temp directory (and its subdirectories)
     5. rename temp → RUN/<name>                 (atomic; never replaces anything)
@@ -132,12 +133,33 @@ class CheckpointTxn:
         except OSError as e:
             raise _write_error(f"{self.name} (fsync of {self._subdirs})", e) from e
 
+    def link_file(self, rel: str, src: str, entry: FileEntry) -> FileEntry:
+        """Make ``rel`` a hard link to ``src``, a file of a committed checkpoint that
+        ``entry`` describes (incremental saves): no byte is copied. The link count is
+        the reference count, so deleting or setting aside either checkpoint leaves
+        the other whole. Raises ``OSError`` as ``link`` does (EXDEV, EPERM on file
+        systems without hard links): the caller decides to copy instead."""
+        self._ensure_parent(rel)
+        dst = os.path.join(self.tmp_dir, rel)
+        fsops.fs.link(src, dst)
+        st, st_src = os.lstat(dst), os.lstat(src)
+        if (st.st_ino, st.st_dev) != (st_src.st_ino, st_src.st_dev) or st.st_size != entry.bytes:
+            raise CheckpointWriteError(
+                f"{src} changed while {self.name} was linking it (size {st.st_size}, manifest says "
+                f"{entry.bytes}); this save is abandoned, earlier checkpoints are untouched."
+            )
+        fault_point("incremental.linked")
+        self.files[rel] = entry
+        return entry
+
     def adopt(self, rel: str, entry: FileEntry) -> None:
         """Record a file another rank wrote (and fsynced) into this temp directory."""
         self.files[rel] = entry
 
     def commit(self, manifest: Manifest) -> str:
         """Write the manifest, make everything durable and publish the checkpoint."""
+        if manifest.shared is not None:  # incremental: the unchanged tensors' file
+            manifest.shared.apply(self)
         manifest.files = dict(self.files)
         final = os.path.join(self.run_dir, self.name)
         try:

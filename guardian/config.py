@@ -28,6 +28,7 @@ class GuardConfig:
     handle_signals: bool
     tensorboard: bool = False
     replicate_to: str | None = None  # a remote prefix (fsspec URL): guardian/remote/
+    incremental: bool | int = False  # guardian/incremental.py; an int: rewrite the shared file every N saves
 
     def restores_best(self, *, early_stopped: bool) -> bool:
         """``restore_best``: None loads the best weights when early stopping fired, True

@@ -6,7 +6,9 @@ Under ``torch.distributed`` every rank runs the same guard. The rules:
   need no communication; anything that is not — a signal seen by one rank, a
   wall-clock interval, which checkpoint to resume, a best metric — is agreed with a
   small integer/float all-reduce or broadcast *of tensors* (``broadcast_object_list``
-  would pickle; we never do), so every rank saves at the same step.
+  would pickle; we never do), so every rank saves at the same step. The per-step
+  flags are agreed without blocking, a few steps late, on a group of their own
+  (``agreement``).
 * **Replicated state is written once** (by rank 0): a DDP model, its optimizer,
   schedulers, the scaler. **Per-rank state** — RNG, data position, and anything
   sharded (DTensor/FSDP2) — is written by each rank into ``rank-NNNNN/``.
@@ -47,6 +49,12 @@ _RECENT_WORK: collections.deque[Any] = collections.deque(maxlen=32)
 def _run_collective(collective: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     work = collective(*args, async_op=True, **kwargs)
     work.wait()
+    keep_alive(work)
+
+
+def keep_alive(work: Any) -> None:
+    """Keep a finished collective's handle for a while (see ``_RECENT_WORK``); every
+    ``async_op`` handle guardian waits for goes through here."""
     _RECENT_WORK.append(work)
 
 

@@ -23,6 +23,7 @@ POINTS = (
     "save.tmpdir_fsynced",
     "save.renamed",
     "save.parent_fsynced",
+    "incremental.linked",
     "retention.renamed",
     "retention.deleted",
     "step.after_save",

@@ -3,8 +3,8 @@
 Every byte and every directory entry guardian writes for a checkpoint goes through
 an ``FS`` object. The real one is thin; tests swap in a recording one to enumerate
 the states a power cut could leave (see tests/test_crash_states.py). Keeping the
-operation list small (create, write, fsync, rename, mkdir, unlink/rmtree, fsync of a
-directory) is what makes that enumeration tractable.
+operation list small (create, write, fsync, rename, link, mkdir, unlink/rmtree, fsync of
+a directory) is what makes that enumeration tractable.
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ class FS:
             raise FileExistsError(17, "destination exists", dst)
         os.rename(src, dst)
 
+    def link(self, src: str, dst: str) -> None:
+        """A new name for an existing (already durable) file; never follows ``src``."""
+        os.link(src, dst, follow_symlinks=False)
+
     def rmtree(self, path: str) -> None:
         shutil.rmtree(path)
 
@@ -83,7 +87,7 @@ def make_dirs_durably(path: str, mode: int = 0o755) -> list[str]:
     missing = []
     probe = path
     while not os.path.isdir(probe):
-        if os.path.lexists(probe):
+        if os.path.lexists(probe) and not os.path.isdir(probe):  # another rank may just have made it
             raise FileExistsError(17, "exists and is not a directory", probe)
         missing.append(probe)
         parent = os.path.dirname(probe)

@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import commit, hparams
+from .agreement import Agreement
 from .config import GuardConfig
 from .distributed import World
 from .errors import EXIT_REQUEUE
@@ -81,6 +82,7 @@ class Guard:
         self._preempt = PreemptionFlag() if config.handle_signals else None
         self._lock: RunLock | None = None
         self.world = World()  # detected in __enter__: the process group may be set up after protect()
+        self.agreement = Agreement(self.world)  # how ranks agree on per-step flags (agreement.py)
         self.saver = Saver(config, self.components, writer)
         self.voice = RunVoice(self.run_dir)
         self.history = History(self.run_dir, tensorboard=config.tensorboard)  # history.csv: see history/
@@ -96,7 +98,6 @@ class Guard:
         self._in_epoch_body = False
         self.boundaries = StepBoundaries(list(self._optimizers.values()))
         self._preempting = False
-        self._preempt_due = False  # the ranks agreed on a preemption at the last g.step()
 
     # ------------------------------------------------------------------ public state
 
@@ -123,6 +124,7 @@ class Guard:
                 commit.clean_stale(self.run_dir)
             self.voice.beat(0, 0, "init", force=True)
             self.saver.attach(self.world)
+            self.agreement = Agreement.open(self.world)
             log.info("protecting %s → %s", describe(self.components, self._loaders), self.run_dir)
             self._script_hparams = hparams.script_values(self._optimizers)
             self.boundaries.attach()
@@ -133,7 +135,7 @@ class Guard:
                 self._preempt.install()
             self.voice.status("running", **self._status_fields(resumed_from=self.resumed_from))
         except BaseException:
-            self._cleanup()
+            self._cleanup(failed=True)
             raise
         return self
 
@@ -144,7 +146,7 @@ class Guard:
             else:
                 self._abandon(exc_type, exc)
         finally:
-            self._cleanup()
+            self._cleanup(failed=exc_type is not None)
 
     def _finish(self) -> None:
         if self.position.epoch_batches_done and self._in_epoch_body:
@@ -181,8 +183,9 @@ class Guard:
     def _status_fields(self, **fields: Any) -> dict[str, Any]:
         return dict(step=self.global_step, epoch=self.epoch, last_checkpoint=self.last_checkpoint, **fields)
 
-    def _cleanup(self) -> None:
+    def _cleanup(self, failed: bool) -> None:
         self.boundaries.detach()
+        self.agreement.close(failed=failed)
         if self._preempt:
             self._preempt.uninstall()
         self.saver.close()
@@ -221,12 +224,11 @@ class Guard:
             return
         steps_due = self.config.schedule.steps_due(self.global_step)
         seconds_due = self.config.schedule.seconds_due(now - self.saver.last_save_time)
-        preempt, seconds_due, any_busy = self._agree(self._preempt_requested(), seconds_due, self.saver.busy)
-        if self.world.distributed and not any_busy:
+        agreed = self.agreement.post(self.saver.seq, self._preempt_requested(), seconds_due, self.saver.busy)
+        if self.world.distributed and agreed.all_idle:
             self.saver.check(collect=True)  # every rank's save is done: all learn its outcome now
-        reasons = (["steps"] if steps_due else []) + (["seconds"] if seconds_due else [])
+        reasons = (["steps"] if steps_due else []) + (["seconds"] if agreed.seconds_due else [])
         self.requests.defer(reasons)
-        self._preempt_due = self._preempt_due or preempt
         if not self.position.mid_epoch:  # no g.batches() around this step: it is the exact point
             self._exact_point_reached()
 
@@ -236,7 +238,7 @@ class Guard:
         ``g.step()`` itself. Pending gradients wait for the next optimizer step."""
         if self.boundaries.accumulating:
             return
-        if self._preempt_due or (not self.world.distributed and self._preempt_requested()):
+        if self.agreement.preempt_due or (not self.world.distributed and self._preempt_requested()):
             self._preempt_now(self.requests.take([]))
         if self.requests.pending:
             self._save_now(self.requests.take([]))
@@ -255,7 +257,7 @@ class Guard:
         self.voice.beat(self.global_step, self.epoch, "eval")
         if self.watch.observe(values) and self.config.save_best:
             self._request_save("best")
-        if self._at_exact_point() and self._agree(self._preempt_requested())[0]:
+        if self._at_exact_point() and self.agreement.now(self._preempt_requested())[0]:
             self._preempt_now(self.requests.take([]))  # outside the batch loop and any epoch
 
     def log(self, **scalars: Any) -> None:
@@ -288,7 +290,7 @@ class Guard:
         if self.boundaries.accumulating:  # gradients are pending: the next optimizer step is the exact point
             self.requests.defer(reasons)
             return
-        if self._preempt_due or self._agree(self._preempt_requested())[0]:
+        if self.agreement.preempt_due or self.agreement.now(self._preempt_requested())[0]:
             self._preempt_now(self.requests.take(reasons))
         if reasons or self.requests.pending:
             self._save_now(self.requests.take(reasons))
@@ -300,6 +302,7 @@ class Guard:
         self._save_now(reasons + ["preempt"])
         self.saver.wait_in_flight()  # with on_save_error='warn' a failure still exits 75
         self._preempting = True
+        self.agreement.drain()  # nothing in flight when the groups are torn down
         self.world.leave()
         raise SystemExit(self._preempt.exit_code if (self._preempt and signum) else EXIT_REQUEUE)
 
@@ -334,9 +337,6 @@ class Guard:
 
     def _preempt_requested(self) -> bool:
         return bool(self._preempt and self._preempt.requested)
-
-    def _agree(self, *flags: bool) -> list[bool]:
-        return self.world.any_of(*flags) if self.world.distributed else list(flags)
 
     # ------------------------------------------------------------------ resuming
 

@@ -47,6 +47,7 @@ def protect(
     tensorboard: bool = False,
     watch: bool | None = None,
     replicate_to: str | os.PathLike[str] | None = None,
+    incremental: bool | int = False,
     **components: Any,
 ) -> Guard:
     """Wrap a training loop (see ``guardian.guard`` for the loop API and its rules).
@@ -82,6 +83,10 @@ def protect(
     path on a shared file system); defaults to ``$GUARDIAN_REPLICATE_TO``. Each committed
     checkpoint is uploaded in the background, and a run directory with nothing to
     resume from resumes from there (docs/remote.md). Checked writable here.
+    ``incremental``: tensors unchanged since the previous save (a frozen backbone) are
+    not written again: the new checkpoint hard-links the previous one's file of them
+    (docs/format.md). An int N also rewrites that file every N saves, so one damaged
+    file reaches at most N checkpoints. Single-process runs only.
     """
     _refuse_unknown_options(components)
     dir = dir if dir is not None else knobs.run_dir()
@@ -97,6 +102,8 @@ def protect(
         raise ValueError("early stopping (patience=) needs monitor= to know what to watch")
     if restore_best and best is None:
         raise ValueError("restore_best=True needs monitor= to know which checkpoint is the best")
+    if not isinstance(incremental, bool) and (not isinstance(incremental, int) or incremental < 1):
+        raise ValueError(f"incremental must be True, False or a number of saves ≥ 1, got {incremental!r}")
     replicate_to = replicate_to if replicate_to is not None else os.environ.get("GUARDIAN_REPLICATE_TO")
     if replicate_to:
         from .remote import check_target
@@ -117,6 +124,7 @@ def protect(
         handle_signals=handle_signals,
         tensorboard=tensorboard,
         replicate_to=os.fspath(replicate_to) if replicate_to else None,
+        incremental=incremental,
     )
     adopt.register_if_asked(config.run_dir, watch)  # the daemon restarts this script if it dies
     return Guard(trainer, components, config, writer or _default_writer(async_save))

@@ -30,7 +30,7 @@ import torch
 from .distributed import World
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
 from .format import reader
-from .format.layout import STATE_FILE, TENSORS_FILE
+from .format.layout import SHARED_FILE, STATE_FILE, TENSORS_FILE
 from .format.manifest import Manifest
 from .resume import Resumer
 from .smallfiles import fsync_dir
@@ -277,14 +277,18 @@ class CheckpointView(Mapping[str, torch.Tensor]):
         self.map_location = map_location
         self._entries: dict[str, tuple[str, Any, torch.dtype, int]] = {}
         for rel in sorted(self.manifest.files):
-            if rel == TENSORS_FILE or rel.endswith("/" + TENSORS_FILE):
-                self._index(rel)
+            for name in (TENSORS_FILE, SHARED_FILE):  # SHARED_FILE: an incremental checkpoint's
+                if rel == name or rel.endswith("/" + name):
+                    self._index(rel, rel[: -len(name)])
 
-    def _index(self, rel: str) -> None:
-        prefix = rel[: -len(TENSORS_FILE)]
+    def _index(self, rel: str, prefix: str) -> None:
         full = os.path.join(self.path, rel)
         layout, entries = snap_mod.stored_tensors(full)
         for e, dtype in entries:
+            if prefix + e.key in self._entries:
+                raise CorruptCheckpointError(
+                    f"{full}: tensor {e.key!r} is also stored in another tensor file"
+                )
             self._entries[prefix + e.key] = (full, e, dtype, layout.data_start)
 
     name = property(lambda self: self.manifest.name)
@@ -299,7 +303,7 @@ class CheckpointView(Mapping[str, torch.Tensor]):
             raise KeyError(f"{key!r} is not a tensor of {self.path}") from None
         out = torch.empty(e.shape, dtype=dtype)
         if e.nbytes:
-            view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
+            view = out.reshape(-1).view(torch.uint8).numpy().data  # a writable 'B' memoryview
             fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 preadv_exactly(fd, [view], start + e.begin, full)

@@ -21,9 +21,9 @@ from typing import Any
 from .distributed import World
 from .errors import CorruptCheckpointError, StateMismatchError
 from .format import manifest as manifest_mod
-from .format import safeio
+from .format import reader, safeio
 from .format.hashing import hash_fd
-from .format.layout import TENSORS_FILE, rank_prefix
+from .format.layout import rank_prefix
 from .saving import best_checkpoint
 from .state import dtensor, sharded, validate
 from .state import rng as rng_mod
@@ -85,7 +85,7 @@ class Restorer:
             self.check_fits(path)
         man = manifest_mod.read(path)
         parts = self.parts(path)
-        streamed = {prefix + TENSORS_FILE for prefix in parts}
+        streamed = {os.path.relpath(f, path) for prefix in parts for f in reader.tensor_files(path, prefix)}
         _verify_files(path, man, skip=streamed, only=parts if self.world.distributed else None)
         # Checked: the model tensors' bytes can now be read straight into the live
         # parameters and buffers (no second full copy of the weights in memory).
@@ -101,7 +101,7 @@ class Restorer:
                         path,
                         prefix,
                         into=live if not prefix else None,
-                        expect_hash=_listed(path, man, prefix + TENSORS_FILE).hash,
+                        hashes={rel: entry.hash for rel, entry in man.files.items()},
                         overwrites=written,
                     )
                 )
@@ -262,13 +262,6 @@ class Restorer:
         self._reshard(best, modules)
         for name, (_kind, state) in modules.items():
             self.components[name].load_state_dict(state, name)
-
-
-def _listed(path: str, man: manifest_mod.Manifest, rel: str) -> manifest_mod.FileEntry:
-    entry = man.files.get(rel)
-    if entry is None:
-        raise CorruptCheckpointError(f"{path}: {rel} is not listed in the manifest")
-    return entry
 
 
 def _verify_files(path: str, man: manifest_mod.Manifest, skip: set[str], only: list[str] | None) -> None:

@@ -97,6 +97,14 @@ class SaveRequests:
         self._last = (key, list(reasons))
 
 
+def _incremental(option: bool | int) -> Any:
+    if option is False:
+        return None
+    from .incremental import IncrementalSaves
+
+    return IncrementalSaves(full_every=0 if option is True else int(option))
+
+
 class Saver:
     def __init__(self, config: GuardConfig, components: dict[str, Stateful], writer: Writer) -> None:
         self.run_dir = config.run_dir
@@ -115,6 +123,7 @@ class Saver:
         self.replicate_to = config.replicate_to  # a remote prefix: guardian/remote/
         self.last_save_time = time.monotonic()  # for every_seconds
         self._reserved = False
+        self.incremental = _incremental(config.incremental)
 
     def add_listener(self, on_commit: Callable[[str, Manifest], None], on_close: Callable[[], None]) -> None:
         """Also tell ``on_commit`` of each commit (rank 0, after ``self.on_commit``);
@@ -165,6 +174,7 @@ class Saver:
         try:
             if self.world.distributed:
                 return self._save_distributed(states, manifest)
+            snap = self._split_unchanged(snap, manifest, states)
             return self.writer.submit(self.run_dir, snap, manifest, self._on_committed)
         except CheckpointWriteError as e:
             if self.on_save_error == "raise":
@@ -175,6 +185,17 @@ class Saver:
                 e,
             )
             return None
+
+    def _split_unchanged(
+        self, snap: snap_mod.Snapshot, manifest: Manifest, states: States
+    ) -> snap_mod.Snapshot:
+        """Incremental saves: what the writer gets once unchanged tensors are left to
+        the shared file (guardian/incremental.py). DTensor state is always saved whole."""
+        if self.incremental is None or any(dtensor.contains_dtensor(s) for _, s in states.values()):
+            return snap
+        self.writer.wait()  # the previous save's outcome decides what this one may refer to
+        snap, manifest.shared = self.incremental.plan(snap, copy_fresh=self.writer.mode != "sync")
+        return snap
 
     def _save_distributed(self, states: States, manifest: Manifest) -> str | None:
         from .dist_commit import save_distributed
@@ -270,6 +291,8 @@ class Saver:
 
     def _on_committed(self, path: str, manifest: Manifest) -> None:
         self.last_checkpoint = path
+        if self.incremental is not None:
+            self.incremental.committed(path, manifest)
         log.info(
             "saved %s (%s, step %d, epoch %d)",
             manifest.name,

@@ -10,7 +10,7 @@ guardian had already recorded the request.
 
 So the workers of a loader iterated through ``g.batches()`` do not act on these
 signals: the main process saves at the next exact point and exits, and its loader
-shuts the workers down as usual. How, in each worker (``_LeaveSignalsToMain``, run
+shuts the workers down as usual. How, in each worker (``LeaveSignalsToMain``, run
 as the loader's ``worker_init_fn`` wrapper):
 
 * the preemption signals are blocked in every thread and a small thread takes them
@@ -53,7 +53,7 @@ def workers_leave_signals_to_main(loader: Any) -> Iterator[None]:
         yield
         return
     original = loader.worker_init_fn
-    loader.worker_init_fn = _LeaveSignalsToMain(original)
+    loader.worker_init_fn = LeaveSignalsToMain(original)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPT_SIGNALS)
     try:
         yield
@@ -62,9 +62,18 @@ def workers_leave_signals_to_main(loader: Any) -> Iterator[None]:
         loader.worker_init_fn = original
 
 
-class _LeaveSignalsToMain:
+class LeaveSignalsToMain:
     """A ``worker_init_fn`` that first makes the worker leave the preemption signals to
-    the main process, then calls the user's own (picklable, for spawn/forkserver)."""
+    the main process, then calls the user's own (picklable, for spawn/forkserver).
+
+    Public for the framework integrations, whose loaders guardian does not start
+    itself. What they may rely on: wrap the loader's current ``worker_init_fn``
+    (``None`` too) before the loader starts its workers and restore it afterwards; each
+    worker then ignores the preemption signals except a SIGTERM from its parent (which
+    ends it, as torch's own handler does), and the wrapped function is called with
+    the worker id. Unlike ``workers_leave_signals_to_main`` it does not block the
+    signals in the main thread while workers start, so a signal in that short
+    window can still reach a worker that has not run it yet."""
 
     def __init__(self, inner: Callable[[int], None] | None) -> None:
         self.inner = inner

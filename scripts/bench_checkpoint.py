@@ -60,6 +60,9 @@ from guardian.state import snapshot as snap_mod
 from guardian.state.components import OptimizerState
 from guardian.writer import SyncWriter
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_incremental  # noqa: E402 - issue 18 part 2: the LoRA-like incremental case
+
 MiB = 1 << 20
 CHUNK = 64 * MiB
 HIDDEN = 2048  # one Linear(2048, 2048) = 16 MiB of float32 weights
@@ -552,6 +555,7 @@ TARGETS = {
     "restore_warm_speedup_vs_torch_load": (">=", 8.0),
     "extra_rss_vs_state": ("<=", 1.05),
     "dcp_durable_vs_guardian_durable": (">=", 1.0),
+    **bench_incremental.TARGETS,
 }
 
 
@@ -704,6 +708,9 @@ def main() -> int:
     ap.add_argument("--no-dcp", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
+        "--no-dist-step", action="store_true", help="skip the 2-rank step overhead (bench_dist_step)"
+    )
+    ap.add_argument(
         "--remote",
         default=None,
         help="also measure replication to this fsspec URL ('moto': a local S3 server); adds 'remote'",
@@ -711,6 +718,8 @@ def main() -> int:
     ap.add_argument("--remote-mb", type=float, default=64, help="parameter MB of the remote case")
     ap.add_argument("--remote-only", action="store_true", help="measure only the remote case")
     ap.add_argument("--dcp-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-incremental", action="store_true", help="skip the incremental (LoRA-like) case")
+    bench_incremental.add_arguments(ap)
     ap.add_argument(
         "--integrations", action="store_true", help="the integrations' save stall vs the plain loop"
     )
@@ -773,6 +782,8 @@ def main() -> int:
     if warm.get("g_stall"):  # the first save, after the background arena reservation
         summary["first_save_stall_s"] = round(warm["g_stall"][0], 4)
     summary["small"] = small_case(args.dir, args.small_reps, args.small_mb)
+    if not args.no_incremental:
+        summary.update(bench_incremental.run(args, os.path.join(args.dir, "incremental")))
     summary.update(
         {
             "state_bytes": state_bytes,
@@ -789,6 +800,12 @@ def main() -> int:
     )
     if args.remote:
         summary["remote"] = remote_case(args.remote, args.dir, args.reps, args.remote_mb)
+    if not args.no_dist_step:  # protect()'s step overhead on 2 gloo ranks, bare and beside cpuhog
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_dist_step
+
+        summary.update(bench_dist_step.run(under_load=True, rounds=min(6, args.reps + 1)))
+        TARGETS.update(bench_dist_step.TARGETS)
     summary["targets_met"] = check_targets(summary)
     shutil.rmtree(args.dir, ignore_errors=True)
     for k, v in summary.items():

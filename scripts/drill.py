@@ -212,6 +212,7 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ballast", type=int, default=1536, help="ballast width (state ≈ 12·w² bytes with AdamW)")
+    p.add_argument("--frozen", action="store_true", help="a frozen backbone, saved incrementally")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument(
@@ -219,7 +220,7 @@ def main() -> int:
     )
     a = p.parse_args()
     rng = random.Random(a.seed)
-    cfg = job_config(a.ballast)
+    cfg = {**job_config(a.ballast), "frozen": a.frozen}
     work = tempfile.mkdtemp(prefix="guardian-drill-")
     try:
         ref, ref_seconds, saves = reference(cfg, work)

@@ -8,7 +8,7 @@ a power cut right after that prefix could leave, under the rules of
 
 * file contents and sizes not fsynced may be lost, or survive only up to some earlier
   size, or survive with the right size but zeroed data (ext4 ``data=writeback``);
-* directory entries (create, mkdir, rename, unlink) made since the parent directory
+* directory entries (create, mkdir, rename, link, unlink) made since the parent directory
   was last fsynced may each independently be applied or not (a rename within one
   directory is atomic: old name or new name; across directories its two halves are
   independent, which is more permissive than any real file system).
@@ -78,6 +78,10 @@ class RecordingFS(fsops.FS):
     def rename(self, src: str, dst: str) -> None:
         super().rename(src, dst)
         self.ops.append(("rename", self._rel(src), self._rel(dst)))
+
+    def link(self, src: str, dst: str) -> None:
+        super().link(src, dst)
+        self.ops.append(("link", self._rel(src), self._rel(dst)))
 
     def rmtree(self, path: str) -> None:
         # shutil.rmtree unlinks bottom-up; log the individual unlinks/rmdirs it makes.
@@ -149,6 +153,11 @@ class CrashModel:
             parent, name = self._parent(op[1])
             node = _Dir({}, {}) if kind == "mkdir" else _File(bytearray(), b"", {0})
             ino = self._new(node)
+            parent.live[name] = ino
+            parent.pending.append(("link", name, ino))
+        elif kind == "link":  # a second name for an existing inode (incremental saves)
+            ino = self._lookup(op[1])
+            parent, name = self._parent(op[2])
             parent.live[name] = ino
             parent.pending.append(("link", name, ino))
         elif kind == "write":

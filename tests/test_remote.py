@@ -282,12 +282,19 @@ def test_node_lost_resumes_from_remote_bitwise(s3, moto, tmp_path):
     killed, _ = run_job(tmp_path, node_a, s3, kill_at=14, name="a")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     shutil.rmtree(node_a)  # node lost
+    from guardian.remote.fetch import remote_checkpoints
+    from guardian.remote.store import RemoteStore
+
+    durable = [n for n, _m, p in remote_checkpoints(RemoteStore(s3)) if p is None]
+    # step 12 ends epoch 0: its step save and its epoch save may both be durable
+    # (the one uploading is kept from local retention), the newer named step-000000012-1
+    assert durable and durable[-1].startswith("step-000000012"), durable
 
     node_b = str(tmp_path / "node-b")
     resumed, out = run_job(tmp_path, node_b, s3, name="b")
     assert resumed.returncode == 0, resumed.stderr
     resumed_from = resumed.stdout.split("RESUMED_FROM", 1)[1].split()[0]
-    assert os.path.basename(resumed_from) == "step-000000012", resumed.stdout  # the newest durable one
+    assert os.path.basename(resumed_from) == durable[-1], resumed.stdout  # the newest durable one
     assert same_weights(out, twin_out)
 
     from helpers import final_digest
@@ -581,3 +588,47 @@ def test_cli_run_replicate_to_stores_the_url_not_credentials(s3, tmp_path):
         main, ["run", "--home", h, "--name", "y", "--replicate-to", "s3://user:pw@bucket/run", "--", "true"]
     )
     assert r.exit_code != 0 and "without credentials" in r.output
+
+
+def test_upload_slower_than_local_retention_still_finishes(tmp_path, monkeypatch, caplog):
+    """Uploads slower than ``keep_last`` local saves: the checkpoint uploading is kept
+    from local retention until its upload ends, so it becomes durable instead of losing
+    its files midway (found by CI on a loaded machine: with keep_last=2 the first upload
+    lost its files, was given up, and the kill test's counts shifted). The slow network
+    is a gate in ``put_chunks``, the one seam a checkpoint's bytes pass to the store."""
+    import guardian
+    from guardian.remote.fetch import remote_checkpoints
+    from guardian.remote.store import RemoteStore
+
+    gate = threading.Event()
+    real_put = RemoteStore.put_chunks
+
+    def slow_put(self, key, chunks):
+        if "/" in key:  # a checkpoint's object (NAME/file); protect()'s write probe passes
+            assert gate.wait(120), "the test never opened the gate"
+        return real_put(self, key, chunks)
+
+    monkeypatch.setattr(RemoteStore, "put_chunks", slow_put)
+    target = str(tmp_path / "shared" / "run")
+    model, opt = tiny_objects()
+    with caplog.at_level("INFO", logger="guardian.remote.upload"):
+        with guardian.protect(
+            model=model,
+            optimizer=opt,
+            dir=str(tmp_path / "run"),
+            replicate_to=target,
+            every_steps=1,
+            keep_last=1,
+        ) as g:
+            try:
+                for _ in range(6):
+                    opt.step()  # an optimizer step: g.step() is a boundary, so every_steps=1 saves
+                    g.step()  # steps 2-5 commit (and run retention) while step 1 uploads
+            finally:
+                gate.set()
+    said = [r.getMessage() for r in caplog.records]
+    assert any("step-000000001 is durable" in m for m in said), said
+    assert not [m for m in said if "not uploaded" in m or "giving up" in m or "failed" in m], said
+    durable = [n for n, _m, p in remote_checkpoints(RemoteStore(target)) if p is None]
+    assert durable == ["step-000000006"], durable  # keep_last=1 mirrored
+    assert RemoteStore(target).checkpoint_dirs() == durable

@@ -36,6 +36,7 @@ DEFAULT = {
     "every_steps": 3,
     "seed": 0,
     "ballast": 0,  # width of an extra square layer: makes saves slow enough to be hit by kills
+    "frozen": False,  # the ballast is a frozen backbone and saves are incremental
 }
 
 
@@ -113,6 +114,7 @@ def build(cfg: dict[str, Any]) -> dict[str, Any]:
         persistent_workers=False,
     )
     model = TinyNet(cfg["ballast"])
+    model.ballast.requires_grad_(not cfg["frozen"])
     opt = make_optimizer(cfg["optimizer"], model.parameters())
     steps_per_epoch = len(loader) // cfg["accumulate"] + (1 if len(loader) % cfg["accumulate"] else 0)
     sched = make_scheduler(cfg["scheduler"], opt, steps_per_epoch * cfg["epochs"] + 1)
@@ -140,6 +142,8 @@ def train(
     kw = {"every_steps": cfg["every_steps"], "every_epochs": 1, **protect_kw}
     if "keep_last" in cfg:
         kw["keep_last"] = cfg["keep_last"]
+    if cfg["frozen"]:
+        kw["incremental"] = True
     with guardian.protect(state, dir=run_dir, **kw) as g:
         for _epoch in g.epochs(cfg["epochs"]):
             model.train()

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -20,7 +20,7 @@ from ..progress_bar import progress_bar
 from ..remote.fetch import is_remote, remote_infos
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"guardian: {printable(message)}", err=True)
     sys.exit(code)
 
@@ -45,18 +45,19 @@ def _line(text: object) -> str:
     return printable(text).replace("\n", "\\n").replace("\t", "\\t")
 
 
-def _read_failure(path: str, e: BaseException) -> None:
+def _read_failure(path: str, e: BaseException) -> NoReturn:
     """A reader that failed on something other than a checkpoint problem (the
     directory vanished, permissions, a hostile structure) still ends cleanly."""
     _fail(f"cannot read {path}: {getattr(e, 'strerror', None) or e}", EXIT_INVALID)
 
 
 def _human_bytes(n: int) -> str:
+    size = float(n)
     for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return str(size)
 
 
 def _row(info: reader.CheckpointInfo) -> dict[str, Any]:
@@ -219,17 +220,17 @@ def inspect_cmd(path: str, as_json: bool) -> None:
         info = reader.inspect_checkpoint(path) if is_ckpt else reader.newest_valid(path)
         if info is None:
             _fail(f"no valid checkpoint in {path}", EXIT_NOT_FOUND)
-        if not info.valid:
+        m = info.manifest
+        if m is None or not info.valid:  # valid implies a manifest; the check says so to mypy
             _fail(
                 f"{path} is not a valid checkpoint:\n  " + "\n  ".join(map(_line, info.problems)),
                 EXIT_INVALID,
             )
-        components = reader.component_summaries(info.path, info.manifest)
+        components = reader.component_summaries(info.path, m)
     except GuardianError as e:
         _fail(str(e), e.exit_code)
     except (OSError, RecursionError, MemoryError, ValueError) as e:
         _read_failure(path, e)
-    m = info.manifest
     out = {
         "name": info.name,
         "path": os.path.abspath(info.path),

@@ -26,6 +26,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 STATE_FILE = "state.json"
 TENSORS_FILE = "tensors.safetensors"
+SHARED_FILE = "shared.safetensors"  # incremental saves: unchanged tensors, hard-linked between checkpoints
 
 RUN_STATUS_FILE = "run.json"
 HEARTBEAT_FILE = "heartbeat.json"

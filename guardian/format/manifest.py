@@ -11,6 +11,10 @@ Format history:
      ``manifest_hash``, an xxh3-128 of its own canonical JSON without that field,
      so a bit flip in step/seq/metrics cannot make a checkpoint resume at the
      wrong place.
+  2  incremental saves: a checkpoint may also hold ``shared.safetensors`` (tensors
+     unchanged since an earlier checkpoint, usually a hard link to that one's file);
+     the tensors of a checkpoint are those of both files. Written only by a
+     checkpoint that has the file, so older readers still read every other one.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from .._version import __version__
 from ..errors import CorruptCheckpointError, FormatVersionError, UnsafeCheckpointError
 from . import safeio, strictjson
 from .hashing import hash_bytes
-from .layout import FORMAT_ID, FORMAT_VERSION, HASH_ALGORITHM, MANIFEST_FILE
+from .layout import FORMAT_ID, FORMAT_VERSION, HASH_ALGORITHM, MANIFEST_FILE, SHARED_FILE
 
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 # The budget of one manifest: a fixed allowance for metrics, reasons and extras, plus
@@ -38,6 +42,8 @@ MANIFEST_BUDGET_PER_ENTRY = 4096
 MAX_WORLD_SIZE = 1 << 20
 MAX_COUNTER = 2**63 - 1
 _HASH_RE = re.compile(r"^[0-9a-f]{32}$")
+INCREMENTAL_VERSION = 2  # the format version of a checkpoint with a shared tensor file
+READ_VERSION = INCREMENTAL_VERSION  # the newest version this guardian reads
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,15 @@ class Manifest:
     created_unix: float = field(default_factory=time.time)
     guardian_version: str = __version__
     extra: dict[str, Any] = field(default_factory=dict)
+    # Not serialized: how the pending save gets its shared tensor file
+    # (incremental.SharedPlan), applied by ``CheckpointTxn.commit``.
+    shared: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def version(self) -> int:
+        """1, or 2 for a checkpoint holding a shared tensor file (older guardians then
+        refuse it clearly instead of missing half of its tensors)."""
+        return INCREMENTAL_VERSION if any(_is_shared(r) for r in self.files) else FORMAT_VERSION
 
     @property
     def total_bytes(self) -> int:
@@ -69,7 +84,7 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT_ID,
-            "version": FORMAT_VERSION,
+            "version": self.version,
             "guardian_version": self.guardian_version,
             "name": self.name,
             "step": self.step,
@@ -91,6 +106,10 @@ class Manifest:
         obj = self.to_json()
         obj["manifest_hash"] = self_hash(obj)
         return strictjson.dumps_pretty(obj)
+
+
+def _is_shared(rel: str) -> bool:
+    return rel == SHARED_FILE or rel.endswith("/" + SHARED_FILE)
 
 
 def self_hash(obj: dict[str, Any]) -> str:
@@ -115,10 +134,10 @@ def parse(data: bytes, what: str) -> Manifest:
     version = obj.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CorruptCheckpointError(f"{what}: invalid format version {str(version)[:40]!r}")
-    if version > FORMAT_VERSION:
+    if version > READ_VERSION:
         raise FormatVersionError(
             f"{what}: written by guardian {str(obj.get('guardian_version', '?'))[:40]} in format version "
-            f"{version}; this guardian {__version__} reads up to {FORMAT_VERSION}. Upgrade guardian "
+            f"{version}; this guardian {__version__} reads up to {READ_VERSION}. Upgrade guardian "
             "to resume from it."
         )
     if obj.get("manifest_hash") != self_hash(obj):
@@ -126,12 +145,15 @@ def parse(data: bytes, what: str) -> Manifest:
             f"{what}: the manifest's own hash does not match its content (corrupted or edited by hand)"
         )
     try:
-        return _from_json(obj, what)
+        man = _from_json(obj, what)
     except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:
         if isinstance(e, CorruptCheckpointError):
             raise
         detail = str(e)[:200]
         raise CorruptCheckpointError(f"{what}: malformed manifest ({type(e).__name__}: {detail})") from e
+    if man.version > version:
+        raise CorruptCheckpointError(f"{what}: a version-{version} manifest cannot list {SHARED_FILE}")
+    return man
 
 
 def _from_json(obj: dict[str, Any], what: str) -> Manifest:

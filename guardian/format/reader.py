@@ -20,7 +20,7 @@ from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVers
 from . import manifest as manifest_mod
 from . import safeio, safetensors_io, strictjson
 from .hashing import hash_fd, new_hasher
-from .layout import MANIFEST_FILE, STATE_FILE, TENSORS_FILE, parse_checkpoint_name, rank_prefix
+from .layout import MANIFEST_FILE, SHARED_FILE, STATE_FILE, TENSORS_FILE, parse_checkpoint_name, rank_prefix
 from .tree import tensor_refs
 
 Progress = Callable[[int], object]  # told of each n bytes hashed
@@ -257,17 +257,20 @@ STATE_HEADER_FACTOR = 4  # each stored tensor costs a reference and a parameter 
 def state_budget(ckpt_dir: str, state_rel: str = STATE_FILE) -> int:
     """How large ``state_rel`` can legitimately be: a fixed allowance plus a multiple
     of its tensor file's header (state.json refers to each tensor at most a few
-    times). Known from a stat and an 8-byte read, before the state file is opened."""
+    times). Known from a stat and an 8-byte read per tensor file (an incremental
+    checkpoint has two), before the state file is opened."""
     header = 0
-    try:
-        fd, st = safeio.open_regular(ckpt_dir, _tensor_file_for(state_rel))
+    prefix = state_rel[: -len(STATE_FILE)]
+    for rel in (prefix + TENSORS_FILE, prefix + SHARED_FILE):
         try:
-            if st.st_size >= 8:
-                header = min(int.from_bytes(os.pread(fd, 8, 0), "little"), st.st_size)
-        finally:
-            os.close(fd)
-    except (OSError, GuardianError):
-        pass
+            fd, st = safeio.open_regular(ckpt_dir, rel)
+            try:
+                if st.st_size >= 8:
+                    header += min(int.from_bytes(os.pread(fd, 8, 0), "little"), st.st_size)
+            finally:
+                os.close(fd)
+        except (OSError, GuardianError):
+            pass
     return state_budget_for_header(header)
 
 
@@ -297,26 +300,58 @@ def _tensor_file_for(state_rel: str) -> str:
     return state_rel[: -len(STATE_FILE)] + TENSORS_FILE
 
 
+def tensor_files(ckpt_dir: str, prefix: str = "") -> list[str]:
+    """The paths of one rank's tensor files: ``tensors.safetensors``, then
+    ``shared.safetensors`` when the checkpoint is incremental (format version 2; a
+    key is in exactly one of them). Which exist is what counts: verification
+    refuses a file the manifest does not list."""
+    paths = [os.path.join(ckpt_dir, prefix + TENSORS_FILE)]
+    shared = os.path.join(ckpt_dir, prefix + SHARED_FILE)
+    if os.path.lexists(shared):
+        paths.append(shared)
+    return paths
+
+
+def merge_tensor_maps(maps: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One key → tensor map from per-file maps; a key stored twice is corruption
+    (which copy would count?)."""
+    out: dict[str, Any] = {}
+    for path, tensors in maps:
+        for key, value in tensors.items():
+            if key in out:
+                raise CorruptCheckpointError(f"{path}: tensor {key!r} is also stored in another tensor file")
+            out[key] = value
+    return out
+
+
 def component_summaries(ckpt_dir: str, man: manifest_mod.Manifest) -> dict[str, dict[str, Any]]:
     """Per component: kind, tensor count, tensor bytes and content digest (torch-free)."""
     out: dict[str, dict[str, Any]] = {}
     for state_rel in state_files(man):
         prefix = state_rel[: -len(STATE_FILE)]
         state = load_state_json(ckpt_dir, state_rel)
-        tensors_rel = _tensor_file_for(state_rel)
-        tensor_path = os.path.join(ckpt_dir, tensors_rel)
-        layout = safetensors_io.read_layout(tensor_path) if tensors_rel in man.files else None
-        entries = {e.key: e for e in layout.entries} if layout else {}
+        tensor_path = os.path.join(ckpt_dir, _tensor_file_for(state_rel))
+        entries = _stored_entries(ckpt_dir, man, prefix)
         for name, comp in sorted(state["components"].items()):
             label = f"{prefix}{name}" if prefix else name
-            opener = lambda rel=tensors_rel: os.fdopen(safeio.open_regular(ckpt_dir, rel)[0], "rb")  # noqa: E731
-            out[label] = _component_summary(comp, entries, tensor_path, layout, opener)
+            out[label] = _component_summary(comp, entries, ckpt_dir, tensor_path)
     return out
 
 
-def _component_summary(
-    comp: Any, entries: dict, tensor_path: str, layout: Any, opener: Any
-) -> dict[str, Any]:
+def _stored_entries(
+    ckpt_dir: str, man: manifest_mod.Manifest, prefix: str
+) -> dict[str, tuple[str, Any, int]]:
+    """key → (file relative path, entry, data start) over one rank's tensor files."""
+    maps = []
+    for rel in (prefix + TENSORS_FILE, prefix + SHARED_FILE):
+        if rel in man.files:
+            path = os.path.join(ckpt_dir, rel)
+            layout = safetensors_io.read_layout(path)
+            maps.append((path, {e.key: (rel, e, layout.data_start) for e in layout.entries}))
+    return merge_tensor_maps(maps)
+
+
+def _component_summary(comp: Any, entries: dict, ckpt_dir: str, tensor_path: str) -> dict[str, Any]:
     if not isinstance(comp, dict) or "state" not in comp:
         raise CorruptCheckpointError(f"{tensor_path}: malformed component entry")
     h = new_hasher()
@@ -325,13 +360,17 @@ def _component_summary(
     if not all(isinstance(r, str) for r in refs):
         raise CorruptCheckpointError(f"{tensor_path}: malformed tensor reference")
     total = 0
-    with opener() if refs else _null() as f:
+    files: dict[str, Any] = {}
+    try:
         for key in refs:
-            e = entries.get(key)
-            if e is None:
+            if key not in entries:
                 raise CorruptCheckpointError(f"{tensor_path}: state references missing tensor {key!r}")
+            rel, e, data_start = entries[key]
             h.update(strictjson.dumps([key, e.dtype, list(e.shape)]))
-            f.seek(layout.data_start + e.begin)
+            if rel not in files:
+                files[rel] = os.fdopen(safeio.open_regular(ckpt_dir, rel)[0], "rb")
+            f = files[rel]
+            f.seek(data_start + e.begin)
             remaining = e.nbytes
             while remaining:
                 chunk = f.read(min(remaining, 8 << 20))
@@ -340,15 +379,10 @@ def _component_summary(
                 h.update(chunk)
                 remaining -= len(chunk)
             total += e.nbytes
+    finally:
+        for f in files.values():
+            f.close()
     return {"kind": comp.get("kind"), "tensors": len(refs), "bytes": total, "digest": h.hexdigest()}
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def checkpoint_digest(components: dict[str, dict[str, Any]]) -> str:

@@ -35,21 +35,25 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import missing, protect_options
 
-try:
+if TYPE_CHECKING:  # the types of the `lightning` package; the older name has the same classes
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-except ImportError as _e:  # pragma: no cover - exercised in a subprocess without Lightning
+else:
     try:
-        from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-    except ImportError:
-        raise missing("Lightning", "lightning", "lightning", _e) from None
+        from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    except ImportError as _e:  # pragma: no cover - exercised in a subprocess without Lightning
+        try:
+            from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+        except ImportError:
+            raise missing("Lightning", "lightning", "lightning", _e) from None
 
 import torch
 
 from ..errors import UnsupportedStateError
+from ..policies import Mode
 from ..state import data as data_pos
 from ..state import rng as rng_mod
 
@@ -74,7 +78,7 @@ class GuardianCallback(Callback):
         every_n_train_steps: int | None = None,
         every_n_epochs: int | None = 1,
         monitor: str | None = None,
-        mode: str = "min",
+        mode: Mode = "min",
         min_delta: float = 0.0,
         keep_last: int | None = 3,
         keep_best: int = 1,
@@ -286,14 +290,14 @@ class _LightningState:
         self.epoch_start = pending["epoch_start"]
         torch.set_rng_state(self.epoch_start["torch"])
         saved_gens = iter(self.epoch_start["generators"])
-        swapped = []
+        swapped: list[tuple[Any, str, Any]] = []  # (loader, attribute, its own sampler)
         for dl in self._loaders():
             for g in data_pos.loader_generators(dl):
                 g.set_state(next(saved_gens))
             attr = "batch_sampler" if getattr(dl, "batch_sampler", None) is not None else "sampler"
             original = getattr(dl, attr)
             on_skipped = (lambda: rng_mod.restore_global(checkpoint_rng)) if not swapped else (lambda: None)
-            object.__setattr__(dl, attr, data_pos._SkipFirst(original, skip, on_skipped))
+            object.__setattr__(dl, attr, data_pos.SkipFirstBatches(original, skip, on_skipped))
             swapped.append((dl, attr, original))
         try:
             iter(fetcher)

@@ -54,6 +54,7 @@ import json
 import logging
 import os
 import sys
+from types import FrameType
 from typing import Any
 
 from . import missing, protect_options
@@ -68,10 +69,11 @@ except ImportError as _e:  # pragma: no cover - exercised in a subprocess withou
 import torch
 
 from ..errors import GuardianError
+from ..policies import Mode
 from ..preemption import handling_signals
 from ..state import data as data_pos
 from ..state import rng as rng_mod
-from ..worker_signals import _LeaveSignalsToMain
+from ..worker_signals import LeaveSignalsToMain
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ class GuardianCallback(TrainerCallback):
         every_n_steps: int | None = None,
         every_n_epochs: int | None = 1,
         monitor: str | None = None,
-        mode: str = "min",
+        mode: Mode = "min",
         min_delta: float = 0.0,
         keep_last: int | None = 3,
         keep_best: int = 1,
@@ -256,7 +258,9 @@ class GuardianCallback(TrainerCallback):
         """Install the per-instance wrappers of the Trainer methods in ``_WRAPPED``."""
         run_epoch, load_rng, log_save_evaluate = (getattr(trainer, n, None) for n in _WRAPPED)
         if (
-            None in (run_epoch, load_rng, log_save_evaluate)
+            run_epoch is None
+            or load_rng is None
+            or log_save_evaluate is None
             or "epoch" not in inspect.signature(run_epoch).parameters
         ):
             raise GuardianError(
@@ -464,12 +468,13 @@ class _workers_leave_signals_to_main:
     process (a SIGTERM to the process group must not kill a worker mid-save)."""
 
     def __init__(self, loader: Any) -> None:
-        self.loader = loader if handling_signals() and getattr(loader, "num_workers", 0) else None
+        has_workers = getattr(loader, "num_workers", 0) > 0
+        self.loader = loader if handling_signals() and has_workers else None
 
     def __enter__(self) -> None:
         if self.loader is not None:
             self.original = self.loader.worker_init_fn
-            self.loader.worker_init_fn = _LeaveSignalsToMain(self.original)
+            self.loader.worker_init_fn = LeaveSignalsToMain(self.original)
 
     def __exit__(self, *exc: Any) -> None:
         if self.loader is not None:
@@ -478,12 +483,12 @@ class _workers_leave_signals_to_main:
 
 def _find_trainer(callback: GuardianCallback) -> Any:
     """The ``transformers.Trainer`` whose ``on_train_begin`` is calling ``callback``."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         candidate = frame.f_locals.get("self")
         if isinstance(candidate, transformers.Trainer) and callback in candidate.callback_handler.callbacks:
             return candidate
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back
     raise GuardianError(
         "GuardianCallback must be called by a transformers.Trainer (pass it in Trainer(callbacks=[...]) "
         "or trainer.add_callback); it was called from elsewhere"

@@ -54,7 +54,9 @@ def _split(key: str, stems: set[tuple[str, str]] | None) -> tuple[str, tuple[int
     parts = key.split(".")
     if len(parts) < 2 or "{" in key or "}" in key:
         return None
-    out, idx, prefix = [], [], []
+    out: list[str] = []
+    idx: list[int] = []
+    prefix: list[str] = []
     for part in parts[:-1]:
         m = _NAMED_INDEX.match(part)
         if part.isdigit():

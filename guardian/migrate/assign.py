@@ -7,11 +7,14 @@ lets one early, slightly better pair push every later one onto a wrong partner).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 INCOMPATIBLE = 1e9
 
 
-def assign(scores: list[list[float | None]]) -> list[tuple[int, int]]:
-    """Maximum-score matching (None = not allowed), solved globally."""
+def assign(scores: Sequence[Sequence[float | None]]) -> list[tuple[int, int]]:
+    """Maximum-score matching (None = not allowed), solved globally. A score matrix
+    without any None (a ``list[list[float]]``) is accepted as it is."""
     if not scores or not scores[0]:
         return []
     cost = [[INCOMPATIBLE if v is None else 1.0 - v for v in row] for row in scores]

@@ -91,9 +91,9 @@ def _load_guardian(path: str, component: str | None) -> Source:
     from ..state.codec import read_components
 
     info = reader.inspect_checkpoint(path, verify=True)
-    if not info.valid:
-        raise InputRejectedError(f"{path}: not a valid checkpoint: " + "; ".join(info.problems))
     man = info.manifest
+    if man is None or not info.valid:  # valid implies a manifest; the check says so to mypy
+        raise InputRejectedError(f"{path}: not a valid checkpoint: " + "; ".join(info.problems))
     if man.world_size > 1:
         raise InputRejectedError(
             f"{path}: multi-rank checkpoints (world_size={man.world_size}) are not supported yet"

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import GuardianError
 from ..format import reader, safetensors_io, strictjson
-from ..format.layout import MANIFEST_FILE, STATE_FILE, TENSORS_FILE
+from ..format.layout import MANIFEST_FILE, STATE_FILE
 from .errors import InputRejectedError
 from .ops import Spec
 
@@ -166,8 +166,9 @@ def _from_checkpoint(path: str) -> Target:
     if not os.path.exists(os.path.join(path, MANIFEST_FILE)):
         raise InputRejectedError(f"target {path}: a directory without {MANIFEST_FILE} is not a checkpoint")
     state = reader.load_state_json(path, STATE_FILE)
-    layout = safetensors_io.read_layout(os.path.join(path, TENSORS_FILE))
-    entries = {e.key: e for e in layout.entries}
+    entries = {  # an incremental checkpoint keeps its unchanged tensors in a second file
+        e.key: e for f in reader.tensor_files(path) for e in safetensors_io.read_layout(f).entries
+    }
     comps = state["components"]
     modules = [n for n, c in comps.items() if isinstance(c, dict) and c.get("kind") == "module"]
     if len(modules) != 1:

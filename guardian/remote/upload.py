@@ -71,20 +71,28 @@ class Replicator:
         self._pending: tuple[str, Manifest, float] | None = None
         self._busy = False
         self._closing = False
+        self._pinned: set[str] = set()  # names this replicator keeps from local retention
         self._thread = threading.Thread(target=self._run, name="guardian-replicate", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ training side
 
     def committed(self, path: str, manifest: Manifest) -> None:
-        """A local commit happened: queue it, replacing any checkpoint still waiting."""
+        """A local commit happened: queue it, replacing any checkpoint still waiting.
+
+        Called on the committing thread before local retention runs, so the queued
+        checkpoint is pinned before retention can see it: an upload slower than
+        ``keep_last`` local saves would otherwise lose its files mid-upload, give up,
+        and start over on a newer one, forever."""
         with self._cond:
+            self._pin(manifest.name)
             if self._pending is not None:
                 log.info(
                     "remote: %s superseded by %s before its upload began",
                     self._pending[1].name,
                     manifest.name,
                 )
+                self._unpin(self._pending[1].name)
             self._pending = (path, manifest, time.monotonic())
             self._cond.notify_all()
 
@@ -134,8 +142,21 @@ class Replicator:
                 log.exception("remote: replicating %s failed unexpectedly", job[1].name)
             finally:
                 with self._cond:
+                    self._unpin(job[1].name)  # the next local commit's retention may take it
                     self._busy = False
                     self._cond.notify_all()
+
+    def _pin(self, name: str) -> None:
+        """Keep ``name`` from local retention while it waits or uploads; a name already
+        protected for another reason (the resume source) is left to that owner."""
+        if name not in self.retention.protected:
+            self.retention.protected.add(name)
+            self._pinned.add(name)
+
+    def _unpin(self, name: str) -> None:
+        if name in self._pinned:
+            self._pinned.discard(name)
+            self.retention.protected.discard(name)
 
     def _clean_leftovers(self) -> None:
         """Uncommitted remote checkpoints (no manifest) and multipart uploads a killed

@@ -77,10 +77,18 @@ def restore_epoch_start(loader: Any, state: dict[str, Any]) -> None:
         g.set_state(s)
 
 
-class _SkipFirst:
+class SkipFirstBatches:
     """Wraps a (batch) sampler: the first iteration drops ``skip`` items, then calls
     ``on_skipped`` before anything is yielded. Lazy like the sampler it wraps, so
-    RNG draws happen at exactly the same moments as without it."""
+    RNG draws happen at exactly the same moments as without it.
+
+    Public for the framework integrations, which swap it into a loader they do not
+    iterate themselves. What they may rely on: it is one-shot (the first ``iter()``
+    skips, every later one passes the inner sampler through untouched); the skipped
+    indices are drawn but never loaded; ``on_skipped`` runs once, after the skip and
+    before the first remaining item, even when the sampler had fewer than ``skip``
+    items; ``before`` (if given) runs right before the inner sampler is first
+    iterated; ``len()`` and any other attribute are the inner sampler's."""
 
     def __init__(
         self, inner: Any, skip: int, on_skipped: Callable[[], None], before: Callable[[], None] | None = None
@@ -149,7 +157,7 @@ def _iter_wrapped(
 ) -> Iterator[Any]:
     attr = "batch_sampler" if loader.batch_sampler is not None else "sampler"
     original = getattr(loader, attr)
-    object.__setattr__(loader, attr, _SkipFirst(original, skip, on_skipped, before))
+    object.__setattr__(loader, attr, SkipFirstBatches(original, skip, on_skipped, before))
     try:
         return iter(loader)
     finally:

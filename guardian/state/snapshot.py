@@ -322,7 +322,7 @@ def load(
     prefix: str = "",
     into: dict[str, torch.Tensor] | None = None,
     *,
-    expect_hash: str | None = None,
+    hashes: dict[str, str] | None = None,
     overwrites: set[str] | None = None,
 ) -> dict[str, tuple[str, Any]]:
     """name → (kind, decoded state tree) for one rank's files of a checkpoint.
@@ -330,21 +330,45 @@ def load(
     ``into``: live tensors keyed as ``capture`` keys them (``capture(states).tensors``);
     see ``read_tensors`` — the decoded tree then holds those very tensors, and a
     following ``load_state_dict`` copies each onto itself (a no-op in torch).
-    ``expect_hash``/``overwrites``: verify while loading (see ``read_tensors``).
+    ``hashes`` (path in the checkpoint → the manifest's hash) and ``overwrites``:
+    verify each tensor file while loading it (see ``read_tensors``).
     """
-    tensors_path = os.path.join(ckpt_dir, prefix + TENSORS_FILE)
-    tensors = read_tensors(tensors_path, into, expect_hash=expect_hash, overwrites=overwrites)
-    return decode_components(ckpt_dir, prefix, tensors_path, tensors)
+    paths = reader.tensor_files(ckpt_dir, prefix)  # two for an incremental checkpoint
+    maps = [
+        (p, read_tensors(p, into, expect_hash=_expected(hashes, ckpt_dir, p), overwrites=overwrites))
+        for p in paths
+    ]
+    return decode_components(ckpt_dir, prefix, paths[0], reader.merge_tensor_maps(maps))
+
+
+def _expected(hashes: dict[str, str] | None, ckpt_dir: str, path: str) -> str | None:
+    """The manifest's hash of ``path`` when verifying; a file it does not list is refused."""
+    if hashes is None:
+        return None
+    rel = os.path.relpath(path, ckpt_dir)
+    if rel not in hashes:
+        raise CorruptCheckpointError(f"{path}: not listed in the manifest")
+    return hashes[rel]
 
 
 def load_meta(ckpt_dir: str, prefix: str = "") -> dict[str, tuple[str, Any]]:
     """Like ``load`` but every tensor is a *meta* tensor of the stored shape and dtype:
     the whole checkpoint can be checked against the live objects before one byte of
     it is read into them."""
-    tensors_path = os.path.join(ckpt_dir, prefix + TENSORS_FILE)
-    _, entries = stored_tensors(tensors_path)
-    meta = {e.key: torch.empty(e.shape, dtype=dtype, device="meta") for e, dtype in entries}
-    return decode_components(ckpt_dir, prefix, tensors_path, meta)
+    paths = reader.tensor_files(ckpt_dir, prefix)
+    meta = reader.merge_tensor_maps(
+        [
+            (
+                p,
+                {
+                    e.key: torch.empty(e.shape, dtype=dtype, device="meta")
+                    for e, dtype in stored_tensors(p)[1]
+                },
+            )
+            for p in paths
+        ]
+    )
+    return decode_components(ckpt_dir, prefix, paths[0], meta)
 
 
 def decode_components(
