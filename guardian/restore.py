@@ -14,13 +14,15 @@ Choosing *which* checkpoint to restore is ``resume.py``'s.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .distributed import World
 from .errors import CorruptCheckpointError, StateMismatchError
 from .format import manifest as manifest_mod
-from .format import reader
+from .format import reader, safeio
+from .format.hashing import hash_fd
 from .format.layout import rank_prefix
 from .saving import best_checkpoint
 from .state import dtensor, sharded, validate
@@ -69,18 +71,44 @@ class Restorer:
         self.world = world
         self.strict = strict
         self.partial = partial
+        # Keys of live model tensors that a load which then failed verification wrote
+        # into: the next successful load must overwrite them all (``_check_undone``).
+        self.overwritten: set[str] = set()
 
-    def load(self, path: str) -> Restored:
-        """Load ``path`` into the live components (after the meta pass)."""
-        self.check_fits(path)
+    def load(self, path: str, *, fits_checked: bool = False) -> Restored:
+        """Load ``path`` into the live components (after the meta pass, skipped when
+        the caller has just run it), verifying every file of it on the way: the tensor
+        files are hashed as they stream into the tensors (one read), every other file
+        before. No tensor is used until all of it verified; a CorruptCheckpointError
+        may leave live parameters holding refused bytes (see ``overwritten``)."""
+        if not fits_checked:
+            self.check_fits(path)
+        man = manifest_mod.read(path)
+        parts = self.parts(path)
+        streamed = {os.path.relpath(f, path) for prefix in parts for f in reader.tensor_files(path, prefix)}
+        _verify_files(path, man, skip=streamed, only=parts if self.world.distributed else None)
         # Checked: the model tensors' bytes can now be read straight into the live
         # parameters and buffers (no second full copy of the weights in memory).
         live = snap_mod.capture(
             {n: (a.kind, a.state_dict()) for n, a in self.components.items() if a.kind == "module"}
         ).tensors
         loaded: dict[str, Any] = {}
-        for prefix in self.parts(path):
-            loaded.update(snap_mod.load(path, prefix, into=live if not prefix else None))
+        written: set[str] = set()
+        try:
+            for prefix in parts:
+                loaded.update(
+                    snap_mod.load(
+                        path,
+                        prefix,
+                        into=live if not prefix else None,
+                        hashes={rel: entry.hash for rel, entry in man.files.items()},
+                        overwrites=written,
+                    )
+                )
+        except BaseException:
+            self.overwritten |= written
+            raise
+        self._check_undone(path, written)
         self._reshard(path, loaded)
         generators: dict[str, Any] = {}
         for name, adapter in self.components.items():
@@ -93,17 +121,29 @@ class Restorer:
                 adapter.load_state_dict(state)
             if adapter.kind == "generator":
                 generators[name] = state
-        man = reader.inspect_checkpoint(path, verify=False).manifest
         return Restored(
             path=path,
             progress=loaded["progress"][1],
             rng=loaded["rng"][1],
             policy=loaded.get("policy", ("policy", {}))[1],
             extra=loaded.get("extra", ("extra", {}))[1],
-            metrics=dict((man.metrics if man else {}) or {}),
+            metrics=dict(man.metrics or {}),
             generators=generators,
-            hparams=(man.extra or {}).get("hparams") if man else None,
+            hparams=(man.extra or {}).get("hparams"),
         )
+
+    def _check_undone(self, path: str, written: set[str]) -> None:
+        """A refused load wrote into live parameters; this load undoes that only if it
+        overwrote every one of them (then the model is bitwise what loading ``path``
+        alone gives). Otherwise stop: continuing would train on refused bytes."""
+        left = sorted(self.overwritten - written)
+        if left:
+            raise StateMismatchError(
+                f"{path} has no value for {len(left)} model tensor(s) ({left[:5]}) that an earlier, refused "
+                "checkpoint had already been loaded into; they hold bytes that failed verification. "
+                "Restart the script (a fresh model) to resume from this checkpoint."
+            )
+        self.overwritten.clear()
 
     def check_fits(self, path: str) -> None:
         """Every check a resume needs, on shapes alone (meta tensors), before any live
@@ -222,3 +262,30 @@ class Restorer:
         self._reshard(best, modules)
         for name, (_kind, state) in modules.items():
             self.components[name].load_state_dict(state, name)
+
+
+def _verify_files(path: str, man: manifest_mod.Manifest, skip: set[str], only: list[str] | None) -> None:
+    """Hash every file of the checkpoint except ``skip`` (verified while loading):
+    the state files, and other ranks' tensor files of a multi-rank checkpoint.
+    ``only`` (prefixes): under torch.distributed rank 0 hashed the whole checkpoint
+    before choosing it, so each rank checks just its own parts (not N ranks × N files)."""
+    for rel, entry in sorted(man.files.items()):
+        if rel in skip or (only is not None and not any(_in_part(rel, p) for p in only)):
+            continue
+        try:
+            fd, _ = safeio.open_regular(path, rel)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{path}/{rel}: missing (listed in the manifest)") from None
+        try:
+            digest, size = hash_fd(fd)
+        finally:
+            os.close(fd)
+        if (digest, size) != (entry.hash, entry.bytes):
+            raise CorruptCheckpointError(
+                f"{path}/{rel}: content hash {digest} ({size} bytes) does not match the manifest's "
+                f"{entry.hash} ({entry.bytes} bytes) (corrupted)"
+            )
+
+
+def _in_part(rel: str, prefix: str) -> bool:
+    return rel.startswith(prefix) and "/" not in rel[len(prefix) :]

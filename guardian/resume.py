@@ -7,6 +7,13 @@ one is known to be good. If checkpoints exist and none can be restored, resume s
 with an error naming them rather than silently starting from step 0. Under
 ``torch.distributed`` the other ranks take rank 0's choice by name, and every rank
 must restore it successfully, or all stop.
+
+One read in one process: the candidate gets the manifest and size checks and the
+meta pass, then the load hashes the bytes as they stream into the tensors. A
+checkpoint refused there counts as one that failed verification, and the next older
+one is loaded over it (``Restorer.overwritten`` checks that it overwrites all the
+refused one wrote). Under ``torch.distributed`` rank 0 still hashes before choosing
+(a rank must not fall back alone), and the load verifies again.
 """
 
 from __future__ import annotations
@@ -44,23 +51,33 @@ class Resumer:
         self.load = self.restorer.load
         self.seq = 0  # the highest manifest seq seen: new saves continue after it
         self.remote = remote  # replicate_to: asked when the run directory has no checkpoint
+        self._loaded: Restored | None = None  # chosen by loading it (one read)
+        self._on_load: Any = None
 
     def resume(self, request: Any, on_load: Any = None) -> Restored | None:
         """Choose and load (every rank the same checkpoint); None: start fresh."""
+        self._on_load = on_load
         chosen = self.choose(request)
         if chosen is None:
             return None
-        if on_load is not None:
-            on_load()
-        if not self.world.distributed:
+        if self._loaded is not None and self._loaded.path == chosen:
+            restored = self._loaded
+        elif not self.world.distributed:
+            self._announce_load()
             restored = self.load(chosen)
         else:
+            self._announce_load()
             restored = self._load_agreed(chosen)
         rng_mod.restore_global(restored.rng)
         p = restored.progress
         where = f", batch {p['batch_in_epoch']} of the epoch" if p.get("epoch_start") is not None else ""
         log.info("resumed from %s (epoch %d, step %d%s)", chosen, p["epoch"], p["global_step"], where)
         return restored
+
+    def _announce_load(self) -> None:
+        if self._on_load is not None:
+            self._on_load()
+            self._on_load = None
 
     def _load_agreed(self, chosen: str) -> Restored:
         restored, error = None, None
@@ -105,6 +122,8 @@ class Resumer:
         if request is True:
             if not existing and self.remote:  # a new node: the remote tier has the run
                 return self._from_remote()
+            if not self.world.distributed:
+                return self._load_newest(existing)
             return self._newest_restorable(existing)
         return self._named(str(request), existing)
 
@@ -130,10 +149,33 @@ class Resumer:
             refused.append((info.name, problem))
         return None, refused
 
+    def _load_newest(self, existing: list[reader.CheckpointInfo]) -> str | None:
+        """One process: choose by loading. Each candidate, newest first, gets the
+        cheap checks and the meta pass, then a load that verifies while reading."""
+        refused: list[tuple[str, str]] = []
+        for info in reversed(existing):
+            problem = self._why_unusable(info.path, deep=False)
+            if problem is None:
+                try:
+                    self._announce_load()
+                    self._loaded = self.restorer.load(info.path, fits_checked=True)
+                except CorruptCheckpointError as e:
+                    problem = f"failed verification while loading: {e}"
+                else:
+                    return self._chosen(info.path, refused)
+            log.error("checkpoint %s cannot be used and will be set aside: %s", info.name, problem)
+            refused.append((info.name, problem))
+        return self._chosen(None, refused)
+
     def _newest_restorable(self, existing: list[reader.CheckpointInfo]) -> str | None:
         chosen, refused = self.first_restorable(list(reversed(existing)))
         for name, why in refused:
             log.error("checkpoint %s cannot be used and will be set aside: %s", name, why)
+        return self._chosen(chosen, refused)
+
+    def _chosen(self, chosen: str | None, refused: list[tuple[str, str]]) -> str | None:
+        """Set the refused aside once ``chosen`` is known to be good; with none good,
+        stop with an error naming every refused checkpoint."""
         if chosen is not None:
             for name, why in refused:  # only now: an older checkpoint is known to be good
                 commit.set_aside(self.run_dir, name, why[:500])
@@ -144,15 +186,24 @@ class Resumer:
                 f"{self.run_dir} holds {len(refused)} checkpoint(s) and none can be restored ({names}). "
                 "Nothing was set aside and nothing was trained. `guardian verify` shows what is wrong "
                 "with each; to start fresh anyway, pass protect(resume=False) (they are set aside, "
-                "never deleted) or choose another dir=.",
+                "never deleted) or choose another dir=." + self._overwritten_note(),
                 [f"{n}: {w}" for n, w in refused],
             )
         return None
 
-    def _why_unusable(self, path: str) -> str | None:
-        """None if ``path`` verifies and passes the meta pass; else why not. A
-        mismatch with the live objects is the user's to fix: it raises."""
-        checked = reader.inspect_checkpoint(path, verify=True)
+    def _overwritten_note(self) -> str:
+        if not self.restorer.overwritten:
+            return ""
+        return (
+            " The model's parameters were partly overwritten while loading a refused checkpoint: "
+            "rebuild the model (restart the script) before training it."
+        )
+
+    def _why_unusable(self, path: str, *, deep: bool = True) -> str | None:
+        """None if ``path`` verifies (hashes too when ``deep``) and passes the meta
+        pass; else why not. A mismatch with the live objects is the user's to fix:
+        it raises."""
+        checked = reader.inspect_checkpoint(path, verify=deep)
         if checked.format_error is not None:  # newer format, not corrupt: never set it aside
             raise checked.format_error
         if not checked.valid:

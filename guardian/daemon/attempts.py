@@ -91,7 +91,7 @@ class Attempts:
         n = st.started + 1
         adir = self.home.attempt_dir(st.name, n)
         os.makedirs(adir, mode=0o700, exist_ok=True)
-        resume = progress.newest_checked(spec.run_dir, deep=True)
+        resume = progress.newest_checked(spec.run_dir, deep=False)
         override = st.resume_override
         a = Attempt(
             n=n,

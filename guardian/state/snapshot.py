@@ -11,6 +11,7 @@ becomes a tensor. No pickle on either path.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ import torch
 
 from ..commit import CheckpointTxn
 from ..errors import CorruptCheckpointError, UnsupportedStateError
-from ..format import reader, safetensors_io, strictjson
+from ..format import reader, safeio, safetensors_io, strictjson
+from ..format.hashing import new_hasher
 from ..format.layout import FORMAT_ID, FORMAT_VERSION, STATE_FILE, TENSORS_FILE
 from ..format.reader import load_state_json
 from ..format.tree import Decoder, Encoder
@@ -125,16 +127,16 @@ def stored_tensors(
     """A tensor file's validated layout and each entry's torch dtype, in file order —
     the one place that decides whether this torch can represent what was stored."""
     layout = safetensors_io.read_layout(path)
-    out = []
-    for e in sorted(layout.entries, key=lambda e: e.begin):
-        dtype = T.ST_TO_TORCH.get(e.dtype)
-        if dtype is None:
-            raise CorruptCheckpointError(f"{path}: dtype {e.dtype} is not supported by this torch")
-        out.append((e, dtype))
-    return layout, out
+    return layout, _torch_entries(layout, path)
 
 
-def read_tensors(path: str, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def read_tensors(
+    path: str,
+    into: dict[str, torch.Tensor] | None = None,
+    *,
+    expect_hash: str | None = None,
+    overwrites: set[str] | None = None,
+) -> dict[str, torch.Tensor]:
     """Read every tensor of a safetensors file after validating its header strictly.
 
     ``into`` (key → live tensor) makes the read land directly in those tensors when
@@ -143,24 +145,66 @@ def read_tensors(path: str, into: dict[str, torch.Tensor] | None = None) -> dict
     cold, 12 GB/s warm, vs mmap + copy_ 1.3 / 4.5 GB/s). Other keys get new tensors.
     The destinations are overwritten before the caller's own checks run — pass only
     tensors that the caller is about to load this checkpoint into anyway.
+
+    ``expect_hash`` (the manifest's hash of this file) verifies while loading: the
+    bytes are hashed as they land, in file order, so the file is read once. A
+    mismatch raises CorruptCheckpointError after the read — the live tensors of
+    ``into`` then hold bytes of a corrupt file, so ``overwrites`` (filled with the
+    keys of ``into`` this read writes, before the first byte is read) tells the
+    caller what to undo. Per file: call once for each tensor file of a checkpoint.
     """
-    layout, entries = stored_tensors(path)
-    out: dict[str, torch.Tensor] = {}
-    targets: list[tuple[int, memoryview]] = []
-    for e, dtype in entries:
-        t = _destination((into or {}).get(e.key), dtype, e.shape)
-        if e.nbytes:
-            targets.append(
-                (layout.data_start + e.begin, memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
-            )
-        out[e.key] = t
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd, st = _open_tensor_file(path)
     try:
+        layout = safetensors_io.read_layout_fd(fd, st.st_size, path)  # the header of these very bytes
+        out: dict[str, torch.Tensor] = {}
+        targets: list[tuple[int, memoryview]] = []
+        for e, dtype in _torch_entries(layout, path):
+            live = (into or {}).get(e.key)
+            t = _destination(live, dtype, e.shape)
+            if overwrites is not None and live is not None and _same_memory(t, live):
+                overwrites.add(e.key)
+            if e.nbytes:
+                targets.append(
+                    (
+                        layout.data_start + e.begin,
+                        memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"),
+                    )
+                )
+            out[e.key] = t
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # deeper readahead when cold
-        _read_in_two_streams(fd, list(_read_batches(targets)), path)
+        batches = list(_read_batches(targets))
+        if expect_hash is None:
+            _read_in_two_streams(fd, batches, path)
+        else:
+            _read_verifying(fd, batches, layout.header, path, expect_hash)
     finally:
         os.close(fd)
+    return out
+
+
+def _open_tensor_file(path: str) -> tuple[int, os.stat_result]:
+    """A regular file, opened without following a symlink or blocking on a FIFO."""
+    head, name = os.path.split(path)
+    try:
+        return safeio.open_regular(head or ".", name)
+    except FileNotFoundError as e:
+        raise CorruptCheckpointError(f"{path}: missing") from e
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr()
+
+
+def _torch_entries(
+    layout: safetensors_io.Layout, path: str
+) -> list[tuple[safetensors_io.TensorEntry, torch.dtype]]:
+    out = []
+    for e in sorted(layout.entries, key=lambda e: e.begin):
+        dtype = T.ST_TO_TORCH.get(e.dtype)
+        if dtype is None:
+            raise CorruptCheckpointError(f"{path}: dtype {e.dtype} is not supported by this torch")
+        out.append((e, dtype))
     return out
 
 
@@ -204,32 +248,107 @@ def _read_in_two_streams(fd: int, batches: list[tuple[int, list[memoryview]]], p
         for offset, views in part:
             preadv_exactly(fd, views, offset, path)
 
-    total = sum(len(v) for _, views in batches for v in views)
-    if total < PARALLEL_READ_MIN or (os.cpu_count() or 1) < 2:
+    if not _worth_two_streams(batches):
         read(batches)
         return
-    cut, first = 0, 0
-    while cut < len(batches) and first < total // 2:
-        first += sum(len(v) for v in batches[cut][1])
-        cut += 1
+    cut = _halfway(batches)
     with ThreadPoolExecutor(1, thread_name_prefix="guardian-read") as pool:
         second = pool.submit(read, batches[cut:])
         read(batches[:cut])
         second.result()
 
 
+def _worth_two_streams(batches: list[tuple[int, list[memoryview]]]) -> bool:
+    total = sum(len(v) for _, views in batches for v in views)
+    return total >= PARALLEL_READ_MIN and (os.cpu_count() or 1) >= 2
+
+
+def _halfway(batches: list[tuple[int, list[memoryview]]]) -> int:
+    """The index of the first batch of the file's second half (by bytes)."""
+    total = sum(len(v) for _, views in batches for v in views)
+    cut, first = 0, 0
+    while cut < len(batches) and first < total // 2:
+        first += sum(len(v) for v in batches[cut][1])
+        cut += 1
+    return cut
+
+
+def _read_verifying(
+    fd: int, batches: list[tuple[int, list[memoryview]]], header: bytes, path: str, expect_hash: str
+) -> None:
+    """The two-stream read, hashing each batch where it landed, in file order.
+
+    The manifest's hash is one xxh3-128 over the whole file, so it is computed
+    sequentially: this thread hashes batch i as soon as its stream has read it while
+    the streams read ahead (xxhash and preadv both release the GIL). The bytes hashed
+    are the bytes the tensors now hold — what was verified is what gets used."""
+    hasher = new_hasher()
+    hasher.update(header)  # the layout tiles the file: header, then the batches' bytes
+    landed = [threading.Event() for _ in batches]
+    failed: list[BaseException] = []
+
+    def read(indices: range) -> None:
+        try:
+            for i in indices:
+                preadv_exactly(fd, batches[i][1], batches[i][0], path)
+                landed[i].set()
+        except BaseException as e:
+            failed.append(e)
+            raise
+        finally:
+            for i in indices:
+                landed[i].set()  # wake the hasher; it checks ``failed`` first
+
+    cut = _halfway(batches) if _worth_two_streams(batches) else len(batches)
+    with ThreadPoolExecutor(2, thread_name_prefix="guardian-read") as pool:
+        streams = [pool.submit(read, range(0, cut)), pool.submit(read, range(cut, len(batches)))]
+        for i, (_offset, views) in enumerate(batches):
+            landed[i].wait()
+            if failed:
+                break
+            for view in views:
+                hasher.update(view)
+        for stream in streams:
+            stream.result()  # a read error is raised here, as the plain read raises it
+    digest = hasher.hexdigest()
+    if digest != expect_hash:
+        raise CorruptCheckpointError(
+            f"{path}: content hash {digest} does not match the manifest's {expect_hash} (corrupted)"
+        )
+
+
 def load(
-    ckpt_dir: str, prefix: str = "", into: dict[str, torch.Tensor] | None = None
+    ckpt_dir: str,
+    prefix: str = "",
+    into: dict[str, torch.Tensor] | None = None,
+    *,
+    hashes: dict[str, str] | None = None,
+    overwrites: set[str] | None = None,
 ) -> dict[str, tuple[str, Any]]:
     """name → (kind, decoded state tree) for one rank's files of a checkpoint.
 
     ``into``: live tensors keyed as ``capture`` keys them (``capture(states).tensors``);
     see ``read_tensors`` — the decoded tree then holds those very tensors, and a
     following ``load_state_dict`` copies each onto itself (a no-op in torch).
+    ``hashes`` (path in the checkpoint → the manifest's hash) and ``overwrites``:
+    verify each tensor file while loading it (see ``read_tensors``).
     """
     paths = reader.tensor_files(ckpt_dir, prefix)  # two for an incremental checkpoint
-    tensors = reader.merge_tensor_maps([(p, read_tensors(p, into)) for p in paths])
-    return decode_components(ckpt_dir, prefix, paths[0], tensors)
+    maps = [
+        (p, read_tensors(p, into, expect_hash=_expected(hashes, ckpt_dir, p), overwrites=overwrites))
+        for p in paths
+    ]
+    return decode_components(ckpt_dir, prefix, paths[0], reader.merge_tensor_maps(maps))
+
+
+def _expected(hashes: dict[str, str] | None, ckpt_dir: str, path: str) -> str | None:
+    """The manifest's hash of ``path`` when verifying; a file it does not list is refused."""
+    if hashes is None:
+        return None
+    rel = os.path.relpath(path, ckpt_dir)
+    if rel not in hashes:
+        raise CorruptCheckpointError(f"{path}: not listed in the manifest")
+    return hashes[rel]
 
 
 def load_meta(ckpt_dir: str, prefix: str = "") -> dict[str, tuple[str, Any]]:
