@@ -260,7 +260,7 @@ def _identity(t: torch.Tensor) -> tuple[int, int]:
 
 WINDOW = _Window()
 
-_BASE_DATA = torch._C.TensorBase.data
+_BASE_DATA: Any = torch._C.TensorBase.data  # a getset descriptor: typed as what it returns
 _BASE_NUMPY = torch._C.TensorBase.numpy
 
 
@@ -282,8 +282,8 @@ def _numpy(self: torch.Tensor, *args: Any, **kwargs: Any) -> np.ndarray:
 def _wrap_escape_hatches() -> None:
     """``.data`` and ``.numpy()`` alias a tensor's memory without its version
     counter: while the window is open, reaching for them waits for the copy."""
-    torch.Tensor.data = property(_data_get, _data_set)  # type: ignore[method-assign,assignment]
-    torch.Tensor.numpy = _numpy  # type: ignore[method-assign]
+    torch.Tensor.data = property(_data_get, _data_set)  # type: ignore[assignment]
+    torch.Tensor.numpy = _numpy  # type: ignore[method-assign,assignment]
 
 
 def _unwrap_escape_hatches() -> None:
