@@ -14,7 +14,10 @@ slowest rank's arrival and, with NCCL, costs a device sync. Instead:
   sync), and goes on training;
 * at step ``n + max(period, LAG)`` every rank takes step ``n``'s reduced flags — by
   then long arrived (the training's own gradient all-reduce keeps ranks within a step
-  of each other) — and acts on them. Every rank applies the same flags at the same step.
+  of each other: a rank past step ``n + 1``'s backward knows every peer posted at
+  ``n``) — and acts on them. Every rank applies the same flags at the same step. One
+  step of lag, not more: with slow steps (``period`` 1) every step of lag is a step's
+  worth of a preemption's grace period spent before the checkpoint starts.
 
 Posting costs the training thread a little CPU (a gloo thread wakes up), so ranks post
 every ``period`` steps: about ``POST_INTERVAL`` seconds apart, at most ``MAX_PERIOD``
@@ -60,7 +63,7 @@ from .distributed import World, keep_alive
 
 log = logging.getLogger(__name__)
 
-LAG = 2  # fewest boundary steps between posting flags and acting on them (module docstring)
+LAG = 1  # fewest boundary steps between posting flags and acting on them (module docstring)
 POST_INTERVAL = 0.25  # seconds of training between two posts, when steps are shorter than that
 MAX_PERIOD = 256  # most boundary steps between two posts
 ABANDON_WAIT = timedelta(seconds=60)  # leaving on an error: how long peers may take to post

@@ -169,7 +169,10 @@ def _worker(mode: str, run_dir: str, report: str) -> None:
     calls: list[dict] = []
     where = {"counting": False, "step": 0}
     _count_collectives(calls, where)
-    steps = 24 if mode == "count" else 60
+    # seconds: after a save the next post's flags are stale (dropped) and the one after
+    # is acted on a period later, so saves are up to ~3 periods apart (a period is
+    # ~0.25 s of steps): enough steps for several of them even when steps are fast
+    steps = 24 if mode == "count" else 200
     options = {"every_steps": 10_000, "every_seconds": 3600.0, "save_on_exit": False}
     if mode == "seconds":
         options = {"every_seconds": 0.4, "save_on_exit": True, "keep_last": None}
