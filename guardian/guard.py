@@ -79,7 +79,7 @@ class Guard:
         self.run_dir = config.run_dir
         self.components, self._loaders = discover(trainer, explicit)
         self._optimizers = {n: a.optimizer for n, a in self.components.items() if a.kind == "optimizer"}
-        self._preempt = PreemptionFlag() if config.handle_signals else None
+        self.preemption = PreemptionFlag() if config.handle_signals else None
         self._lock: RunLock | None = None
         self.world = World()  # detected in __enter__: the process group may be set up after protect()
         self.agreement = Agreement(self.world)  # how ranks agree on per-step flags (agreement.py)
@@ -131,8 +131,8 @@ class Guard:
             self._resume()
             progress = self._restored.progress if self._restored else None
             self.history.start(leader=self.world.is_leader, progress=progress, checkpoint=self.resumed_from)
-            if self._preempt:
-                self._preempt.install()
+            if self.preemption:
+                self.preemption.install()
             self.voice.status("running", **self._status_fields(resumed_from=self.resumed_from))
         except BaseException:
             self._cleanup(failed=True)
@@ -168,12 +168,12 @@ class Guard:
         if self._preempting and isinstance(exc, SystemExit):
             self.voice.status_best_effort("preempted", **self._status_fields(exit_code=exc.code))
             return
-        if requeue and self._preempt:
+        if requeue and self.preemption:
             self.voice.status_best_effort(
-                "preempted", **self._status_fields(exit_code=self._preempt.exit_code)
+                "preempted", **self._status_fields(exit_code=self.preemption.exit_code)
             )
             requeue_after_worker_death(
-                self._preempt.signum, self._preempt.exit_code, exc, self.last_checkpoint
+                self.preemption.signum, self.preemption.exit_code, exc, self.last_checkpoint
             )
         error = {"type": exc_type.__name__, "message": str(exc)[:2000]}
         self.voice.status_best_effort("failed", **self._status_fields(error=error))
@@ -186,8 +186,8 @@ class Guard:
     def _cleanup(self, failed: bool) -> None:
         self.boundaries.detach()
         self.agreement.close(failed=failed)
-        if self._preempt:
-            self._preempt.uninstall()
+        if self.preemption:
+            self.preemption.uninstall()
         self.saver.close()
         self.history.close()
         if self._lock:
@@ -296,7 +296,7 @@ class Guard:
             self._save_now(self.requests.take(reasons))
 
     def _preempt_now(self, reasons: list[str]) -> None:
-        signum = self._preempt.signum if self._preempt else None
+        signum = self.preemption.signum if self.preemption else None
         why = f"signal {signum} received" if signum else "another rank received a stop signal"
         log.warning("%s; checkpointing at step %d and exiting", why, self.global_step)
         self._save_now(reasons + ["preempt"])
@@ -304,7 +304,7 @@ class Guard:
         self._preempting = True
         self.agreement.drain()  # nothing in flight when the groups are torn down
         self.world.leave()
-        raise SystemExit(self._preempt.exit_code if (self._preempt and signum) else EXIT_REQUEUE)
+        raise SystemExit(self.preemption.exit_code if (self.preemption and signum) else EXIT_REQUEUE)
 
     # ------------------------------------------------------------------ saving
 
@@ -336,7 +336,7 @@ class Guard:
         return self.saver.collect(progress, self.policy.state_dict(), self.extra)
 
     def _preempt_requested(self) -> bool:
-        return bool(self._preempt and self._preempt.requested)
+        return bool(self.preemption and self.preemption.requested)
 
     # ------------------------------------------------------------------ resuming
 

@@ -68,6 +68,14 @@ class PreemptionFlag:
             faulthandler.unregister(STACK_DUMP_SIGNAL)
             self._stack_dump = False
 
+    def reinstall(self) -> None:
+        """Put these handlers back on top: for a framework that installs its own signal
+        handlers after ``protect()`` entered (Lightning does at train start). What an
+        integration may rely on: ``Guard.preemption`` is this flag, or None when
+        ``protect(handle_signals=False)``."""
+        self.uninstall()
+        self.install()
+
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt

@@ -148,10 +148,8 @@ class GuardianCallback(Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # Lightning installs its signal handlers after on_fit_start: put guardian's back
         # on top, so a SIGTERM is a checkpoint at the next batch end (then exit 75).
-        preempt = self.guard._preempt
-        if preempt is not None:
-            preempt.uninstall()
-            preempt.install()
+        if self.guard.preemption is not None:
+            self.guard.preemption.reinstall()
         if self._state is not None and self._state.pending is not None:
             self._state.reposition_iterator()
 
