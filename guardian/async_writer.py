@@ -22,7 +22,7 @@ Policies (the contract the guard relies on):
     commit by one step; it never runs before the checkpoint is durable.
   * Exit: the guard calls ``wait`` on normal exit, on exceptions and on preemption;
     the thread itself and the delivery of outcomes are ``background.BackgroundSave``.
-  * Overlap (guardian/overlap.py, on by default): parameters and optimizer state are
+  * Overlap (guardian/overlap.py, opt-in: ``overlap=True`` or GUARDIAN_OVERLAP=1): parameters and optimizer state are
     copied on a background thread while the next forward/backward runs; ``submit``
     copies only the rest, and the next ``optimizer.step()`` waits for the copy. Saves
     taken on the way out ("preempt", "final"), CUDA states, and every save after a

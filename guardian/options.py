@@ -44,7 +44,7 @@ def protect(
     handle_signals: bool = True,
     writer: Writer | None = None,
     async_save: bool = True,
-    overlap: bool = True,
+    overlap: bool | None = None,
     tensorboard: bool = False,
     watch: bool | None = None,
     replicate_to: str | os.PathLike[str] | None = None,
@@ -74,10 +74,10 @@ def protect(
     full…); "warn" logs an error and tries again at the next save point.
     ``async_save``: True (default) copies the state to a staging buffer at each save and
     persists it in the background; False, or GUARDIAN_ASYNC=0, saves synchronously.
-    ``overlap``: True (default) lets an asynchronous save copy parameters and optimizer
-    state while the next forward/backward runs (the next ``optimizer.step()`` waits for
-    it; docs/performance.md, "Overlap"); False, or GUARDIAN_OVERLAP=0, copies the whole
-    state before the save returns. ``writer`` overrides all three.
+    ``overlap``: True lets an asynchronous save copy parameters and optimizer state
+    while the next forward/backward runs (the next ``optimizer.step()`` waits for it;
+    docs/performance.md, "Overlap"); False copies the whole state before the save
+    returns; None (default) follows GUARDIAN_OVERLAP=1 (off unless set). ``writer`` overrides all three.
     ``tensorboard``: also write the metric history as TensorBoard event files in
     ``RUN/tensorboard`` (needs ``pip install 'torch-guardian[tensorboard]'``); the history
     itself, ``RUN/history.csv``, is always kept (docs/history.md).
@@ -134,11 +134,11 @@ def protect(
     return Guard(trainer, components, config, writer or _default_writer(async_save, overlap))
 
 
-def _default_writer(async_save: bool, overlap: bool) -> Writer:
+def _default_writer(async_save: bool, overlap: bool | None) -> Writer:
     if async_save and knobs.async_save():
         from .async_writer import AsyncWriter
 
-        return AsyncWriter(overlap=overlap and knobs.overlap())
+        return AsyncWriter(overlap=knobs.overlap() if overlap is None else overlap)
     return SyncWriter()
 
 

@@ -289,14 +289,17 @@ def test_a_refused_checkpoint_leaves_the_previous_one_and_says_why(tmp_path, cap
 # ---------------------------------------------------------------- protect() and exact resume
 
 
-def test_protect_overlaps_by_default_and_the_option_and_env_turn_it_off(tmp_path, monkeypatch):
+def test_overlap_is_off_by_default_and_the_option_or_env_turn_it_on(tmp_path, monkeypatch):
     model = nn.Linear(2, 2)
+    monkeypatch.delenv("GUARDIAN_OVERLAP", raising=False)
     with guardian.protect({"model": model}, dir=str(tmp_path / "a"), save_on_exit=False) as g:
-        assert g._writer.overlap
-    with guardian.protect({"model": model}, dir=str(tmp_path / "b"), overlap=False, save_on_exit=False) as g:
         assert not g._writer.overlap
-    monkeypatch.setenv("GUARDIAN_OVERLAP", "0")
+    with guardian.protect({"model": model}, dir=str(tmp_path / "b"), overlap=True, save_on_exit=False) as g:
+        assert g._writer.overlap
+    monkeypatch.setenv("GUARDIAN_OVERLAP", "1")
     with guardian.protect({"model": model}, dir=str(tmp_path / "c"), save_on_exit=False) as g:
+        assert g._writer.overlap
+    with guardian.protect({"model": model}, dir=str(tmp_path / "d"), overlap=False, save_on_exit=False) as g:
         assert not g._writer.overlap
 
 
@@ -315,10 +318,10 @@ def blocking_reference(tmp_path_factory):
 @pytest.mark.parametrize("kill_at", [5, 12])
 def test_sigkill_with_overlap_resumes_bit_exact(tmp_path, blocking_reference, kill_at):
     run = str(tmp_path / "run")
-    proc = run_trainlib(run, CFG, env={"KILL_AT_STEP": str(kill_at)})
+    proc = run_trainlib(run, CFG, env={"KILL_AT_STEP": str(kill_at), "GUARDIAN_OVERLAP": "1"})
     assert proc.returncode == -signal.SIGKILL
     assert any(i.valid for i in reader.list_checkpoints(run, verify=True)), "a checkpoint before the kill"
-    proc = run_trainlib(run, CFG)
+    proc = run_trainlib(run, CFG, env={"GUARDIAN_OVERLAP": "1"})
     assert proc.returncode == 0, proc.stderr
     assert final_digest(run) == blocking_reference
 
