@@ -54,7 +54,6 @@ from torch import nn
 
 from guardian.async_writer import AsyncWriter
 from guardian.format import manifest as manifest_mod
-from guardian.format.manifest import Manifest
 from guardian.staging import copy_implementation
 from guardian.state import snapshot as snap_mod
 from guardian.state.components import OptimizerState
@@ -62,6 +61,8 @@ from guardian.writer import SyncWriter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_incremental  # noqa: E402 - issue 18 part 2: the LoRA-like incremental case
+import benchlib  # noqa: E402
+from benchlib import fsync_dir, manifest_for, timed, torch_save  # noqa: E402 - bench_resume uses torch_save from here
 
 MiB = 1 << 20
 CHUNK = 64 * MiB
@@ -96,21 +97,6 @@ def guardian_states(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, t
     }
 
 
-def manifest_for(name: str, snap: snap_mod.Snapshot) -> Manifest:
-    return Manifest(
-        name=name,
-        step=1,
-        epoch=0,
-        seq=1,
-        files={},
-        reason=["bench"],
-        metrics={},
-        batch_in_epoch=0,
-        extra={},
-        components={n: {"kind": c["kind"]} for n, c in snap.components.items()},
-    )
-
-
 # ------------------------------------------------------------------ system helpers
 
 
@@ -142,20 +128,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 # ------------------------------------------------------------------ baselines
 
 
@@ -182,14 +154,6 @@ def pwrite_all(fd: int, piece: memoryview, off: int) -> None:
     while piece:
         k = os.pwrite(fd, piece, off)
         piece, off = piece[k:], off + k
-
-
-def torch_save(path: str, model: nn.Module, opt: torch.optim.Optimizer) -> None:
-    with open(path, "wb") as f:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(os.path.dirname(path))
 
 
 def torch_load(path: str) -> None:
@@ -560,12 +524,7 @@ TARGETS = {
 
 
 def check_targets(summary: dict[str, Any]) -> dict[str, bool]:
-    met = {}
-    for key, (op, bound) in TARGETS.items():
-        v = summary.get(key)
-        if v is not None:
-            met[key] = v <= bound if op == "<=" else v >= bound
-    return met
+    return benchlib.check_targets(summary, TARGETS)
 
 
 # ------------------------------------------------------------------ integrations

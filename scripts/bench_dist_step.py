@@ -27,6 +27,7 @@ import tempfile
 import time
 from typing import Any
 
+import benchlib
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -149,11 +150,7 @@ def run(under_load: bool = True, **kwargs: Any) -> dict[str, Any]:
 
 
 def check_targets(summary: dict[str, Any]) -> dict[str, bool]:
-    met = {}
-    for key, (op, bound) in TARGETS.items():
-        if summary.get(key) is not None:
-            met[key] = summary[key] <= bound if op == "<=" else summary[key] >= bound
-    return met
+    return benchlib.check_targets(summary, TARGETS)
 
 
 def main() -> int:
@@ -164,10 +161,7 @@ def main() -> int:
     args = ap.parse_args()
     summary = run(under_load=args.under_load, rounds=args.rounds)
     summary["targets_met"] = check_targets(summary)
-    for k, v in summary.items():
-        print(f"{k:42s} {v}")
-    if args.json:
-        print(json.dumps(summary))
+    benchlib.print_summary(summary, args.json)
     return 0
 
 

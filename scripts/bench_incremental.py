@@ -24,7 +24,6 @@ first is full, the second writes the shared file). Medians, ratios within the ru
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -33,6 +32,7 @@ import sys
 import time
 from typing import Any
 
+import benchlib
 import torch
 from torch import nn
 
@@ -177,11 +177,7 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
 
 
 def check_targets(summary: dict[str, Any]) -> dict[str, bool]:
-    met = {}
-    for key, (op, bound) in TARGETS.items():
-        if summary.get(key) is not None:
-            met[key] = summary[key] <= bound if op == "<=" else summary[key] >= bound
-    return met
+    return benchlib.check_targets(summary, TARGETS)
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -206,10 +202,7 @@ def main() -> int:
     args = ap.parse_args()
     summary = run(args, args.dir)
     summary["targets_met"] = check_targets(summary)
-    for k, v in summary.items():
-        print(f"{k:42s} {v}")
-    if args.json:
-        print(json.dumps(summary))
+    benchlib.print_summary(summary, args.json)
     return 0
 
 

@@ -32,16 +32,15 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from benchlib import manifest_for, timed, torch_save
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from guardian import overlap
 from guardian.async_writer import AsyncWriter
-from guardian.format.manifest import Manifest
 from guardian.state import snapshot as snap_mod
 
 HIDDEN = 2048
@@ -62,34 +61,6 @@ def build(param_mb: float, batch: int) -> tuple[nn.Module, torch.optim.Optimizer
 
 def states(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, tuple[str, Any]]:
     return {"model": ("module", model.state_dict()), "optimizer": ("optimizer", opt.state_dict())}
-
-
-def manifest(name: str, snap: snap_mod.Snapshot) -> Manifest:
-    return Manifest(
-        name=name,
-        step=1,
-        epoch=0,
-        seq=1,
-        files={},
-        reason=["steps"],
-        metrics={},
-        batch_in_epoch=0,
-        extra={},
-        components={n: {"kind": c["kind"]} for n, c in snap.components.items()},
-    )
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def torch_save(path: str, model: nn.Module, opt: torch.optim.Optimizer) -> None:
-    with open(path, "wb") as f:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class Loop:
@@ -126,7 +97,7 @@ class Loop:
         if writer is not None:
             self.saves += 1
             snap = snap_mod.capture(states(self.model, self.opt))
-            writer.submit(self.d, snap, manifest(f"ckpt-{self.saves}", snap), lambda *a: None)
+            writer.submit(self.d, snap, manifest_for(f"ckpt-{self.saves}", snap, "steps"), lambda *a: None)
         t4 = time.perf_counter()
         return t4 - t0, t2 - t1, t4 - t3
 
