@@ -229,12 +229,13 @@ with guardian.protect(model=model, optimizer=opt, loader=loader, dir=run_dir, re
             loss.backward()
             opt.step()
             g.step()
-            if g.global_step == kill_at:  # the node is lost once this step is remote-durable
+            if g.global_step == kill_at:  # the node is lost once the newest save is remote-durable
+                saved = kill_at - kill_at % 4  # every_steps=4: the newest save before the kill
                 deadline = time.monotonic() + 120
                 while time.monotonic() < deadline:
                     try:
                         with open(os.path.join(run_dir, "remote.json")) as f:
-                            if json.load(f)["step"] >= kill_at:
+                            if json.load(f)["step"] >= saved:
                                 break
                     except (OSError, ValueError, KeyError):
                         pass

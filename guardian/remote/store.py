@@ -44,7 +44,8 @@ def redact(url: str) -> str:
 
 def _timeouts() -> tuple[float, float, int]:
     """(connect, read, attempts) for object stores; ``GUARDIAN_REMOTE_TIMEOUT`` (seconds)
-    bounds one request, so an endpoint that stops answering is noticed and retried."""
+    bounds one request try, so an endpoint that stops answering is noticed within
+    about ``attempts`` × that and the upload retried by the replicator."""
     read = float(os.environ.get("GUARDIAN_REMOTE_TIMEOUT", "60"))
     return min(10.0, read), read, 2
 
@@ -87,6 +88,11 @@ class RemoteStore:
             ) from e
         self.root = self.root.rstrip("/")
         self.local = protocol in ("file", "local")
+        if hasattr(self.fs, "retries"):
+            # s3fs retries a timed-out request 5 times on top of botocore's attempts: a
+            # silent endpoint then costs minutes per request, not the timeout asked for.
+            # The replicator retries whole uploads with backoff; one layer is enough.
+            self.fs.retries = 1
 
     # ------------------------------------------------------------------ names
 
