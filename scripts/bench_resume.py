@@ -15,7 +15,10 @@ so the page cache is warm. Prints medians; ``--json`` adds one JSON line.
 verified. Timed in the fresh process, from after imports and building the trainer to
 the end of ``Resumer.resume(True)`` (list the run, cheap checks and meta pass, load
 with every file's hash checked, RNG restored), against ``torch.load`` of the same
-state (no hash check, no load_state_dict). ``--under-load`` repeats everything with
+state (no hash check, no load_state_dict). ``floor_speedup_vs_torch_load``: the same
+against ``raw_read``, the bytes alone read into the same destinations — no reader that
+leaves the state in memory can beat it, so it bounds what the restart can reach on
+this machine. ``--under-load`` repeats everything with
 ``scripts/cpuhog.py 2`` running beside and reports the same keys with ``_under_load``.
 """
 
@@ -39,6 +42,8 @@ from torch import nn  # noqa: E402
 
 from guardian.async_writer import AsyncWriter  # noqa: E402
 from guardian.distributed import World  # noqa: E402
+from guardian.format import safetensors_io  # noqa: E402
+from guardian.format.layout import TENSORS_FILE  # noqa: E402
 from guardian.resume import Resumer  # noqa: E402
 from guardian.state import snapshot as snap_mod  # noqa: E402
 from guardian.state.discover import discover  # noqa: E402
@@ -86,9 +91,34 @@ def load_once(d: str, method: str, size_mb: float) -> float:
         t = time.perf_counter()
         restored = Resumer(f"{d}/run", adapters, World(), strict=True).resume(True)
         assert restored is not None, "the restart found no checkpoint"
+    elif method == "floor":
+        live = snap_mod.capture(bench.guardian_states(model, opt)).tensors
+        raw_read(f"{d}/ckpt/{TENSORS_FILE}", live)
     else:
         torch.load(f"{d}/model.pt", weights_only=True)
     return time.perf_counter() - t
+
+
+def raw_read(path: str, live: dict[str, torch.Tensor]) -> None:
+    """The floor of any reader that ends with the state in memory: the file's tensor
+    bytes read straight into their destinations — the live parameters, fresh memory
+    for the optimizer state a restarted process does not have — with no hashing, no
+    parsing beyond the header and no checks."""
+    layout = safetensors_io.read_layout(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for e in layout.entries:
+            dest = live.get(e.key)
+            buf = (
+                dest.detach().reshape(-1).view(torch.uint8)
+                if dest is not None
+                else torch.empty(e.nbytes, dtype=torch.uint8)
+            )
+            view, done = memoryview(buf.numpy()), 0
+            while done < e.nbytes:
+                done += os.preadv(fd, [view[done:]], layout.data_start + e.begin + done)
+    finally:
+        os.close(fd)
 
 
 def main() -> int:
@@ -111,8 +141,8 @@ def main() -> int:
     return 0
 
 
-METHODS = ("guardian", "restart", "torch")
-WARM = {"guardian": "ckpt", "restart": "run", "torch": "model.pt"}
+METHODS = ("guardian", "restart", "torch", "floor")
+WARM = {"guardian": "ckpt", "restart": "run", "torch": "model.pt", "floor": "ckpt"}
 
 
 def measure(d: str, size_mb: float, reps: int, under_load: bool) -> dict:
@@ -153,8 +183,10 @@ def _times(d: str, size_mb: float, reps: int) -> dict[str, list[float]]:
 
 
 def _keys(times: dict[str, list[float]], suffix: str) -> dict:
-    g, r, t = (statistics.median(times[m]) for m in METHODS)
+    g, r, t, f = (statistics.median(times[m]) for m in METHODS)
     return {
+        f"raw_read_floor_s{suffix}": round(f, 4),
+        f"floor_speedup_vs_torch_load{suffix}": round(t / f, 3),
         f"guardian_resume_warm_s{suffix}": round(g, 4),
         f"guardian_restart_verified_s{suffix}": round(r, 4),
         f"torch_load_fresh_process_warm_s{suffix}": round(t, 4),
