@@ -236,13 +236,12 @@ class IncrementalSaves:
         (the live tensors may change as soon as ``submit`` returns)."""
         if self._pending is not None:  # the previous save never committed
             self.failed()
-        prints = {k: self._print(k, t) for k, t in snap.tensors.items()}
-        unchanged = [
-            k
-            for k, p in prints.items()
-            if p is not None and self._prints.get(k) is p and p.nbytes >= MIN_SHARED_TENSOR
-        ]
-        prints_now = {k: p or _take_print(snap.tensors[k]) for k, p in prints.items()}
+        # small tensors are always rewritten, so they need no print (half the tensors
+        # of a model are biases: this halves the check that runs inside the stall)
+        big = {k: t for k, t in snap.tensors.items() if _nbytes(t) >= MIN_SHARED_TENSOR}
+        prints = {k: self._print(k, t) for k, t in big.items()}
+        unchanged = [k for k, p in prints.items() if p is not None and self._prints.get(k) is p]
+        prints_now = {k: p or _take_print(big[k]) for k, p in prints.items()}
         plan = self._choose(snap, unchanged)
         self._pending = (prints_now, plan)
         if plan is None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), check the code's standing rules, and run the whole test
-# suite; then run the timing-sensitive tests (daemon, distributed) a second time with
-# two CPU-bound processes beside them, as on a busy training server. This is what CI runs.
+# suite: the timing-sensitive tests (daemon, distributed) with two CPU-bound processes
+# beside them, as on a busy training server, the rest on two workers. This is what CI runs.
 #
 # Under CI=true as root it also starts a private single-node Slurm for the real
 # requeue test (scripts/slurm-localhost.sh) and stops it afterwards; elsewhere that
@@ -30,23 +30,28 @@ if [ "${CI:-}" = true ] && [ "$(id -u)" = 0 ]; then
   fi
 fi
 status=0
-echo "== the test suite (two workers, one test file per worker at a time)"
-# Most tests wait on real processes, signals and fsync, so two workers on two cores
-# nearly halve the wall time. Timing decisions are made to hold on a busy machine, and
-# the pass below re-runs the timing-sensitive ones beside two CPU hogs.
-$PY -m pytest -q -n 2 --dist loadfile "$@" || status=$?
+# The tests whose decisions rest on time (hang limits, restarts, a torchrun group's
+# exit) run only beside two CPU-bound hogs, as on a busy training server: once, in
+# the stricter condition, rather than quiet and then loaded.
+LOADED=(tests/test_daemon_hostile.py tests/test_daemon_integration.py tests/test_daemon_nproc.py
+  tests/test_heartbeat.py
+  "tests/test_distributed.py::test_guardian_run_restarts_the_group_and_every_rank_ends_bit_exact")
+skip_loaded=()
+for t in "${LOADED[@]}"; do
+  case "$t" in *::*) skip_loaded+=(--deselect "$t") ;; *) skip_loaded+=(--ignore "$t") ;; esac
+done
 
-if [ "$status" = 0 ]; then
-  echo "== daemon and distributed tests again, beside two CPU hogs"
-  $PY scripts/cpuhog.py 2 &
-  hogs=$!
-  # the tests whose decisions rest on time: hang limits, restarts, a torchrun group's exit
-  $PY -m pytest -q -p no:cacheprovider tests/test_daemon_hostile.py tests/test_daemon_integration.py \
-    tests/test_daemon_nproc.py tests/test_heartbeat.py \
-    "tests/test_distributed.py::test_guardian_run_restarts_the_group_and_every_rank_ends_bit_exact" || status=$?
-  kill "$hogs" 2>/dev/null || true
-  wait "$hogs" 2>/dev/null || true
-fi
+echo "== the test suite (two workers, one test file per worker at a time, longest first)"
+# Most tests wait on real processes, signals and fsync, so two workers on two cores
+# nearly halve the wall time; tests/conftest.py orders the files longest first.
+$PY -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder "${skip_loaded[@]}" "$@" || status=$?
+
+echo "== the timing-sensitive tests, beside two CPU hogs"
+$PY scripts/cpuhog.py 2 &
+hogs=$!
+$PY -m pytest -q -p no:cacheprovider "${LOADED[@]}" || status=$?
+kill "$hogs" 2>/dev/null || true
+wait "$hogs" 2>/dev/null || true
 if [ -n "$started_slurm" ]; then
   pkill -x slurmd || true
   pkill -x slurmctld || true

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -58,7 +59,42 @@ def soak() -> bool:
     return os.environ.get("GUARDIAN_SOAK", "") not in ("", "0")
 
 
+# ---------------------------------------------------------------- test order
+# scripts/test.sh runs the files on two xdist workers (--dist loadfile
+# --no-loadscope-reorder), handing out files in collection order as workers free up.
+# Longest first keeps one long file from starting last and running alone: the wall
+# time is then close to half the total. The seconds per file come from a recorded run
+# (GUARDIAN_RECORD_DURATIONS=1 rewrites the file); they only order, never select.
+
+DURATIONS_FILE = os.path.join(TESTS, "durations.json")
+_recorded: dict[str, float] = {}
+
+
+def _longest_files_first(items) -> None:
+    try:
+        with open(DURATIONS_FILE) as f:
+            seconds = {str(k): float(v) for k, v in json.load(f).items()}
+    except (OSError, ValueError, AttributeError):
+        return
+    unknown = sorted(seconds.values())[len(seconds) // 2] if seconds else 0.0  # a new file: the median
+    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], unknown))  # stable: files stay whole
+
+
+def pytest_runtest_logreport(report):
+    if os.environ.get("GUARDIAN_RECORD_DURATIONS") == "1":
+        path = report.nodeid.split("::")[0]
+        _recorded[path] = _recorded.get(path, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    if _recorded and not hasattr(session.config, "workerinput"):  # the controller writes it once
+        with open(DURATIONS_FILE, "w") as f:
+            json.dump({k: round(v, 1) for k, v in sorted(_recorded.items())}, f, indent=0)
+            f.write("\n")
+
+
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's hook signature
+    _longest_files_first(items)
     if soak():
         return
     skip = pytest.mark.skip(

@@ -35,7 +35,18 @@ def run_json(script: str, *args: str) -> dict:
 def test_tiny_benchmark_prints_every_contract_field(tmp_path):
     summary = run_json(
         "bench_checkpoint.py",
-        *("--size-mb", "2", "--reps", "1", "--small-reps", "1", "--small-mb", "0.5"),
+        *(
+            "--size-mb",
+            "2",
+            "--reps",
+            "1",
+            "--small-reps",
+            "1",
+            "--small-mb",
+            "0.5",
+            "--incremental-reps",
+            "1",
+        ),
         *("--dir", str(tmp_path / "bench")),
     )
     for key in REQUIRED:

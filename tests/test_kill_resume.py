@@ -79,13 +79,22 @@ def test_killed_right_after_a_step_save_was_submitted_resumes_exactly(tmp_path, 
     assert final_digest(run) == reference
 
 
+WORKERS_CFG = {**CFG, "num_workers": 2, "epochs": 2, "samples": 480}
+
+
+@pytest.fixture(scope="module")
+def workers_reference(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("ref-workers") / "run")
+    proc = run_trainlib(run, WORKERS_CFG)
+    assert proc.returncode == 0, proc.stderr
+    return final_digest(run)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(3))
-def test_external_sigkill_of_process_group_with_workers(tmp_path, seed):
+def test_external_sigkill_of_process_group_with_workers(tmp_path, workers_reference, seed):
     """SIGKILL from outside at a random moment, DataLoader workers and all."""
-    cfg = {**CFG, "num_workers": 2, "epochs": 2, "samples": 480}
-    ref = str(tmp_path / "ref")
-    assert run_trainlib(ref, cfg).returncode == 0
+    cfg = WORKERS_CFG
     run = str(tmp_path / "run")
     env = {**os.environ, "GUARDIAN_QUIET": "1", "GUARDIAN_HEARTBEAT_INTERVAL": "0"}
     proc = subprocess.Popen(
@@ -97,7 +106,7 @@ def test_external_sigkill_of_process_group_with_workers(tmp_path, seed):
     )
     _kill_group_at_step(proc, run, random.Random(seed).randint(2, 100))
     assert run_trainlib(run, cfg).returncode == 0
-    assert final_digest(run) == final_digest(ref)
+    assert final_digest(run) == workers_reference
 
 
 def _kill_group_at_step(proc: subprocess.Popen, run: str, step: int) -> None:
