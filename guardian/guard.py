@@ -29,7 +29,8 @@ the resumed program can continue without running any of the user's code twice:
   evaluation, ``ReduceLROnPlateau.step``) has run, merged with the epoch save.
 
 Pending gradients (an accumulation in progress) move any save to the batch boundary
-after the next optimizer step.
+after the next optimizer step; a loop that ends with gradients pending takes no final
+checkpoint. A step save due on an epoch's last batch joins the epoch save.
 
 Signals only set a flag; the save happens at the next such point and the process
 exits with 75 ("checkpointed, restart me"). Leaving the block normally saves a final
@@ -134,7 +135,8 @@ class Guard:
             if self.preemption:
                 self.preemption.install()
             self.voice.status("running", **self._status_fields(resumed_from=self.resumed_from))
-        except BaseException:
+        except BaseException as e:
+            self._record_failure(type(e), e)  # run.json must not go on saying "running"
             self._cleanup(failed=True)
             raise
         return self
@@ -151,7 +153,9 @@ class Guard:
     def _finish(self) -> None:
         if self.position.epoch_batches_done and self._in_epoch_body:
             self.position.end_epoch()  # the body was left after its batch loop: the epoch is over
-        if self.config.save_on_exit:
+        if self.config.save_on_exit and self.boundaries.accumulating:
+            warn_final_save_skipped(self.last_checkpoint)
+        elif self.config.save_on_exit:
             self._save_now(self.requests.take(["final"]))
         self.saver.wait_in_flight()
         if self.config.restores_best(early_stopped=self.policy.stopped):
@@ -175,10 +179,13 @@ class Guard:
             requeue_after_worker_death(
                 self.preemption.signum, self.preemption.exit_code, exc, self.last_checkpoint
             )
-        error = {"type": exc_type.__name__, "message": str(exc)[:2000]}
-        self.voice.status_best_effort("failed", **self._status_fields(error=error))
+        self._record_failure(exc_type, exc)
         last = self.last_checkpoint or "none"
         log.error("training raised %s; the last good checkpoint is %s", exc_type.__name__, last)
+
+    def _record_failure(self, exc_type: Any, exc: BaseException | None) -> None:
+        error = {"type": exc_type.__name__, "message": str(exc)[:2000]}
+        self.voice.status_best_effort("failed", **self._status_fields(error=error))
 
     def _status_fields(self, **fields: Any) -> dict[str, Any]:
         return dict(step=self.global_step, epoch=self.epoch, last_checkpoint=self.last_checkpoint, **fields)
@@ -240,11 +247,19 @@ class Guard:
             return
         if self.agreement.preempt_due or (not self.world.distributed and self._preempt_requested()):
             self._preempt_now(self.requests.take([]))
-        if self.requests.pending:
-            self._save_now(self.requests.take([]))
-            fault_point("step.after_save")  # submitted; an async save may still be in flight
-        else:
+        if not self.requests.pending:
             self.saver.reserve_once(self._collect)
+            return
+        # on an epoch's last batch with an epoch save due, what is asked for now waits for
+        # that boundary: one checkpoint for the step, not two
+        if (
+            self._in_epoch_body
+            and self.position.on_last_batch()
+            and self.config.schedule.epoch_due(self.epoch)
+        ):
+            return
+        self._save_now(self.requests.take([]))
+        fault_point("step.after_save")  # submitted; an async save may still be in flight
 
     def report(self, **metrics: Any) -> None:
         """Record metrics (floats or one-element tensors; no graph kept). An improved
@@ -369,3 +384,15 @@ class Guard:
         """Load the best checkpoint's weights into the live model(s), resharded (DDP, FSDP2)."""
         self.saver.wait_in_flight()
         Restorer(self.run_dir, self.components, self.world, strict=False).restore_best(self.policy.best)
+
+
+def warn_final_save_skipped(newest: str | None) -> None:
+    """The loop ended between micro-batches. A checkpoint holds no gradients, so one
+    taken now would resume without them; the newest checkpoint stays the exact point,
+    and a rerun (or a longer run) replays the micro-batches since."""
+    log.warning(
+        "the run ended with gradients pending (micro-batches after the last optimizer step); "
+        "no final checkpoint, which would drop them: the newest is %s, and a rerun replays "
+        "from there exactly. Step the optimizer on an epoch's last micro-batch to end whole.",
+        newest or "none",
+    )

@@ -48,6 +48,14 @@ class LoopPosition:
     def key(self) -> tuple[int, int, int]:
         return (self.global_step, self.epoch, self.batch_in_epoch)
 
+    def on_last_batch(self) -> bool:
+        """The batch just taken is the epoch's last, as far as the loader's length says
+        (False when it has none)."""
+        try:
+            return self.mid_epoch and self.batch_in_epoch == len(self.loader)
+        except (TypeError, NotImplementedError):  # an iterable dataset without a length
+            return False
+
     @property
     def mid_epoch(self) -> bool:
         """True while the current epoch's batches are being drawn (a save here resumes

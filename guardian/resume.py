@@ -163,14 +163,16 @@ class Resumer:
                     problem = f"failed verification while loading: {e}"
                 else:
                     return self._chosen(info.path, refused)
-            log.error("checkpoint %s cannot be used and will be set aside: %s", info.name, problem)
+            log.error(
+                "checkpoint %s cannot be used (set aside once an older one loads): %s", info.name, problem
+            )
             refused.append((info.name, problem))
         return self._chosen(None, refused)
 
     def _newest_restorable(self, existing: list[reader.CheckpointInfo]) -> str | None:
         chosen, refused = self.first_restorable(list(reversed(existing)))
         for name, why in refused:
-            log.error("checkpoint %s cannot be used and will be set aside: %s", name, why)
+            log.error("checkpoint %s cannot be used (set aside once an older one loads): %s", name, why)
         return self._chosen(chosen, refused)
 
     def _chosen(self, chosen: str | None, refused: list[tuple[str, str]]) -> str | None:

@@ -21,12 +21,14 @@ import sys
 
 import pytest
 import torch
+from click.testing import CliRunner
 from crash_model import CrashModel
 from fault_helpers import use_fs
 from test_crash_states import Expectations, enumerate_crashes, record, report
 
 import guardian
 from guardian import fsops
+from guardian.cli import main as cli_main
 from guardian.commit import CheckpointTxn
 from guardian.errors import CheckpointWriteError
 from guardian.faults import FAULT_EXIT_CODE
@@ -172,6 +174,8 @@ def test_unchanged_tensors_are_linked_and_the_state_is_a_full_saves(tmp_path, as
     assert reader.inspect_checkpoint(first).manifest.version == 1  # nothing known yet: a full save
     assert not os.path.exists(os.path.join(first, SHARED_FILE))
     assert reader.inspect_checkpoint(second).manifest.version == 2
+    shown = CliRunner().invoke(cli_main, ["inspect", second, "--json"])
+    assert shown.exit_code == 0 and json.loads(shown.output)["format_version"] == 2, shown.output
     for ckpt in later:  # the same inode: not one byte of the backbone written again
         assert inode(ckpt) == inode(second)
         man = reader.inspect_checkpoint(ckpt).manifest

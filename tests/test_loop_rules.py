@@ -10,6 +10,7 @@ length does not divide the epoch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -185,6 +186,37 @@ def test_every_steps_falls_on_multiples(tmp_path):
     assert [s for s in steps if s != 15] == [4, 8, 12], steps  # 15: the final save
 
 
+def test_a_step_save_due_on_an_epochs_last_batch_joins_the_epoch_save(tmp_path):
+    """5 batches an epoch and every_steps=5: the step save falls on each epoch's last
+    batch, right before the epoch save at the same step. One checkpoint, both reasons,
+    at the boundary; a crash during the next epoch's evaluation resumes from it exactly."""
+    reference = _train(str(tmp_path / "ref"), every_steps=5, save_best=False)
+    run = str(tmp_path / "run")
+    with pytest.raises(Interrupted):
+        _train(run, every_steps=5, save_best=False, interrupt=_interrupt_at("after_eval", epoch=1))
+    infos = reader.list_checkpoints(run)
+    steps = [i.manifest.step for i in infos]
+    assert steps == [5], [i.name for i in infos]  # one checkpoint at step 5, not step-5 and step-5-1
+    assert set(infos[0].manifest.reason) == {"steps", "epoch"} and infos[0].manifest.batch_in_epoch == 0
+    _same(_train(run, every_steps=5, save_best=False), reference)
+
+
+def test_a_run_ending_with_gradients_pending_takes_no_final_checkpoint(tmp_path, caplog):
+    """Accumulation of 2 over 5 batches an epoch: the last epoch ends with a gradient
+    pending. A checkpoint holds no gradients, so the final save is skipped (with a
+    warning) and a longer run in the same directory ends as if never stopped."""
+    caplog.set_level(logging.WARNING, logger="guardian")
+    reference = _train(str(tmp_path / "ref"), accumulate=2, epochs=4)
+    run = str(tmp_path / "run")
+    _train(run, accumulate=2, epochs=3)
+    assert "ended with gradients pending" in caplog.text
+    assert not [i.name for i in reader.list_checkpoints(run) if "final" in i.manifest.reason]
+    extended = _train(run, accumulate=2, epochs=4)
+    _same(extended, reference)
+    for pa, pb in zip(extended[0].parameters(), reference[0].parameters(), strict=True):
+        assert (pa.grad is None) == (pb.grad is None) and (pa.grad is None or torch.equal(pa.grad, pb.grad))
+
+
 def test_epoch_save_waits_for_a_pending_accumulation(tmp_path):
     """5 batches an epoch, accumulation of 2: the epoch ends with a gradient pending.
     The epoch save must wait for the optimizer step, never land inside it."""
@@ -284,6 +316,9 @@ def test_checkpoints_that_all_fail_stop_the_run_instead_of_starting_fresh(tmp_pa
     with pytest.raises(CorruptCheckpointError, match="none can be restored"):
         _train(run, epochs=3)
     assert [i.name for i in reader.list_checkpoints(run)] == names  # nothing set aside
+    with open(os.path.join(run, "run.json")) as f:
+        status = json.load(f)  # the failed start is recorded, not left saying "running"
+    assert status["state"] == "failed" and status["error"]["type"] == "CorruptCheckpointError", status
     _train(run, epochs=1, resume=False)  # asked for: a fresh start, the old ones set aside
     assert len(os.listdir(os.path.join(run, SET_ASIDE_DIR))) == len(names)
 

@@ -287,8 +287,7 @@ def test_node_lost_resumes_from_remote_bitwise(s3, moto, tmp_path):
     from guardian.remote.store import RemoteStore
 
     durable = [n for n, _m, p in remote_checkpoints(RemoteStore(s3)) if p is None]
-    # step 12 ends epoch 0: its step save and its epoch save may both be durable
-    # (the one uploading is kept from local retention), the newer named step-000000012-1
+    # step 12 ends epoch 0: its step save and its epoch save are one checkpoint
     assert durable and durable[-1].startswith("step-000000012"), durable
 
     node_b = str(tmp_path / "node-b")

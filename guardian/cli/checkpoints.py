@@ -240,7 +240,7 @@ def inspect_cmd(path: str, as_json: bool) -> None:
         "reason": m.reason,
         "metrics": m.metrics,
         "bytes": m.total_bytes,
-        "format_version": 1,
+        "format_version": m.version,
         "guardian_version": m.guardian_version,
         "tensors": sum(c["tensors"] for c in components.values()),
         "digest": reader.checkpoint_digest(components),

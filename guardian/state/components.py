@@ -205,7 +205,13 @@ def _group_mismatch(where: str, saved: list[list[str]], live: list[list[str]]) -
         parts.append(f"  only in the live optimizer: {sorted(live_set - saved_set)[:20]}")
     if saved_set == live_set:
         parts.append("  same parameters, different grouping or order of param_groups")
-    parts.append("  Renamed layers can be carried over with `guardian migrate`.")
+    if saved_set - live_set and live_set - saved_set:  # names on both sides: perhaps renamed
+        parts.append("  Renamed layers can be carried over with `guardian migrate`.")
+    elif saved_set != live_set:
+        parts.append(
+            "  Build the optimizer over the same parameters as the run that saved it (a parameter "
+            "was added to it or left out since), or start a new run with another dir=."
+        )
     return "\n".join(parts)
 
 
