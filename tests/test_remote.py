@@ -231,6 +231,7 @@ with guardian.protect(model=model, optimizer=opt, loader=loader, dir=run_dir, re
             g.step()
             if g.global_step == kill_at:  # the node is lost once the newest save is remote-durable
                 saved = kill_at - kill_at % 4  # every_steps=4: the newest save before the kill
+                g.saver.wait_in_flight()  # its commit is handed to the replicator (as g.step() would)
                 deadline = time.monotonic() + 120
                 while time.monotonic() < deadline:
                     try:
