@@ -153,7 +153,7 @@ class Guard:
     def _finish(self) -> None:
         if self.position.epoch_batches_done and self._in_epoch_body:
             self.position.end_epoch()  # the body was left after its batch loop: the epoch is over
-        if self.config.save_on_exit and self.boundaries.accumulating:
+        if self.config.save_on_exit and self.boundaries.gradients_pending:
             warn_final_save_skipped(self.last_checkpoint)
         elif self.config.save_on_exit:
             self._save_now(self.requests.take(["final"]))

@@ -199,6 +199,12 @@ class StepBoundaries:
     def _on_step(self, *args: Any) -> None:
         self._stepped = True
 
+    @property
+    def gradients_pending(self) -> bool:
+        """Micro-batches since the last optimizer step, as far as the hooks saw (an
+        optimizer stepped after the last ``g.step()`` — a flush after the loop — applied them)."""
+        return self.accumulating and not self._stepped
+
     def take(self, explicit: bool | None) -> bool:
         """Is the ``g.step()`` being taken a boundary? ``explicit`` overrides detection."""
         boundary = explicit if explicit is not None else (self._stepped or not self._optimizers)

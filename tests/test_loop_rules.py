@@ -217,6 +217,26 @@ def test_a_run_ending_with_gradients_pending_takes_no_final_checkpoint(tmp_path,
         assert (pa.grad is None) == (pb.grad is None) and (pa.grad is None or torch.equal(pa.grad, pb.grad))
 
 
+def test_an_optimizer_step_after_the_loop_makes_the_final_checkpoint_whole(tmp_path, caplog):
+    """The leftover micro-batches flushed by an optimizer step after the loop (no
+    ``g.step()`` after it): nothing is pending, so the final checkpoint is taken."""
+    caplog.set_level(logging.WARNING, logger="guardian")
+    model, opt, sched, loader = _build()
+    with guardian.protect(model=model, optimizer=opt, dir=str(tmp_path / "run"), async_save=False) as g:
+        for _epoch in g.epochs(1):
+            for xb, yb in g.batches(loader):  # 5 batches, a step every 2: one pending at the end
+                nn.functional.cross_entropy(model(xb), yb).backward()
+                if g.batch_in_epoch % 2 == 0:
+                    opt.step()
+                    opt.zero_grad()
+                g.step()
+        opt.step()  # the flush
+        opt.zero_grad()
+    assert "gradients pending" not in caplog.text
+    newest = reader.newest_valid(str(tmp_path / "run")).manifest
+    assert "final" in newest.reason, newest.reason
+
+
 def test_epoch_save_waits_for_a_pending_accumulation(tmp_path):
     """5 batches an epoch, accumulation of 2: the epoch ends with a gradient pending.
     The epoch save must wait for the optimizer step, never land inside it."""
