@@ -14,15 +14,8 @@ import torch
 from torch import nn
 
 from guardian.format.manifest import Manifest
+from guardian.smallfiles import fsync_dir
 from guardian.state import snapshot as snap_mod
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def timed(fn: Callable[[], Any]) -> float:

@@ -26,12 +26,16 @@ from guardian.runfiles import read_heartbeat
 CFG = {"optimizer": "adamw", "scheduler": "onecycle", "epochs": 3, "every_steps": 3}
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def uninterrupted_digest(tmp_path_factory, cfg: dict) -> str:
     run = str(tmp_path_factory.mktemp("ref") / "run")
-    proc = run_trainlib(run, CFG)
+    proc = run_trainlib(run, cfg)
     assert proc.returncode == 0, proc.stderr
     return final_digest(run)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return uninterrupted_digest(tmp_path_factory, CFG)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -84,10 +88,7 @@ WORKERS_CFG = {**CFG, "num_workers": 2, "epochs": 2, "samples": 480}
 
 @pytest.fixture(scope="module")
 def workers_reference(tmp_path_factory):
-    run = str(tmp_path_factory.mktemp("ref-workers") / "run")
-    proc = run_trainlib(run, WORKERS_CFG)
-    assert proc.returncode == 0, proc.stderr
-    return final_digest(run)
+    return uninterrupted_digest(tmp_path_factory, WORKERS_CFG)
 
 
 @pytest.mark.slow
