@@ -51,10 +51,12 @@ from .format.layout import STATE_FILE, TENSORS_FILE, checkpoint_name, parse_chec
 from .format.manifest import Manifest
 from .overlap import WINDOW, BackgroundCopy, CommitGate, Segment
 from .staging import (
+    SMALL_COPY,
     StagedImage,
     StagingArena,
     byte_view,
     copy_into_arena,
+    copy_small_run,
     needs_pinned,
     wait_for_device_copies,
 )
@@ -254,16 +256,29 @@ class AsyncWriter(BackgroundSave):
             return
         batch: list[tuple[int, int, np.ndarray]] = []
         size = 0
+        small: list[torch.Tensor] = []  # adjacent small tensors, copied together
+        small_begin = small_end = 0
         for entry in layout.entries:
             if not entry.nbytes:
                 continue
-            src = byte_view(snap.tensors[entry.key], pinned).numpy()
-            batch.append((base + entry.begin, base + entry.end, src))
+            t = snap.tensors[entry.key]
+            if entry.nbytes <= SMALL_COPY and t.device.type == "cpu":
+                if not small:
+                    small_begin = base + entry.begin
+                small.append(t)
+                small_end = base + entry.end
+                continue
+            if small:
+                copy_small_run(buf, small_begin, small_end, small)
+                small = []
+            batch.append((base + entry.begin, base + entry.end, byte_view(t, pinned).numpy()))
             size += entry.nbytes
             if size >= COPY_BATCH:
                 self._copy_batch(image, batch, size)
-                staged.advance(batch[-1][1])
+                staged.advance(batch[-1][1])  # small runs before it were copied already
                 batch, size = [], 0
+        if small:
+            copy_small_run(buf, small_begin, small_end, small)
         if batch:
             self._copy_batch(image, batch, size)
         staged.finish()

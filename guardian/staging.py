@@ -53,6 +53,23 @@ def copy_into_arena(dst: np.ndarray, src: np.ndarray) -> None:
         np.copyto(dst, src)
 
 
+SMALL_COPY = 32 * 1024  # a tensor this small is copied with its neighbours (copy_small_run)
+
+
+def copy_small_run(arena: torch.Tensor, begin: int, end: int, tensors: list[torch.Tensor]) -> None:
+    """Copy adjacent small host tensors into ``arena[begin:end]`` in one torch call.
+
+    Why: a state has hundreds of biases and norm weights of a few KiB each, and the
+    Python around a per-tensor copy (a byte view, a numpy view, a slice) costs several
+    times the copy itself — for an incremental save, where nearly everything left to
+    copy is small, it was most of the stall. ``torch.cat`` walks the list in C++.
+    Each tensor stays under ``SMALL_COPY`` bytes, below torch's parallel grain, so no
+    intra-op thread is woken (costly on a loaded machine). Exact bytes, any dtype:
+    every tensor is viewed as its raw bytes first (a copy if it is not contiguous)."""
+    with torch.no_grad():  # state tensors may require grad; out= refuses those under autograd
+        torch.cat([t.detach().contiguous().view(-1).view(torch.uint8) for t in tensors], out=arena[begin:end])
+
+
 def copy_implementation() -> str:
     """What ``copy_into_arena`` uses for large copies (reported by the benchmark)."""
     if _streamcopy is None:

@@ -744,12 +744,18 @@ def main() -> int:
     summary["small"] = small_case(args.dir, args.small_reps, args.small_mb)
     if not args.no_incremental:
         summary.update(bench_incremental.run(args, os.path.join(args.dir, "incremental")))
-    if not args.no_overlap:  # a save in a loop doing forward/backward work, alone and beside cpuhog.py 2
+    if not args.no_overlap:  # a save in a loop doing forward/backward work: alone, one core free, loaded
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench_overlap
 
         kw = {"param_mb": min(args.size_mb, 256), "reps": args.reps, "d": os.path.join(args.dir, "overlap")}
-        summary.update({**bench_overlap.measure(**kw), **bench_overlap.measure_under_load(**kw)})
+        summary.update(
+            {
+                **bench_overlap.measure(**kw),
+                **bench_overlap.measure_one_core_free(**kw),
+                **bench_overlap.measure_under_load(**kw),
+            }
+        )
         TARGETS.update(bench_overlap.TARGETS)
     summary.update(
         {

@@ -439,6 +439,34 @@ def test_pipelined_copy_split_across_threads_is_exact(tmp_path, monkeypatch):
     assert_same_files(sync, save_with(AsyncWriter(), str(tmp_path), "ckpt-async", states))
 
 
+def test_small_tensors_copied_in_runs_are_exact_whatever_the_mix(tmp_path, monkeypatch):
+    """Generated mixes: small tensors (copied in runs by one torch call,
+    staging.copy_small_run) between large ones (copied one by one, batches flushed in
+    the middle of runs), odd dtypes, strided views, tensors that require grad, empty
+    ones. Every byte lands as the synchronous writer writes it."""
+    from guardian import async_writer
+
+    monkeypatch.setattr(async_writer, "COPY_BATCH", 50_000)
+    g = torch.Generator().manual_seed(7)
+    dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.uint8, torch.float64]
+
+    def draw(k: int) -> int:
+        return int(torch.randint(k, (1,), generator=g))
+
+    for trial in range(6):
+        mix = {}
+        for i in range(40):
+            dtype, n = dtypes[draw(len(dtypes))], draw(12_000)
+            t = (torch.rand(n, 2, generator=g) * 100).to(dtype)
+            t = t[:, 0] if draw(4) == 0 else t.reshape(-1)[:n]  # a strided view or a plain one
+            if dtype.is_floating_point and draw(3) == 0:
+                t = t.clone().requires_grad_(True)
+            mix[f"t{i:02d}"] = t
+        states = {"m": ("user", mix)}
+        sync = save_with(SyncWriter(), str(tmp_path), f"s{trial}", states)
+        assert_same_files(sync, save_with(AsyncWriter(), str(tmp_path), f"a{trial}", states))
+
+
 # ---------------------------------------------------------------- abandoned saves (issue 11, 10(e))
 
 

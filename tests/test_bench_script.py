@@ -53,6 +53,7 @@ def test_tiny_benchmark_prints_every_contract_field(tmp_path):
         assert isinstance(summary[key], (int, float)) and summary[key] == summary[key], key  # not NaN
     assert summary["dcp"].startswith("ran"), summary["dcp"]  # the DCP child process worked
     assert "dcp_durable_vs_guardian_durable" in summary and "first_save_stall_s" in summary
+    assert "overlap_stall_vs_torch_save_one_core_free" in summary  # overlap where a core is idle
     assert set(summary["targets_met"]) >= set(REQUIRED)
     assert not os.path.exists(tmp_path / "bench")  # the script cleans up after itself
     assert summary["staging_copy"]  # says which copy path the stall measured

@@ -14,7 +14,7 @@ from guardian.errors import CorruptCheckpointError, UnsafeCheckpointError, Unsup
 from guardian.format import manifest as manifest_mod
 from guardian.format import safetensors_io
 from guardian.format.tree import Decoder, Encoder
-from guardian.state import snapshot
+from guardian.state import fileread, snapshot
 from guardian.state.tensors import decode_ext, encode_ext, is_tensor
 
 
@@ -125,6 +125,65 @@ def test_two_stream_restore_into_live_tensors_is_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(snapshot, "preadv_exactly", Shrinking())
     with pytest.raises(CorruptCheckpointError, match="truncated"):
         snapshot.read_tensors(str(p), into=live)
+
+
+def _tensor_file(p, tensors: dict[str, torch.Tensor]):
+    """``tensors`` (under component ``m``) written as one of guardian's tensor files."""
+    snap = snapshot.capture({"m": ("module", tensors)})
+    p.write_bytes(b"".join(bytes(c) for c in snapshot.tensor_chunks(snap, snap.layout())))
+    return p
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc")
+def test_new_destinations_are_populated_before_the_read(tmp_path):
+    """A restart reads the optimizer's moments into new memory: its pages are faulted
+    in ahead of the read (MADV_POPULATE_WRITE), and the bytes still land exactly."""
+    if not fileread._populate_works:
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux < 5.14)")
+    fresh = torch.empty(64 << 20, dtype=torch.uint8)  # untouched: not resident yet
+    before = _resident_bytes()
+    fileread.populate_for_write([(fresh.data_ptr(), fresh.numel())])
+    assert _resident_bytes() - before >= 60 << 20
+    assert fileread._populate_works
+
+    tensors = {f"w{i}": torch.randn(70_000 + 13 * i) for i in range(6)}
+    p = _tensor_file(tmp_path / "f.safetensors", tensors)
+    out = snapshot.read_tensors(str(p))
+    assert all(torch.equal(out[f"m/{k}"], t) for k, t in tensors.items())
+
+
+def test_a_kernel_without_populate_is_read_as_before(tmp_path, monkeypatch):
+    """An advice the kernel refuses (simulated: an unknown advice number stands in for
+    a kernel older than 5.14, which answers EINVAL the same way) turns populating off
+    for the process; the read faults the pages in itself and stays exact."""
+    monkeypatch.setattr(fileread, "MADV_POPULATE_WRITE", 0x7FFF)
+    monkeypatch.setattr(fileread, "_populate_works", True)
+    tensors = {f"w{i}": torch.randn(70_000 + 13 * i) for i in range(6)}
+    p = _tensor_file(tmp_path / "f.safetensors", tensors)
+    out = snapshot.read_tensors(str(p), expect_hash=None)
+    assert all(torch.equal(out[f"m/{k}"], t) for k, t in tensors.items())
+    if fileread._madvise() is not None:
+        assert not fileread._populate_works
+
+
+def test_recent_layouts_are_reused_and_refusals_are_never_cached():
+    """Every save of a run plans the same layout: it is planned once. A refused plan
+    is refused again, and a layout with other shapes is planned anew."""
+    specs = [("a", "F32", (2, 3)), ("b", "BF16", (5,))]
+    first = safetensors_io.plan_layout(specs, {"format": "x"})
+    assert safetensors_io.plan_layout(list(specs), {"format": "x"}) is first
+    assert safetensors_io.plan_layout(specs, {"format": "y"}) is not first
+    other = safetensors_io.plan_layout([("a", "F32", (3, 3)), ("b", "BF16", (5,))], {"format": "x"})
+    assert other.entries[1].begin == 36 and first.entries[1].begin == 24
+    for _ in range(2):
+        with pytest.raises(UnsafeCheckpointError, match="twice"):
+            safetensors_io.plan_layout([("a", "F32", (1,)), ("a", "F32", (1,))])
+    assert safetensors_io.plan_layout([("a", "F32", [2])]).entries[0].shape == (2,)  # lists: uncached
 
 
 def test_header_parser_rejects_holes_and_overlaps(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedStateError
@@ -89,10 +90,40 @@ def check_key(key: str, what: str = "") -> None:
         raise UnsafeCheckpointError(f"{where}tensor key {key!r} is empty or holds NUL/newline characters")
 
 
+_RECENT_LAYOUTS: dict[tuple, Layout] = {}  # a training run saves the same shapes every time
+_RECENT_LIMIT = 4
+_recent_lock = threading.Lock()
+
+
 def plan_layout(
     specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
 ) -> Layout:
-    """Lay out ``(key, dtype, shape)`` tensors back to back, in the given order."""
+    """Lay out ``(key, dtype, shape)`` tensors back to back, in the given order.
+
+    The few most recent layouts are remembered: every save of a run has the same
+    specs, and the header of hundreds of tensors is JSON worth a millisecond of the
+    training thread's stall each time. Nothing changes a ``Layout`` once planned, so
+    sharing one is safe."""
+    try:
+        cache_key: tuple | None = (tuple(specs), tuple(sorted((metadata or {}).items())))
+        hash(cache_key)
+    except TypeError:  # a shape given as a list: plan it, uncached
+        cache_key = None
+    if cache_key is not None:
+        with _recent_lock:
+            hit = _RECENT_LAYOUTS.get(cache_key)
+        if hit is not None:
+            return hit
+    layout = _plan_layout(specs, metadata)
+    if cache_key is not None:
+        with _recent_lock:
+            _RECENT_LAYOUTS[cache_key] = layout
+            while len(_RECENT_LAYOUTS) > _RECENT_LIMIT:
+                del _RECENT_LAYOUTS[next(iter(_RECENT_LAYOUTS))]
+    return layout
+
+
+def _plan_layout(specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> Layout:
     header_obj: dict[str, object] = {}
     entries = []
     offset = 0
