@@ -33,3 +33,12 @@ def run_trainlib(
         timeout=timeout,
         start_new_session=True,
     )
+
+
+def stderr_tails(results, n: int = 3000) -> str:
+    """Each process's exit code and the end of its stderr, as one string: pytest prints
+    a string message whole but shortens a list or tuple to one line, which once hid the
+    only evidence of a failure seen on a loaded machine."""
+    if isinstance(results, subprocess.CompletedProcess):
+        results = [results]
+    return "\n".join(f"--- process {i}: exit {r.returncode}\n{r.stderr[-n:]}" for i, r in enumerate(results))

@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from helpers import final_digest
+from helpers import final_digest, stderr_tails
 from test_distributed import CFG, _env, _free_port, by_hand, torchrun
 
 from guardian.agreement import LAG
@@ -53,7 +53,7 @@ def test_a_step_with_nothing_due_runs_no_blocking_collective(tmp_path):
     run, report = str(tmp_path / "run"), str(tmp_path / "calls")
     os.makedirs(report)
     results = _two_ranks("count", run, report)
-    assert [r.returncode for r in results] == [0, 0], [r.stderr[-3000:] for r in results]
+    assert [r.returncode for r in results] == [0, 0], stderr_tails(results)
     for rank in range(2):
         with open(os.path.join(report, f"rank{rank}.json")) as f:
             seen = json.load(f)
@@ -77,7 +77,7 @@ def test_every_seconds_saves_are_taken_at_the_same_step_by_every_rank_and_not_re
     run, report = str(tmp_path / "run"), str(tmp_path / "calls")
     os.makedirs(report)
     results = _two_ranks("seconds", run, report)
-    assert [r.returncode for r in results] == [0, 0], [r.stderr[-3000:] for r in results]
+    assert [r.returncode for r in results] == [0, 0], stderr_tails(results)
     infos = reader.list_checkpoints(run, verify=True)
     assert infos and all(i.valid for i in infos), [(i.name, i.problem) for i in infos]
     timed = sorted(i.manifest.step for i in infos if "seconds" in i.manifest.reason)
@@ -110,14 +110,14 @@ def test_sigterm_to_one_rank_at_a_random_step_checkpoints_both_at_one_step_and_r
     why = f"seed {seed}: SIGTERM to rank {term_rank} at step {term_at}"
     run = str(tmp_path / "run")
     results = by_hand(run, CFG, TERM_RANK=str(term_rank), TERM_AT_STEP=str(term_at))
-    assert [r.returncode for r in results] == [75, 75], (why, [r.stderr[-2000:] for r in results])
+    assert [r.returncode for r in results] == [75, 75], f"{why}\n{stderr_tails(results)}"
     newest = reader.newest_valid(run)
     assert "preempt" in newest.manifest.reason, why
     # acted on a few steps later (agreement.py), at the latest where the epoch ends
     assert term_at <= newest.manifest.step <= _epoch_end(term_at), why
     assert all(i.valid for i in reader.list_checkpoints(run, verify=True)), why  # every rank's part
     proc = torchrun(run, CFG)
-    assert proc.returncode == 0, (why, proc.stderr[-3000:])
+    assert proc.returncode == 0, f"{why}\n{stderr_tails(proc)}"
     assert final_digest(run) == final_digest(reference), why
 
 

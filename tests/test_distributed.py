@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, final_digest
+from helpers import ROOT, final_digest, stderr_tails
 
 from guardian.format import reader
 
@@ -120,7 +120,7 @@ def test_async_and_sync_distributed_saves_write_identical_checkpoints(reference,
     synchronous run writes the same checkpoints, digest for digest."""
     run = str(tmp_path / "run")
     results = by_hand(run, CFG, GUARDIAN_ASYNC="0")
-    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    assert [r.returncode for r in results] == [0, 0], stderr_tails(results)
     sync = {i.name: i for i in reader.list_checkpoints(run, verify=True)}
     ref = {i.name: i for i in reader.list_checkpoints(reference, verify=True)}
     assert sync.keys() == ref.keys() and len(ref) >= 5
@@ -133,7 +133,7 @@ def test_async_and_sync_distributed_saves_write_identical_checkpoints(reference,
 def test_each_rank_reserves_its_arena_at_the_first_step_and_the_first_save_reuses_it(tmp_path):
     run = str(tmp_path / "run")
     results = by_hand(run, {"epochs": 1, "every_steps": 4}, REPORT_ARENA=str(tmp_path))
-    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    assert [r.returncode for r in results] == [0, 0], stderr_tails(results)
     for rank in (0, 1):
         with open(tmp_path / f"arena-rank{rank}.json") as f:
             report = json.load(f)
@@ -146,8 +146,8 @@ def test_background_save_failing_on_one_rank_stops_every_rank_at_the_same_step(t
     the 1st checkpoint is intact and nothing of the 2nd was committed."""
     run = str(tmp_path / "run")
     results = by_hand(run, CFG, FAIL_SAVE_RANK="1", FAIL_SAVE_AT="2")
-    assert [r.returncode for r in results] == [1, 1], [r.stderr[-2000:] for r in results]
-    assert all("CheckpointWriteError" in r.stderr for r in results), [r.stderr[-2000:] for r in results]
+    assert [r.returncode for r in results] == [1, 1], stderr_tails(results)
+    assert all("CheckpointWriteError" in r.stderr for r in results), stderr_tails(results)
     assert "no space left" in results[1].stderr
     assert "a rank failed to write its part" in results[0].stderr
     infos = reader.list_checkpoints(run, verify=True)
@@ -187,7 +187,7 @@ def test_rank_sigkilled_mid_training_resumes_bit_exact(reference, tmp_path):
 def test_sigterm_to_one_rank_checkpoints_every_rank_at_the_same_step(tmp_path):
     run = str(tmp_path / "run")
     results = by_hand(run, CFG, TERM_RANK="1", TERM_AT_STEP="6")
-    assert [r.returncode for r in results] == [75, 75], [r.stderr[-2000:] for r in results]
+    assert [r.returncode for r in results] == [75, 75], stderr_tails(results)
     newest = reader.newest_valid(run)  # ranks act on the signal a few steps later (agreement.py)
     assert "preempt" in newest.manifest.reason and 6 <= newest.manifest.step <= 12
     assert json.load(open(os.path.join(run, "run.json")))["state"] == "preempted"
@@ -210,7 +210,7 @@ def test_missing_or_corrupt_rank_part_is_refused_and_previous_used(reference, tm
     # a real 2-rank resume sets both aside (never deletes them) and resumes from the third
     os.remove(os.path.join(run, "run.json"))
     results = by_hand(run, {**CFG, "epochs": 0})
-    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    assert [r.returncode for r in results] == [0, 0], stderr_tails(results)
     aside = os.listdir(os.path.join(run, "set-aside"))
     assert any(n.startswith(newest.name + ".") for n in aside) and any(
         n.startswith(previous.name + ".") for n in aside

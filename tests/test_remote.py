@@ -601,11 +601,13 @@ def test_upload_slower_than_local_retention_still_finishes(tmp_path, monkeypatch
     from guardian.remote.fetch import remote_checkpoints
     from guardian.remote.store import RemoteStore
 
-    gate = threading.Event()
+    gate, first_upload_began = threading.Event(), threading.Event()
     real_put = RemoteStore.put_chunks
 
     def slow_put(self, key, chunks):
         if "/" in key:  # a checkpoint's object (NAME/file); protect()'s write probe passes
+            if key.startswith("step-000000001/"):
+                first_upload_began.set()
             assert gate.wait(120), "the test never opened the gate"
         return real_put(self, key, chunks)
 
@@ -622,9 +624,12 @@ def test_upload_slower_than_local_retention_still_finishes(tmp_path, monkeypatch
             keep_last=1,
         ) as g:
             try:
-                for _ in range(6):
+                for step in range(1, 7):
                     opt.step()  # an optimizer step: g.step() is a boundary, so every_steps=1 saves
                     g.step()  # steps 2-5 commit (and run retention) while step 1 uploads
+                    if step == 1:  # else, on a busy machine, step 2 may supersede it unstarted
+                        g.saver.wait_in_flight()  # the commit, reaped, goes to the replicator
+                        assert first_upload_began.wait(120), "step 1's upload never began"
             finally:
                 gate.set()
     said = [r.getMessage() for r in caplog.records]
