@@ -24,6 +24,7 @@ class RunVoice:
         self.is_leader = True
         self.world_size = 1
         self._last_beat = 0.0
+        self._interval = knobs.heartbeat_interval()  # read once: beat() runs every step
         self._last_step_time = time.monotonic()
         self._intervals: deque[float] = deque(maxlen=512)
         self.totals: dict[str, int] = {}  # the loop's length when known (epochs_total)
@@ -35,7 +36,7 @@ class RunVoice:
     def beat(self, step: int, epoch: int, phase: str, *, force: bool = False) -> None:
         """Write the heartbeat if the interval has passed (or ``force``)."""
         now = time.monotonic()
-        if not self.is_leader or (not force and now - self._last_beat < knobs.heartbeat_interval()):
+        if not self.is_leader or (not force and now - self._last_beat < self._interval):
             return
         self._last_beat = now
         try:

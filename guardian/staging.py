@@ -65,9 +65,11 @@ def copy_small_run(arena: torch.Tensor, begin: int, end: int, tensors: list[torc
     copy is small, it was most of the stall. ``torch.cat`` walks the list in C++.
     Each tensor stays under ``SMALL_COPY`` bytes, below torch's parallel grain, so no
     intra-op thread is woken (costly on a loaded machine). Exact bytes, any dtype:
-    every tensor is viewed as its raw bytes first (a copy if it is not contiguous)."""
-    with torch.no_grad():  # state tensors may require grad; out= refuses those under autograd
-        torch.cat([t.detach().contiguous().view(-1).view(torch.uint8) for t in tensors], out=arena[begin:end])
+    every tensor is viewed as its raw bytes first (a copy if it is not contiguous).
+    Detached, so ``out=`` accepts tensors that require grad; no ``no_grad`` block is
+    needed, and without one a run of a single tensor (a bias between two large
+    weights, as in every full save) costs no more than the per-tensor path."""
+    torch.cat([t.detach().contiguous().view(-1).view(torch.uint8) for t in tensors], out=arena[begin:end])
 
 
 def copy_implementation() -> str:
