@@ -131,6 +131,25 @@ def test_unstorable_extra_names_its_key_path(tmp_path):
             g.save()
 
 
+@pytest.mark.parametrize("async_save", [True, False])
+def test_sparse_buffer_is_refused_naming_its_key_and_nothing_is_committed(tmp_path, async_save):
+    """A sparse tensor has no flat bytes to store: the first save refuses it with a
+    guardian error naming the key, instead of a raw torch error from the staging copy
+    (an outside user's report)."""
+    model, opt = _tiny()
+    index = torch.tensor([[0, 1], [1, 0]])
+    model.register_buffer(
+        "sp", torch.sparse_coo_tensor(index, torch.tensor([1.0, 2.0]), (2, 2), check_invariants=True)
+    )
+    with pytest.raises(UnsupportedStateError, match=r"sparse_coo tensor at model/sp.*to_dense"):
+        with guardian.protect(
+            model=model, optimizer=opt, dir=str(tmp_path), async_save=async_save, save_on_exit=False
+        ) as g:
+            _train_steps(g, model, opt, 2)
+            g.save()
+    assert reader.list_checkpoints(str(tmp_path)) == []
+
+
 def test_second_process_on_the_same_directory_is_refused(tmp_path):
     model, opt = _tiny()
     code = (

@@ -55,6 +55,10 @@ class Encoder:
         self._is_tensor = is_tensor
         self._put_tensor = put_tensor
         self._encode_ext = encode_ext
+        # (path parts, keys) of every string-keyed dict whose order is not sorted: the
+        # JSON is written with sorted keys, and a user's dict must come back in the
+        # order it was built (code that iterates it, a float sum, must not change)
+        self.key_orders: list[tuple[tuple[str, ...], list[str]]] = []
 
     def encode(self, value: Any, parts: tuple[str, ...] = (), path: str = "") -> Any:
         if value is None or isinstance(value, (bool, str)):
@@ -90,6 +94,9 @@ class Encoder:
     def _encode_dict(self, value: dict, parts: tuple[str, ...], path: str) -> Any:
         plain = all(isinstance(k, str) for k in value) and not (TAGS & value.keys())
         if plain:
+            keys = list(value)
+            if any(a > b for a, b in zip(keys, keys[1:])):
+                self.key_orders.append((parts, keys))
             return {k: self.encode(v, (*parts, k), _child(path, k)) for k, v in value.items()}
         pairs = []
         for k, v in value.items():
@@ -175,3 +182,43 @@ def tensor_refs(value: Any) -> list[str]:
         elif isinstance(item, list):
             stack.extend(reversed(item))
     return out
+
+
+def restore_key_orders(tree: Any, orders: Any) -> None:
+    """Put the dicts of a decoded ``tree`` back in the key order ``Encoder.key_orders``
+    recorded (stored as ``[{"at": [parts], "keys": [...]}, ...]``), in place.
+
+    An order that does not fit is skipped, never an error: an order list only ever
+    costs the order of keys, so a hand-edited or hostile one cannot change a value or
+    stop a resume."""
+    if not isinstance(orders, list):
+        return
+    for entry in orders:
+        if not isinstance(entry, dict):
+            continue
+        at, keys = entry.get("at"), entry.get("keys")
+        if not (isinstance(at, list) and isinstance(keys, list)):
+            continue
+        if not all(isinstance(k, str) for k in at) or not all(isinstance(k, str) for k in keys):
+            continue
+        node = _walk(tree, at)
+        if isinstance(node, dict) and len(node) == len(keys) and set(node) == set(keys):
+            items = [(k, node[k]) for k in keys]
+            node.clear()
+            node.update(items)
+
+
+def _walk(tree: Any, parts: list[str]) -> Any:
+    """The node at ``parts`` (dict keys, or list indices as strings), or None."""
+    node = tree
+    for part in parts:
+        if isinstance(node, dict):
+            if part in node:
+                node = node[part]
+            else:  # a dict with other keys than strings: its parts are str(key)
+                node = next((v for k, v in node.items() if not isinstance(k, str) and str(k) == part), None)
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node

@@ -67,10 +67,18 @@ def _check_module_values(state: Any, live: dict[str, Any], where: str) -> None:
         and isinstance(live[k], torch.Tensor)
         and dtype_family(state[k].dtype) != dtype_family(live[k].dtype)
     ]
-    if bad or swapped:
+    if bad:
         raise CorruptCheckpointError(
-            f"the checkpoint's {where!r} holds values no save of this model produces: "
-            + "; ".join([f"{str(k)[:80]!r} is not a tensor" for k in bad[:5]] + swapped[:5])
+            f"the checkpoint's {where!r} holds values that are not tensors: "
+            + "; ".join(f"{str(k)[:80]!r}" for k in bad[:5])
+        )
+    if swapped:  # a forged file, or a model that changed a buffer's dtype while training
+        raise CorruptCheckpointError(
+            f"the checkpoint's {where!r} stores values of another dtype family than the model has now ("
+            + "; ".join(swapped[:5])
+            + "); they would be reinterpreted, not converted, so this checkpoint is not used. If your "
+            "model re-assigns a buffer with another dtype while it trains, register the buffer with "
+            "that dtype from the start (or convert in load_state_dict), then resume"
         )
 
 

@@ -25,7 +25,7 @@ from ..format import reader, safeio, safetensors_io, strictjson
 from ..format.hashing import new_hasher
 from ..format.layout import FORMAT_ID, FORMAT_VERSION, STATE_FILE, TENSORS_FILE
 from ..format.reader import load_state_json
-from ..format.tree import Decoder, Encoder
+from ..format.tree import Decoder, Encoder, restore_key_orders
 from . import dtensor
 from . import tensors as T
 from .fileread import populate_for_write, preadv_exactly
@@ -84,6 +84,14 @@ def capture(states: dict[str, tuple[str, Any]]) -> Snapshot:
 
     def put(component: str):
         def _put(parts: tuple[str, ...], tensor: torch.Tensor) -> str:
+            if tensor.layout != torch.strided:  # sparse, mkldnn: no flat bytes to store
+                where = "/".join((component, *parts))
+                raise UnsupportedStateError(
+                    f"cannot store the {tensor.layout} tensor at {where}: guardian stores dense "
+                    "(strided) tensors. Return it dense from state_dict() (t.to_dense()) and convert "
+                    "it back in load_state_dict(), or keep it out of the saved state",
+                    key_path=where,
+                )
             base = "/".join([_escape(component), *(_escape(p) for p in parts)])
             key, n = base, 1
             while key in snap.tensors:
@@ -97,6 +105,9 @@ def capture(states: dict[str, tuple[str, Any]]) -> Snapshot:
         # DTensors are tensors too: they must reach the sharded encoder, not put_tensor
         encoder = Encoder(dtensor.is_plain_tensor, put(name), dtensor.encode_ext)
         snap.components[name] = {"kind": kind, "state": encoder.encode(tree, (), name)}
+        orders = [(at, keys) for at, keys in encoder.key_orders if at or kind != "module"]
+        if orders:  # a module's own keys have "order" below; load_state_dict ignores it anyway
+            snap.components[name]["key_orders"] = [{"at": list(at), "keys": keys} for at, keys in orders]
         if kind == "module" and isinstance(tree, dict):  # state.json sorts keys; keep registration order
             snap.components[name]["order"] = [k for k in tree if isinstance(k, str)]
     return snap
@@ -408,5 +419,7 @@ def decode_components(
     for name, comp in state["components"].items():
         if not isinstance(comp, dict) or "kind" not in comp or "state" not in comp:
             raise CorruptCheckpointError(f"{ckpt_dir}: malformed component {name!r}")
-        out[name] = (comp["kind"], decoder.decode(comp["state"], name))
+        tree = decoder.decode(comp["state"], name)
+        restore_key_orders(tree, comp.get("key_orders"))
+        out[name] = (comp["kind"], tree)
     return out
