@@ -76,9 +76,10 @@ def _check_module_values(state: Any, live: dict[str, Any], where: str) -> None:
         raise CorruptCheckpointError(
             f"the checkpoint's {where!r} stores values of another dtype family than the model has now ("
             + "; ".join(swapped[:5])
-            + "); they would be reinterpreted, not converted, so this checkpoint is not used. If your "
-            "model re-assigns a buffer with another dtype while it trains, register the buffer with "
-            "that dtype from the start (or convert in load_state_dict), then resume"
+            + "). guardian does not convert across dtype families (a forged file looks like this), "
+            "so this checkpoint is not used. If your model re-assigns a buffer with another dtype "
+            "while it trains, register the buffer with that dtype from the start (or convert in "
+            "load_state_dict), then resume"
         )
 
 
