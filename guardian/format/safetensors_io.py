@@ -104,16 +104,14 @@ def plan_layout(
     specs, and the header of hundreds of tensors is JSON worth a millisecond of the
     training thread's stall each time. Nothing changes a ``Layout`` once planned, so
     sharing one is safe."""
+    cache_key: tuple | None = (tuple(specs), tuple(sorted((metadata or {}).items())))
     try:
-        cache_key: tuple | None = (tuple(specs), tuple(sorted((metadata or {}).items())))
-        hash(cache_key)
-    except TypeError:  # a shape given as a list: plan it, uncached
-        cache_key = None
-    if cache_key is not None:
         with _recent_lock:
             hit = _RECENT_LAYOUTS.get(cache_key)
-        if hit is not None:
-            return hit
+    except TypeError:  # a shape given as a list: plan it, uncached
+        hit, cache_key = None, None
+    if hit is not None:
+        return hit
     layout = _plan_layout(specs, metadata)
     if cache_key is not None:
         with _recent_lock:

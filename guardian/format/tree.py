@@ -193,6 +193,7 @@ def restore_key_orders(tree: Any, orders: Any) -> None:
     stop a resume."""
     if not isinstance(orders, list):
         return
+    by_str: dict[int, dict[str, Any]] = {}  # id(dict with non-string keys) → str(key) → value
     for entry in orders:
         if not isinstance(entry, dict):
             continue
@@ -201,22 +202,27 @@ def restore_key_orders(tree: Any, orders: Any) -> None:
             continue
         if not all(isinstance(k, str) for k in at) or not all(isinstance(k, str) for k in keys):
             continue
-        node = _walk(tree, at)
+        node = _walk(tree, at, by_str)
         if isinstance(node, dict) and len(node) == len(keys) and set(node) == set(keys):
             items = [(k, node[k]) for k in keys]
             node.clear()
             node.update(items)
 
 
-def _walk(tree: Any, parts: list[str]) -> Any:
-    """The node at ``parts`` (dict keys, or list indices as strings), or None."""
+def _walk(tree: Any, parts: list[str], by_str: dict[int, dict[str, Any]]) -> Any:
+    """The node at ``parts`` (dict keys, or list indices as strings), or None.
+    ``by_str`` indexes dicts with non-string keys (their parts are ``str(key)``) once,
+    so an optimizer state keyed by int costs one pass, not one per parameter."""
     node = tree
     for part in parts:
         if isinstance(node, dict):
             if part in node:
                 node = node[part]
-            else:  # a dict with other keys than strings: its parts are str(key)
-                node = next((v for k, v in node.items() if not isinstance(k, str) and str(k) == part), None)
+            else:
+                index = by_str.get(id(node))
+                if index is None:
+                    index = by_str[id(node)] = {str(k): v for k, v in node.items() if not isinstance(k, str)}
+                node = index.get(part)
         elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
         else:
